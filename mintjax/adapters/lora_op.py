@@ -1,0 +1,194 @@
+"""The gather-LoRA op: one interface, several implementations, one dispatcher.
+
+Owns `lora_delta` and `lora_project`:
+
+  y[b, t] = x[b, t] @ W (+ bias) + scale[s_b] * (x[b, t] @ A[s_b]) @ B[s_b]
+
+with s_b = adapter_idx[b], A: [S, d_in, R], B: [S, R, d_out], scale: [S].
+Slot 0 is the null adapter (zeros), so base rows ride in the same batch.
+
+Implementations (all agree with `reference` up to float rounding):
+  reference  per-token gather of A and B in float32 at HIGHEST precision; the
+             oracle every other implementation and kernel is tested against.
+  gather     per-example gather (A[idx]: [B, d_in, R]) + batched einsums.
+  ragged     tokens stably sorted by slot, `jax.lax.ragged_dot` over the
+             groups, then unsorted.
+  onehot     dense over all slots: x @ A for every slot, masked by a one-hot
+             row selector (what most JAX serving stacks do).
+  pallas_*   Pallas kernels registered by `pallas_kernels` (see `register`).
+
+`select_impl` picks one per call from the backend and the static shapes; see
+docs/BENCHMARKS.md for the measurements behind the CPU choice. Interpret-mode
+kernels are never chosen automatically.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+# A token-level implementation: (x_td, a_sdr, b_sro, scale_s, slot_t) -> y_to.
+TokenImpl = Callable[..., jax.Array]
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def reference(x_btd, a_sdr, b_sro, scale_s, adapter_idx_b):
+  """The oracle. Shapes: x [B, T, d_in], a [S, d_in, R], b [S, R, d_out]."""
+  bsz, t, _ = x_btd.shape
+  slot_t = jnp.repeat(adapter_idx_b, t)
+  x_td = x_btd.reshape(bsz * t, -1).astype(jnp.float32)
+  a_tdr = a_sdr.astype(jnp.float32)[slot_t]
+  b_tro = b_sro.astype(jnp.float32)[slot_t]
+  h_tr = jnp.einsum("td,tdr->tr", x_td, a_tdr, precision=_HIGHEST)
+  y_to = jnp.einsum("tr,tro->to", h_tr, b_tro, precision=_HIGHEST)
+  y_to = y_to * scale_s.astype(jnp.float32)[slot_t][:, None]
+  return y_to.reshape(bsz, t, -1).astype(x_btd.dtype)
+
+
+def gather(x_btd, a_sdr, b_sro, scale_s, adapter_idx_b):
+  """Per-example gather: reads each row's adapter once for all its tokens."""
+  a_bdr = a_sdr[adapter_idx_b].astype(x_btd.dtype)
+  b_bro = b_sro[adapter_idx_b].astype(x_btd.dtype)
+  h_btr = jnp.einsum("btd,bdr->btr", x_btd, a_bdr,
+                     preferred_element_type=jnp.float32)
+  h_btr = h_btr * scale_s[adapter_idx_b][:, None, None]
+  y_bto = jnp.einsum("btr,bro->bto", h_btr.astype(x_btd.dtype), b_bro,
+                     preferred_element_type=jnp.float32)
+  return y_bto.astype(x_btd.dtype)
+
+
+def ragged(x_btd, a_sdr, b_sro, scale_s, adapter_idx_b):
+  """Tokens grouped by slot, then `ragged_dot` (grouped matmul) per factor."""
+  bsz, t, d_in = x_btd.shape
+  num_slots = a_sdr.shape[0]
+  slot_t = jnp.repeat(adapter_idx_b, t)
+  order = jnp.argsort(slot_t, stable=True)
+  group_sizes = jnp.bincount(slot_t, length=num_slots).astype(jnp.int32)
+  x_td = x_btd.reshape(bsz * t, d_in)[order]
+  h_tr = jax.lax.ragged_dot(x_td, a_sdr.astype(x_td.dtype), group_sizes,
+                            preferred_element_type=jnp.float32)
+  h_tr = h_tr * scale_s[slot_t[order]][:, None]
+  y_to = jax.lax.ragged_dot(h_tr.astype(x_td.dtype), b_sro.astype(x_td.dtype),
+                            group_sizes, preferred_element_type=jnp.float32)
+  inverse = jnp.argsort(order)
+  return y_to[inverse].reshape(bsz, t, -1).astype(x_btd.dtype)
+
+
+def onehot(x_btd, a_sdr, b_sro, scale_s, adapter_idx_b):
+  """Dense over all slots with a one-hot selector (cost grows with S)."""
+  num_slots, d_in, r = a_sdr.shape
+  sel_bs = jax.nn.one_hot(adapter_idx_b, num_slots, dtype=jnp.float32)
+  sel_bs = sel_bs * scale_s[None, :]
+  # [d_in, S*R] and [S*R, d_out]: one wide matmul each instead of S small ones.
+  a_dk = a_sdr.transpose(1, 0, 2).reshape(d_in, num_slots * r)
+  b_ko = b_sro.reshape(num_slots * r, -1)
+  h_btk = jnp.einsum("btd,dk->btk", x_btd, a_dk.astype(x_btd.dtype),
+                     preferred_element_type=jnp.float32)
+  mask_bk = jnp.repeat(sel_bs, r, axis=1)
+  h_btk = h_btk * mask_bk[:, None, :]
+  y_bto = jnp.einsum("btk,ko->bto", h_btk.astype(x_btd.dtype),
+                     b_ko.astype(x_btd.dtype),
+                     preferred_element_type=jnp.float32)
+  return y_bto.astype(x_btd.dtype)
+
+
+_IMPLS: dict[str, Callable] = {
+    "reference": reference,
+    "gather": gather,
+    "ragged": ragged,
+    "onehot": onehot,
+}
+# Kernels registered with `register(..., backends=...)` and the backends on
+# which `select_impl` may choose them.
+_KERNEL_BACKENDS: dict[str, tuple[str, ...]] = {}
+
+
+def register(name: str, token_impl: TokenImpl,
+             backends: tuple[str, ...] = ()) -> None:
+  """Registers a token-level implementation (e.g. a Pallas kernel).
+
+  Args:
+    name: implementation name, usable as `impl=name`.
+    token_impl: `(x_td, a_sdr, b_sro, scale_s, slot_t) -> y_to`.
+    backends: backends ('tpu', 'gpu') where `select_impl` prefers it.
+  """
+
+  def batched(x_btd, a_sdr, b_sro, scale_s, adapter_idx_b):
+    bsz, t, d_in = x_btd.shape
+    slot_t = jnp.repeat(adapter_idx_b, t)
+    y_to = token_impl(x_btd.reshape(bsz * t, d_in), a_sdr, b_sro, scale_s,
+                      slot_t)
+    return y_to.reshape(bsz, t, -1).astype(x_btd.dtype)
+
+  _IMPLS[name] = batched
+  _KERNEL_BACKENDS[name] = tuple(backends)
+
+
+def available_impls() -> tuple[str, ...]:
+  return tuple(_IMPLS)
+
+
+def select_impl(backend: str, num_tokens: int, batch: int, num_slots: int
+                ) -> str:
+  """Chooses an implementation for a target backend and static shapes.
+
+  TPU/GPU use a registered Pallas kernel for that backend when one exists.
+  On CPU the per-example gather measured fastest for decode and prefill
+  shapes alike (tools/bench_lora_op.py; docs/BENCHMARKS.md).
+  """
+  del num_tokens, batch, num_slots  # CPU choice is shape-independent so far.
+  for name, backends in _KERNEL_BACKENDS.items():
+    if backend in backends:
+      return name
+  return "gather"
+
+
+def lora_delta(x_btd, a_sdr, b_sro, scale_s, adapter_idx_b,
+               impl: str = "auto"):
+  """scale[s] * (x @ A[s]) @ B[s] per example; shapes as in the module doc.
+
+  Args:
+    x_btd: [B, T, d_in] activations.
+    a_sdr: [S, d_in, R] A factors of every slot (one layer).
+    b_sro: [S, R, d_out] B factors of every slot.
+    scale_s: [S] float32 per-slot scale.
+    adapter_idx_b: [B] int32 slot of each example.
+    impl: an implementation name or 'auto' (see `select_impl`).
+
+  Returns:
+    [B, T, d_out] in x's dtype.
+  """
+  if impl == "auto":
+    impl = select_impl(jax.default_backend(), x_btd.shape[0] * x_btd.shape[1],
+                       x_btd.shape[0], a_sdr.shape[0])
+  try:
+    fn = _IMPLS[impl]
+  except KeyError:
+    raise ValueError(
+        f"unknown gather-LoRA implementation {impl!r}; available: "
+        f"{available_impls()}") from None
+  return fn(x_btd, a_sdr, b_sro, scale_s, adapter_idx_b)
+
+
+def lora_project(x_btd, w_do, bias_o=None, lora=None, adapter_idx_b=None,
+                 impl: str = "auto"):
+  """x @ W (+ bias) (+ the gather-LoRA delta when `lora` is given).
+
+  Args:
+    x_btd: [B, T, d_in].
+    w_do: [d_in, d_out] base kernel.
+    bias_o: optional [d_out].
+    lora: optional (a_sdr, b_sro, scale_s) for this projection.
+    adapter_idx_b: [B] int32, required with `lora`.
+    impl: gather-LoRA implementation.
+  """
+  y = jnp.einsum("btd,do->bto", x_btd, w_do.astype(x_btd.dtype))
+  if bias_o is not None:
+    y = y + bias_o.astype(y.dtype)
+  if lora is not None:
+    a_sdr, b_sro, scale_s = lora
+    y = y + lora_delta(x_btd, a_sdr, b_sro, scale_s, adapter_idx_b, impl)
+  return y

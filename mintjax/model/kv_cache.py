@@ -1,0 +1,55 @@
+"""The decode KV cache: one fixed-shape buffer per layer stack.
+
+Owns `KVCache` (a pytree: k, v of shape [L, B, S, K, hd]), its allocation
+and logical axes. Cache index == token position: row b's token at position p
+is stored at [:, b, p]. A sequence slot is reused by writing a new prompt
+from position 0; entries past the current position are never attended
+(the mask is `key_pos <= query_pos`), so stale data needs no clearing.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from mintjax.config import ModelConfig
+
+
+@flax.struct.dataclass
+class KVCache:
+  """k, v: [L, B, S, K, hd] with S = max_len."""
+
+  k: jax.Array
+  v: jax.Array
+
+  @property
+  def max_len(self) -> int:
+    return int(self.k.shape[2])
+
+  @property
+  def batch(self) -> int:
+    return int(self.k.shape[1])
+
+
+def cache_shapes(config: ModelConfig, batch: int, max_len: int,
+                 dtype: str | None = None) -> KVCache:
+  shape = (config.num_layers, batch, max_len, config.num_kv_heads,
+           config.head_dim)
+  dt = jnp.dtype(dtype or config.dtype)
+  return KVCache(jax.ShapeDtypeStruct(shape, dt), jax.ShapeDtypeStruct(shape, dt))
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int,
+               dtype: str | None = None, sharding=None) -> KVCache:
+  """A zero cache for `batch` sequence slots of up to `max_len` tokens."""
+  shapes = cache_shapes(config, batch, max_len, dtype)
+  make = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  if sharding is None:
+    return make()
+  return jax.jit(make, out_shardings=sharding)()
+
+
+def cache_logical_axes() -> KVCache:
+  axes = ("layers", "batch", "cache_len", "kv_heads_n", "head_dim")
+  return KVCache(axes, axes)

@@ -1,0 +1,101 @@
+"""Stateless building blocks of the decoder: RMSNorm, RoPE, attention.
+
+Owns the numerics that must match transformers bit-for-bit in spirit:
+RMSNorm in float32 then cast, rotate-half RoPE with linear and llama3
+frequency scaling, and grouped-query attention with a position-based causal
+mask (optionally restricted to packed segments).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mintjax.config import ModelConfig
+
+_NEG_INF = -1e30
+
+
+def rms_norm(x_btd, weight_d, eps: float):
+  """RMSNorm as transformers computes it: in float32, scaled in x's dtype."""
+  x32 = x_btd.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return weight_d.astype(x_btd.dtype) * x32.astype(x_btd.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+  """Inverse frequencies [head_dim // 2] including RoPE scaling (numpy f32)."""
+  dim = config.head_dim
+  inv = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64)
+                                     / dim))
+  s = config.rope_scaling
+  if s is None or s.rope_type == "default":
+    pass
+  elif s.rope_type == "linear":
+    inv = inv / s.factor
+  elif s.rope_type == "llama3":
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / s.factor, inv)
+    smooth = ((s.original_max_position_embeddings / wavelen -
+               s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor))
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    inv = np.where(medium, smoothed, scaled)
+  return inv.astype(np.float32)
+
+
+def rope_cos_sin(positions_bt, config: ModelConfig):
+  """cos and sin tables [B, T, head_dim] for integer positions."""
+  inv = jnp.asarray(rope_inv_freq(config))
+  freqs = positions_bt.astype(jnp.float32)[..., None] * inv
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x_bthd, cos_btd, sin_btd):
+  """Rotate-half RoPE on [B, T, heads, head_dim]."""
+  half = x_bthd.shape[-1] // 2
+  x1, x2 = x_bthd[..., :half], x_bthd[..., half:]
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  cos = cos_btd[:, :, None, :].astype(x_bthd.dtype)
+  sin = sin_btd[:, :, None, :].astype(x_bthd.dtype)
+  return x_bthd * cos + rotated * sin
+
+
+def attention(q_bthd, k_bskd, v_bskd, q_pos_bt, k_pos_bs, *,
+              q_segment_bt=None, k_segment_bs=None):
+  """Grouped-query attention with a causal mask by position.
+
+  Args:
+    q_bthd: [B, T, H, hd] queries.
+    k_bskd: [B, S, K, hd] keys (H % K == 0).
+    v_bskd: [B, S, K, hd] values.
+    q_pos_bt: [B, T] query positions.
+    k_pos_bs: [B, S] key positions; a key is visible when k_pos <= q_pos.
+      Use a negative position for keys that must never be seen.
+    q_segment_bt / k_segment_bs: optional packed-sequence ids; attention
+      stays within equal ids.
+
+  Returns:
+    [B, T, H * hd] in q's dtype.
+  """
+  b, t, h, hd = q_bthd.shape
+  k_heads = k_bskd.shape[2]
+  q = q_bthd.reshape(b, t, k_heads, h // k_heads, hd)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k_bskd,
+                      preferred_element_type=jnp.float32)
+  scores = scores / math.sqrt(hd)
+  visible = ((k_pos_bs[:, None, :] <= q_pos_bt[:, :, None]) &
+             (k_pos_bs[:, None, :] >= 0))
+  if q_segment_bt is not None:
+    visible &= q_segment_bt[:, :, None] == k_segment_bs[:, None, :]
+  scores = jnp.where(visible[:, None, None], scores, _NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_bskd.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v_bskd,
+                   preferred_element_type=jnp.float32)
+  return out.reshape(b, t, h * hd).astype(q_bthd.dtype)

@@ -1,0 +1,233 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2) as pure functions.
+
+Owns the base parameter tree, its logical axis names, random init, and
+`forward`: a pure function of (base params, adapter bank, adapter_idx,
+tokens, positions, cache). Layers are stacked on a leading axis and run
+under `jax.lax.scan`, so compile time does not grow with depth.
+
+Parameter tree (D hidden, F ffn, V vocab, L layers, H/K query/kv heads):
+
+  embed            [V, D]
+  layers/attn_norm [L, D]        layers/mlp_norm [L, D]
+  layers/q [L, D, H*hd]  k, v [L, D, K*hd]  o [L, H*hd, D]
+  layers/q_bias [L, H*hd]  k_bias, v_bias [L, K*hd]   (attention_bias only)
+  layers/gate, up [L, D, F]      layers/down [L, F, D]
+  final_norm       [D]
+  lm_head          [D, V]        (absent with tied embeddings)
+
+Kernels are `x @ W` layout, i.e. the transpose of Hugging Face's [out, in].
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mintjax import sharding
+from mintjax.adapters.bank import AdapterBank
+from mintjax.adapters.lora_op import lora_project
+from mintjax.config import ModelConfig
+from mintjax.model.kv_cache import KVCache
+from mintjax.model.layers import apply_rope, attention, rms_norm, rope_cos_sin
+
+
+def param_shapes(config: ModelConfig) -> dict:
+  """The parameter tree as `jax.ShapeDtypeStruct` leaves."""
+  dt = jnp.dtype(config.dtype)
+  c = config
+  s = lambda *shape: jax.ShapeDtypeStruct(shape, dt)
+  layers = {
+      "attn_norm": s(c.num_layers, c.hidden_size),
+      "q": s(c.num_layers, c.hidden_size, c.q_dim),
+      "k": s(c.num_layers, c.hidden_size, c.kv_dim),
+      "v": s(c.num_layers, c.hidden_size, c.kv_dim),
+      "o": s(c.num_layers, c.q_dim, c.hidden_size),
+      "mlp_norm": s(c.num_layers, c.hidden_size),
+      "gate": s(c.num_layers, c.hidden_size, c.intermediate_size),
+      "up": s(c.num_layers, c.hidden_size, c.intermediate_size),
+      "down": s(c.num_layers, c.intermediate_size, c.hidden_size),
+  }
+  if c.attention_bias:
+    layers.update(q_bias=s(c.num_layers, c.q_dim),
+                  k_bias=s(c.num_layers, c.kv_dim),
+                  v_bias=s(c.num_layers, c.kv_dim))
+  params = {"embed": s(c.vocab_size, c.hidden_size), "layers": layers,
+            "final_norm": s(c.hidden_size)}
+  if not c.tie_word_embeddings:
+    params["lm_head"] = s(c.hidden_size, c.vocab_size)
+  return params
+
+
+def param_logical_axes(config: ModelConfig) -> dict:
+  """Logical axis names for every parameter (same tree as the params)."""
+  layers = {
+      "attn_norm": ("layers", "norm"),
+      "q": ("layers", "embed", "q_heads"),
+      "k": ("layers", "embed", "kv_heads"),
+      "v": ("layers", "embed", "kv_heads"),
+      "o": ("layers", "q_heads", "embed"),
+      "mlp_norm": ("layers", "norm"),
+      "gate": ("layers", "embed", "mlp"),
+      "up": ("layers", "embed", "mlp"),
+      "down": ("layers", "mlp", "embed"),
+  }
+  if config.attention_bias:
+    layers.update(q_bias=("layers", "q_heads"), k_bias=("layers", "kv_heads"),
+                  v_bias=("layers", "kv_heads"))
+  axes = {"embed": ("vocab", "embed"), "layers": layers,
+          "final_norm": ("norm",)}
+  if not config.tie_word_embeddings:
+    axes["lm_head"] = ("embed", "vocab")
+  return axes
+
+
+def init_params(config: ModelConfig, seed: int = 0, std: float = 0.02
+                ) -> dict:
+  """Random parameters (normal(0, std) kernels, unit norms, zero biases)."""
+  shapes = param_shapes(config)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+  rng = np.random.default_rng(seed)
+  out = []
+  for path, s in leaves:
+    name = jax.tree_util.keystr(path)
+    if "norm" in name:
+      arr = np.ones(s.shape, np.float32)
+    elif "bias" in name:
+      arr = rng.normal(0, std, s.shape).astype(np.float32)
+    else:
+      arr = rng.normal(0, std, s.shape).astype(np.float32)
+    out.append(jnp.asarray(arr, s.dtype))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _layer(x_btd, lp, lb, adapter_idx_b, cos, sin, q_pos_bt, k_pos_bs,
+           cache_kv, write_start_b, segments, config: ModelConfig,
+           lora_impl: str):
+  """One decoder block. Returns (x, (k_layer, v_layer) or None)."""
+  c = config
+  b, t, _ = x_btd.shape
+
+  def proj(name, h):
+    lora = None
+    if lb is not None and name in lb.lora_a:
+      lora = (lb.lora_a[name], lb.lora_b[name], lb.scale)
+    return lora_project(h, lp[name], lp.get(name + "_bias"), lora,
+                        adapter_idx_b, lora_impl)
+
+  h = rms_norm(x_btd, lp["attn_norm"], c.rms_norm_eps)
+  q = proj("q", h).reshape(b, t, c.num_heads, c.head_dim)
+  k = proj("k", h).reshape(b, t, c.num_kv_heads, c.head_dim)
+  v = proj("v", h).reshape(b, t, c.num_kv_heads, c.head_dim)
+  q = apply_rope(q, cos, sin)
+  k = apply_rope(k, cos, sin)
+  new_kv = None
+  if cache_kv is not None:
+    k_cache, v_cache = cache_kv  # [B, S, K, hd]
+    write = jax.vmap(
+        lambda buf, new, start: jax.lax.dynamic_update_slice_in_dim(
+            buf, new.astype(buf.dtype), start, axis=0))
+    k_all = write(k_cache, k, write_start_b)
+    v_all = write(v_cache, v, write_start_b)
+    new_kv = (k_all, v_all)
+    k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
+  q_seg, k_seg = segments
+  attn = attention(q, k, v, q_pos_bt, k_pos_bs, q_segment_bt=q_seg,
+                   k_segment_bs=k_seg)
+  attn = sharding.constrain(attn, ("batch", "length", "q_heads"))
+  x_btd = x_btd + proj("o", attn)
+  h = rms_norm(x_btd, lp["mlp_norm"], c.rms_norm_eps)
+  gated = jax.nn.silu(proj("gate", h)) * proj("up", h)
+  gated = sharding.constrain(gated, ("batch", "length", "mlp"))
+  x_btd = x_btd + proj("down", gated)
+  x_btd = sharding.constrain(x_btd, ("batch", "length", "embed_act"))
+  return x_btd, new_kv
+
+
+def forward(params: dict, bank: AdapterBank | None, adapter_idx_b,
+            tokens_bt, positions_bt=None, *, config: ModelConfig,
+            cache: KVCache | None = None, segment_ids_bt=None,
+            lora_impl: str = "auto", remat: bool = False,
+            return_hidden: bool = False):
+  """Runs the decoder on a batch where each row may use a different adapter.
+
+  Args:
+    params: base parameter tree (frozen; see the module docstring).
+    bank: adapter bank or None for the plain base model.
+    adapter_idx_b: [B] int32 slot per row (0 = base); ignored without bank.
+    tokens_bt: [B, T] int32 token ids.
+    positions_bt: [B, T] int32 positions; defaults to arange(T). Rows must
+      be contiguous (position t+1 follows t).
+    config: model config.
+    cache: optional KV cache [L, B, S, K, hd]. Each row's new keys/values are
+      written at its positions (starting at positions[:, 0]); attention then
+      covers cache entries at positions <= the query's. Requires
+      positions[:, 0] + T <= S.
+    segment_ids_bt: optional packed-sequence ids (no cache).
+    lora_impl: gather-LoRA implementation ('auto' picks per backend).
+    remat: rematerialise each layer in the backward pass (training).
+    return_hidden: also return the final normed hidden states.
+
+  Returns:
+    (logits [B, T, V] float32, updated cache or None) and, with
+    `return_hidden`, the hidden states [B, T, D] as a third element.
+  """
+  c = config
+  b, t = tokens_bt.shape
+  if positions_bt is None:
+    positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  if bank is not None and adapter_idx_b is None:
+    raise ValueError("adapter_idx is required when an adapter bank is given")
+  dt = jnp.dtype(c.dtype)
+  x = jnp.take(params["embed"], tokens_bt, axis=0).astype(dt)
+  x = sharding.constrain(x, ("batch", "length", "embed_act"))
+  cos, sin = rope_cos_sin(positions_bt, c)
+  if cache is not None:
+    if segment_ids_bt is not None:
+      raise ValueError("segment_ids are not supported together with a cache")
+    k_pos_bs = jnp.broadcast_to(
+        jnp.arange(cache.max_len, dtype=jnp.int32), (b, cache.max_len))
+    segments = (None, None)
+  else:
+    k_pos_bs = positions_bt
+    segments = (segment_ids_bt, segment_ids_bt)
+  write_start_b = positions_bt[:, 0]
+
+  def body(carry, xs):
+    x, kv = carry
+    lp, layer_idx = xs
+    lb = bank.layer(layer_idx) if bank is not None else None
+    layer_kv = None
+    if kv is not None:
+      layer_kv = (kv[0][layer_idx], kv[1][layer_idx])
+    x, new_kv = _layer(x, lp, lb, adapter_idx_b, cos, sin, positions_bt,
+                       k_pos_bs, layer_kv, write_start_b, segments, c,
+                       lora_impl)
+    if kv is not None:
+      kv = tuple(jax.lax.dynamic_update_index_in_dim(buf, new, layer_idx, 0)
+                 for buf, new in zip(kv, new_kv))
+    return (x, kv), None
+
+  if remat:
+    body = jax.checkpoint(body, prevent_cse=False)
+  kv0 = (cache.k, cache.v) if cache is not None else None
+  (x, kv), _ = jax.lax.scan(
+      body, (x, kv0), (params["layers"], jnp.arange(c.num_layers)))
+  hidden = rms_norm(x, params["final_norm"], c.rms_norm_eps)
+  head = params["embed"].T if c.tie_word_embeddings else params["lm_head"]
+  logits = jnp.einsum("btd,dv->btv", hidden, head.astype(hidden.dtype),
+                      preferred_element_type=jnp.float32)
+  new_cache = KVCache(*kv) if cache is not None else None
+  if return_hidden:
+    return logits, new_cache, hidden
+  return logits, new_cache
+
+
+@functools.partial(jax.jit, static_argnames=("config", "lora_impl"))
+def jit_forward(params, bank, adapter_idx_b, tokens_bt, *, config,
+                lora_impl="auto"):
+  """Jitted cache-free forward returning logits (tests, evaluation)."""
+  return forward(params, bank, adapter_idx_b, tokens_bt, config=config,
+                 lora_impl=lora_impl)[0]
