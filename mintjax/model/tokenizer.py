@@ -1,0 +1,111 @@
+"""Tokenizers: a thin wrapper over Hugging Face `tokenizers`.
+
+Owns `Tokenizer` (encode/decode, special ids, chat template rendering) and
+`byte_tokenizer()`, a tiny byte-level tokenizer for tests and random models.
+Tokenizers built from GGUF files live in `mintjax.model.gguf`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Sequence
+
+import tokenizers
+
+# ChatML, used when a model ships no template of its own.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@dataclasses.dataclass
+class Tokenizer:
+  """Text <-> token ids for one base model.
+
+  Attributes:
+    backend: the `tokenizers.Tokenizer`.
+    eos_id: end-of-sequence id (generation stops here by default).
+    bos_id: optional beginning-of-sequence id prepended by `encode(..., 
+      add_bos=True)`.
+    pad_id: id used to pad batches.
+    chat_template: Jinja chat template (Hugging Face convention).
+  """
+
+  backend: tokenizers.Tokenizer
+  eos_id: int
+  bos_id: int | None = None
+  pad_id: int = 0
+  chat_template: str | None = None
+
+  @property
+  def vocab_size(self) -> int:
+    return self.backend.get_vocab_size(with_added_tokens=True)
+
+  def encode(self, text: str, add_bos: bool = False) -> list[int]:
+    ids = self.backend.encode(text, add_special_tokens=False).ids
+    if add_bos and self.bos_id is not None:
+      ids = [self.bos_id] + ids
+    return ids
+
+  def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+    return self.backend.decode(list(ids), skip_special_tokens=skip_special)
+
+  def token_to_id(self, token: str) -> int | None:
+    return self.backend.token_to_id(token)
+
+  def apply_chat_template(self, messages: Sequence[dict],
+                          add_generation_prompt: bool = True) -> str:
+    """Renders chat messages ([{'role', 'content'}]) to a prompt string."""
+    import jinja2  # pylint: disable=g-import-not-at-top  # only for chat
+
+    for i, m in enumerate(messages):
+      if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        raise ValueError(
+            f"chat message {i} must be a dict with 'role' and 'content', got "
+            f"{m!r}")
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise
+    template = env.from_string(self.chat_template or CHATML_TEMPLATE)
+    return template.render(messages=list(messages),
+                           add_generation_prompt=add_generation_prompt,
+                           bos_token="", eos_token=self.decode(
+                               [self.eos_id], skip_special=False))
+
+  # --- persistence (a single JSON file beside a base checkpoint) ----------
+
+  def to_json(self) -> str:
+    return json.dumps(dict(
+        tokenizer=json.loads(self.backend.to_str()), eos_id=self.eos_id,
+        bos_id=self.bos_id, pad_id=self.pad_id,
+        chat_template=self.chat_template))
+
+  @classmethod
+  def from_json(cls, text: str) -> "Tokenizer":
+    d = json.loads(text)
+    return cls(backend=tokenizers.Tokenizer.from_str(
+        json.dumps(d["tokenizer"])), eos_id=d["eos_id"], bos_id=d["bos_id"],
+               pad_id=d["pad_id"], chat_template=d.get("chat_template"))
+
+
+def _raise(message):
+  raise ValueError(message)
+
+
+def byte_tokenizer() -> Tokenizer:
+  """A 259-token byte-level tokenizer: 256 bytes + <pad>, <bos>, <eos>.
+
+  Used by tests and randomly initialised models; any vocab_size >= 259 fits.
+  """
+  vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2}
+  alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
+  for ch in sorted(alphabet):
+    vocab[ch] = len(vocab)
+  model = tokenizers.models.BPE(vocab=vocab, merges=[])
+  tok = tokenizers.Tokenizer(model)
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(
+      add_prefix_space=False, use_regex=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  tok.add_special_tokens(["<pad>", "<bos>", "<eos>"])
+  return Tokenizer(backend=tok, eos_id=2, bos_id=1, pad_id=0)
