@@ -1,0 +1,1 @@
+"""The base model: decoder, layers, KV cache, tokenizer and loaders."""
