@@ -1,0 +1,229 @@
+"""The compiled multi-tenant train step: many users' adapters in one program.
+
+Owns `Batch` (the arrays one step consumes), `batch_logical_axes`, and
+`make_train_step`, the factory that builds the step once with `jax.jit`,
+explicit in/out shardings over the mesh, and the adapter bank and optimizer
+state donated. The base parameters are an ordinary (frozen) input and are
+never differentiated: the gradient is taken with respect to the bank's LoRA
+factors only, and every row's adapter is gathered by its `adapter_idx`
+through the gather-LoRA op (`mintjax.model.llama.forward(lora_impl=...)`).
+Swapping which users sit in the slots changes only array values, so the
+step never recompiles across cohorts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from mintjax import sharding
+from mintjax.adapters.bank import AdapterBank, bank_logical_axes
+from mintjax.adapters.spec import AdapterSpec
+from mintjax.config import ModelConfig
+from mintjax.model import llama
+from mintjax.train import loss as loss_lib
+from mintjax.train import optimizer as opt_lib
+
+
+@flax.struct.dataclass
+class Batch:
+  """One training batch (B rows of length T).
+
+  Attributes:
+    tokens: [B, T] int32 input ids.
+    targets: [B, T] int32 next-token targets.
+    loss_mask: [B, T] float32, 1.0 where the target is a completion token.
+    positions: [B, T] int32 positions (restart at 0 per packed segment).
+    segment_ids: [B, T] int32 packed-sequence ids (0 = padding).
+    adapter_idx: [B] int32 slot of each row (0 = null adapter / padding).
+    weight: [B] float32 per-example weight (0 for padding rows).
+  """
+
+  tokens: jax.Array
+  targets: jax.Array
+  loss_mask: jax.Array
+  positions: jax.Array
+  segment_ids: jax.Array
+  adapter_idx: jax.Array
+  weight: jax.Array
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return tuple(self.tokens.shape)
+
+
+def batch_logical_axes() -> Batch:
+  bt = ("batch", "length")
+  return Batch(tokens=bt, targets=bt, loss_mask=bt, positions=bt,
+               segment_ids=bt, adapter_idx=("batch",), weight=("batch",))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """Static choices baked into the compiled step.
+
+  Attributes:
+    lora_impl: gather-LoRA implementation ('auto' picks per backend).
+    remat: rematerialise each layer in the backward pass.
+  """
+
+  lora_impl: str = "auto"
+  remat: bool = False
+
+
+def train_step(base_params: dict, bank: AdapterBank,
+               opt_state: opt_lib.SlotOptState, batch: Batch, *,
+               config: ModelConfig, opt_cfg: opt_lib.OptimizerConfig,
+               step_cfg: StepConfig):
+  """One multi-tenant step (uncompiled; `make_train_step` jits it).
+
+  Returns:
+    (new bank, new optimizer state, metrics) where metrics holds 'loss'
+    (mean over present slots of per-slot loss), 'loss_s' [S], 'tokens_s' [S],
+    'present_s' [S], 'grad_norm' [S], 'lr' [S], 'count' [S].
+  """
+  num_slots = bank.num_slots
+  base_params = jax.lax.stop_gradient(base_params)
+
+  def loss_fn(trainable):
+    b = bank.replace(lora_a=trainable["lora_a"], lora_b=trainable["lora_b"])
+    logits_btv, _ = llama.forward(
+        base_params, b, batch.adapter_idx, batch.tokens, batch.positions,
+        config=config, segment_ids_bt=batch.segment_ids,
+        lora_impl=step_cfg.lora_impl, remat=step_cfg.remat)
+    return loss_lib.multi_tenant_loss(
+        logits_btv, batch.targets, batch.loss_mask, batch.weight,
+        batch.adapter_idx, num_slots)
+
+  trainable = opt_lib.trainable_params(bank)
+  (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+  new_trainable, new_state, opt_metrics = opt_lib.apply_updates(
+      opt_cfg, trainable, grads, opt_state, aux["present_s"],
+      opt_lib.rank_mask(bank))
+  new_bank = bank.replace(lora_a=new_trainable["lora_a"],
+                          lora_b=new_trainable["lora_b"])
+  present_s = aux["present_s"].at[0].set(False)
+  n_present = jnp.maximum(jnp.sum(present_s), 1)
+  metrics = dict(
+      loss=jnp.sum(jnp.where(present_s, aux["loss_s"], 0.0)) / n_present,
+      loss_s=aux["loss_s"], tokens_s=aux["tokens_s"], present_s=present_s,
+      count=new_state.count, **opt_metrics)
+  return new_bank, new_state, metrics
+
+
+def state_shardings(mesh, config: ModelConfig, spec: AdapterSpec,
+                    rules=None):
+  """NamedShardings of (base params, bank, optimizer state, batch axes)."""
+  from mintjax.adapters.bank import bank_shapes  # pylint: disable=g-import-not-at-top
+  params_sh = sharding.logical_sharding(
+      llama.param_logical_axes(config), llama.param_shapes(config), mesh, rules)
+  shapes = bank_shapes(config, spec)
+  bank_sh = sharding.logical_sharding(bank_logical_axes(spec), shapes, mesh,
+                                      rules)
+  opt_shapes = opt_lib.SlotOptState(
+      mu={"lora_a": shapes.lora_a, "lora_b": shapes.lora_b},
+      nu={"lora_a": shapes.lora_a, "lora_b": shapes.lora_b},
+      count=shapes.rank)
+  opt_sh = sharding.logical_sharding(opt_lib.opt_logical_axes(spec),
+                                     opt_shapes, mesh, rules)
+  return params_sh, bank_sh, opt_sh
+
+
+def make_train_step(config: ModelConfig, spec: AdapterSpec,
+                    opt_cfg: opt_lib.OptimizerConfig, mesh,
+                    step_cfg: StepConfig = StepConfig(), rules=None
+                    ) -> Callable:
+  """Builds the compiled step `(base, bank, opt_state, batch) -> (bank,
+  opt_state, metrics)`.
+
+  The bank (argument 1) and optimizer state (argument 2) are donated: do not
+  use them after the call. Batches may come in several length buckets; each
+  bucket compiles once. Rows of the batch are split over the mesh's data and
+  fsdp axes where the batch size allows.
+  """
+  params_sh, bank_sh, opt_sh = state_shardings(mesh, config, spec, rules)
+  # Batch rows shard over ('data', 'fsdp'); the spec does not depend on T
+  # as long as the length axis is unsharded, which the rules guarantee.
+  row_spec = sharding.logical_to_spec(("batch",), (mesh.size,), mesh, rules)
+  bt_sh = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(row_spec[0], None))
+  b_sh = jax.sharding.NamedSharding(mesh, row_spec)
+  batch_sh = Batch(tokens=bt_sh, targets=bt_sh, loss_mask=bt_sh,
+                   positions=bt_sh, segment_ids=bt_sh, adapter_idx=b_sh,
+                   weight=b_sh)
+  rep = sharding.replicated(mesh)
+
+  def step(base_params, bank, opt_state, batch):
+    with sharding.use_mesh_rules(mesh, rules):
+      return train_step(base_params, bank, opt_state, batch, config=config,
+                        opt_cfg=opt_cfg, step_cfg=step_cfg)
+
+  jitted = jax.jit(step, in_shardings=(params_sh, bank_sh, opt_sh, batch_sh),
+                   out_shardings=(bank_sh, opt_sh, rep),
+                   donate_argnums=(1, 2))
+  rows = 1
+  for ax in (row_spec[0] if isinstance(row_spec[0], tuple) else
+             (row_spec[0],) if row_spec[0] else ()):
+    rows *= mesh.shape[ax]
+  return TrainStep(jitted, batch_sh, (params_sh, bank_sh, opt_sh), rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+  """The compiled step plus the shardings its inputs must have.
+
+  Attributes:
+    jitted: the `jax.jit`-wrapped step.
+    batch_sharding: `Batch` of NamedShardings for the batch.
+    state_shardings: (base params, bank, optimizer state) shardings.
+    row_multiple: batch rows must be a multiple of this (the number of
+      devices rows are split over).
+  """
+
+  jitted: Callable
+  batch_sharding: Batch
+  state_shardings: tuple
+  row_multiple: int
+
+  def check_batch(self, batch: Batch) -> None:
+    b = batch.tokens.shape[0]
+    if b % self.row_multiple:
+      raise ValueError(
+          f"batch has {b} rows but the mesh splits rows over "
+          f"{self.row_multiple} devices; use a batch size that is a multiple "
+          f"of {self.row_multiple} (pad with weight-0 rows of slot 0)")
+
+  def __call__(self, base_params, bank, opt_state, batch):
+    self.check_batch(batch)
+    return self.jitted(base_params, bank, opt_state, batch)
+
+  def lower(self, *args):
+    return self.jitted.lower(*args)
+
+
+def log_memory_analysis(step_fn, *args) -> dict:
+  """Lowers and compiles `step_fn` for `args`; logs and returns its memory.
+
+  Returns:
+    {'argument_bytes', 'output_bytes', 'temp_bytes', 'peak_bytes'} where the
+    backend reports them (empty dict otherwise).
+  """
+  compiled = step_fn.lower(*args).compile()
+  try:
+    mem = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  # backend-dependent
+    mem = None
+  if mem is None:
+    return {}
+  out = dict(argument_bytes=int(mem.argument_size_in_bytes),
+             output_bytes=int(mem.output_size_in_bytes),
+             temp_bytes=int(mem.temp_size_in_bytes))
+  out["peak_bytes"] = sum(out.values()) - int(
+      getattr(mem, "alias_size_in_bytes", 0))
+  logging.info("train step memory: %s", out)
+  return out
