@@ -1,0 +1,317 @@
+"""Hugging Face safetensors folders <-> `BaseModel`.
+
+Owns the mapping between transformers' Llama/Mistral/Qwen2 checkpoint keys
+and mintjax's stacked parameter tree (see `mintjax.model.llama`), reading
+single-file (`model.safetensors`) and sharded
+(`model.safetensors.index.json`) folders, and writing them back
+(`save_hf`), so round trips are testable and models export to the
+Hugging Face ecosystem.
+
+HF linear weights are [out, in]; ours are the transpose ([in, out], for
+`x @ W`). Per-layer tensors are stacked on a leading layer axis.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Callable
+
+import jax.numpy as jnp
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from mintjax.config import ConfigError, ModelConfig, SUPPORTED_ARCHITECTURES
+from mintjax.model import llama
+from mintjax.model.base import BaseModel, compute_fingerprint
+from mintjax.model.tokenizer import Tokenizer
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# mintjax layer param -> (HF key template, is a linear weight to transpose).
+_LAYER_KEYS = {
+    "attn_norm": ("model.layers.{i}.input_layernorm.weight", False),
+    "q": ("model.layers.{i}.self_attn.q_proj.weight", True),
+    "k": ("model.layers.{i}.self_attn.k_proj.weight", True),
+    "v": ("model.layers.{i}.self_attn.v_proj.weight", True),
+    "o": ("model.layers.{i}.self_attn.o_proj.weight", True),
+    "q_bias": ("model.layers.{i}.self_attn.q_proj.bias", False),
+    "k_bias": ("model.layers.{i}.self_attn.k_proj.bias", False),
+    "v_bias": ("model.layers.{i}.self_attn.v_proj.bias", False),
+    "mlp_norm": ("model.layers.{i}.post_attention_layernorm.weight", False),
+    "gate": ("model.layers.{i}.mlp.gate_proj.weight", True),
+    "up": ("model.layers.{i}.mlp.up_proj.weight", True),
+    "down": ("model.layers.{i}.mlp.down_proj.weight", True),
+}
+_TOP_KEYS = {
+    "embed": ("model.embed_tokens.weight", False),
+    "final_norm": ("model.norm.weight", False),
+    "lm_head": ("lm_head.weight", True),
+}
+
+
+class CheckpointError(ValueError):
+  """A checkpoint folder or file is missing, corrupt or does not match."""
+
+
+def hf_key_map(config: ModelConfig) -> dict[str, tuple[str, int | None, bool]]:
+  """HF tensor name -> (mintjax param path, layer index or None, transpose).
+
+  The param path is 'embed', 'final_norm', 'lm_head' or 'layers/<name>'.
+  Only tensors the config needs are listed (no biases without
+  `attention_bias`, no `lm_head` with tied embeddings).
+  """
+  shapes = llama.param_shapes(config)
+  out = {}
+  for name, (key, transpose) in _TOP_KEYS.items():
+    if name in shapes:
+      out[key] = (name, None, transpose)
+  for name, (key, transpose) in _LAYER_KEYS.items():
+    if name in shapes["layers"]:
+      for i in range(config.num_layers):
+        out[key.format(i=i)] = ("layers/" + name, i, transpose)
+  return out
+
+
+def read_hf_config(folder: str | os.PathLike) -> dict:
+  """The parsed `config.json` of an HF folder, with errors that say why."""
+  folder = pathlib.Path(folder)
+  if not folder.is_dir():
+    raise CheckpointError(
+        f"Hugging Face model folder {str(folder)!r} does not exist or is not "
+        "a directory; pass the folder holding config.json and *.safetensors")
+  path = folder / "config.json"
+  if not path.exists():
+    raise CheckpointError(
+        f"{str(folder)!r} has no config.json; a Hugging Face model folder "
+        "needs config.json next to model.safetensors (save it with "
+        "`model.save_pretrained(folder)`)")
+  try:
+    return json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{str(path)!r} is not valid JSON: {e}") from None
+
+
+def _tensor_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
+  """HF tensor name -> the safetensors file that holds it."""
+  index = folder / INDEX_FILE
+  if index.exists():
+    try:
+      weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      raise CheckpointError(
+          f"{str(index)!r} is not a valid safetensors index (expected JSON "
+          f"with a 'weight_map' object): {e!r}") from None
+    return {k: folder / v for k, v in weight_map.items()}
+  single = folder / SINGLE_FILE
+  if not single.exists():
+    found = sorted(p.name for p in folder.iterdir())
+    raise CheckpointError(
+        f"{str(folder)!r} has neither {SINGLE_FILE} nor {INDEX_FILE} "
+        f"(found: {found}); save the model with "
+        "`save_pretrained(folder, safe_serialization=True)`")
+  with _open(single) as f:
+    return {k: single for k in f.keys()}
+
+
+def _open(path: pathlib.Path):
+  try:
+    return safetensors.safe_open(str(path), framework="numpy")
+  except FileNotFoundError:
+    raise CheckpointError(
+        f"safetensors file {str(path)!r} is listed by the checkpoint but "
+        "missing; copy the complete folder") from None
+  except Exception as e:  # safetensors raises its own SafetensorError types.
+    raise CheckpointError(
+        f"cannot read safetensors file {str(path)!r} ({type(e).__name__}: "
+        f"{e}); the file is truncated or not a safetensors file, "
+        "re-download or re-export it") from None
+
+
+def load_hf_params(folder: str | os.PathLike, config: ModelConfig,
+                   place: Callable[[np.ndarray], object] | None = None
+                   ) -> dict:
+  """Reads HF tensors into the mintjax parameter tree (numpy, float32).
+
+  Args:
+    folder: HF model folder.
+    config: the model config (decides which tensors are expected).
+    place: optional function applied to every finished leaf (e.g. a
+      `jax.device_put` onto a sharding); default converts to a jnp array in
+      `config.dtype`.
+
+  Raises:
+    CheckpointError: a tensor is missing, has the wrong shape, or a file is
+      unreadable.
+  """
+  folder = pathlib.Path(folder)
+  files = _tensor_files(folder)
+  key_map = hf_key_map(config)
+  missing = [k for k in key_map if k not in files]
+  if missing:
+    raise CheckpointError(
+        f"{str(folder)!r} is missing tensor {missing[0]!r}"
+        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        + f" needed by the {config.architecture} config; the checkpoint does "
+        "not match config.json")
+  shapes = llama.param_shapes(config)
+  host = {"layers": {}}
+  for name, s in shapes.items():
+    if name != "layers":
+      host[name] = np.empty(s.shape, np.float32)
+  for name, s in shapes["layers"].items():
+    host["layers"][name] = np.empty(s.shape, np.float32)
+  by_file: dict[pathlib.Path, list[str]] = {}
+  for key in key_map:
+    by_file.setdefault(files[key], []).append(key)
+  for path, keys in sorted(by_file.items()):
+    with _open(path) as f:
+      for key in keys:
+        dest_name, layer, transpose = key_map[key]
+        dest = (host["layers"][dest_name.split("/")[1]] if layer is not None
+                else host[dest_name])
+        want = dest.shape[1:] if layer is not None else dest.shape
+        try:
+          arr = f.get_tensor(key)
+        except Exception as e:  # corrupt payload inside a valid header
+          raise CheckpointError(
+              f"cannot read tensor {key!r} from {str(path)!r}: {e}") from None
+        if transpose:
+          arr = arr.T
+        if arr.shape != tuple(want):
+          hf_want = tuple(reversed(want)) if transpose else tuple(want)
+          hf_found = tuple(reversed(arr.shape)) if transpose else arr.shape
+          raise CheckpointError(
+              f"tensor {key!r} in {str(path)!r} has shape {hf_found}, "
+              f"expected {hf_want} from config.json; the weights and the "
+              "config belong to different models")
+        if layer is not None:
+          dest[layer] = arr
+        else:
+          dest[...] = arr
+  dt = jnp.dtype(config.dtype)
+  place = place or (lambda a: jnp.asarray(a, dt))
+  return {k: ({n: place(a) for n, a in v.items()} if k == "layers"
+              else place(v)) for k, v in host.items()}
+
+
+def load_hf(folder: str | os.PathLike, dtype: str = "float32",
+            tokenizer: Tokenizer | None = None) -> BaseModel:
+  """Loads a Hugging Face Llama/Mistral/Qwen2 safetensors folder.
+
+  Args:
+    folder: folder with config.json and model.safetensors (or sharded
+      model-*.safetensors + model.safetensors.index.json).
+    dtype: parameter/compute dtype ('float32', 'bfloat16', 'float16').
+    tokenizer: optional tokenizer; if None and the folder has a
+      tokenizer.json it is loaded (eos from config.json's eos_token_id).
+
+  Returns:
+    A `BaseModel` whose fingerprint is `compute_fingerprint(config, params)`.
+
+  Raises:
+    CheckpointError: missing/corrupt files, missing or mis-shaped tensors.
+    ConfigError: unsupported architecture or invalid config.json.
+  """
+  hf = read_hf_config(folder)
+  try:
+    config = ModelConfig.from_hf_config(hf, dtype=dtype)
+  except ConfigError as e:
+    raise ConfigError(
+        f"{str(folder)!r}: {e} (supported architectures: "
+        f"{', '.join(SUPPORTED_ARCHITECTURES)})") from None
+  params = load_hf_params(folder, config)
+  if tokenizer is None:
+    tokenizer = _folder_tokenizer(pathlib.Path(folder), hf)
+  return BaseModel(config, params, compute_fingerprint(config, params),
+                   tokenizer)
+
+
+def _folder_tokenizer(folder: pathlib.Path, hf: dict) -> Tokenizer | None:
+  """A tokenizer.json beside the weights, if any (no transformers needed)."""
+  path = folder / "tokenizer.json"
+  if not path.exists():
+    return None
+  import tokenizers  # pylint: disable=g-import-not-at-top
+
+  backend = tokenizers.Tokenizer.from_file(str(path))
+  template = None
+  tok_cfg = folder / "tokenizer_config.json"
+  if tok_cfg.exists():
+    template = json.loads(tok_cfg.read_text()).get("chat_template")
+  eos = hf.get("eos_token_id")
+  if isinstance(eos, list):
+    eos = eos[0]
+  bos = hf.get("bos_token_id")
+  pad = hf.get("pad_token_id")
+  return Tokenizer(backend=backend, eos_id=int(eos if eos is not None else 0),
+                   bos_id=bos, pad_id=int(pad if pad is not None else 0),
+                   chat_template=template)
+
+
+def to_hf_tensors(config: ModelConfig, params: dict) -> dict[str, np.ndarray]:
+  """The parameter tree as HF-named float32 numpy tensors ([out, in])."""
+  out = {}
+  for key, (path, layer, transpose) in hf_key_map(config).items():
+    if layer is not None:
+      arr = params["layers"][path.split("/")[1]][layer]
+    else:
+      arr = params[path]
+    arr = np.asarray(arr, dtype=np.float32)
+    out[key] = np.ascontiguousarray(arr.T if transpose else arr)
+  return out
+
+
+def save_hf(base: BaseModel, folder: str | os.PathLike,
+            max_shard_bytes: int | None = None) -> None:
+  """Writes `base` as a Hugging Face folder (config.json + safetensors).
+
+  Args:
+    base: the model to export.
+    folder: output folder (created; existing model files are overwritten).
+    max_shard_bytes: if set, tensors are split over several
+      model-0000k-of-0000n.safetensors files of at most about this size and
+      an index json is written, as transformers does.
+  """
+  folder = pathlib.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  tensors = to_hf_tensors(base.config, base.params)
+  hf = base.config.to_hf_config()
+  hf["torch_dtype"] = "float32"
+  if base.tokenizer is not None:
+    hf["eos_token_id"] = base.tokenizer.eos_id
+    hf["bos_token_id"] = base.tokenizer.bos_id
+    hf["pad_token_id"] = base.tokenizer.pad_id
+  (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+  meta = {"format": "pt", "mintjax_fingerprint": base.fingerprint}
+  if not max_shard_bytes:
+    safetensors.numpy.save_file(tensors, str(folder / SINGLE_FILE),
+                                metadata=meta)
+  else:
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for key in sorted(tensors):
+      nbytes = tensors[key].nbytes
+      if shards[-1] and size + nbytes > max_shard_bytes:
+        shards.append({})
+        size = 0
+      shards[-1][key] = tensors[key]
+      size += nbytes
+    weight_map = {}
+    n = len(shards)
+    for k, shard in enumerate(shards, 1):
+      name = f"model-{k:05d}-of-{n:05d}.safetensors"
+      safetensors.numpy.save_file(shard, str(folder / name), metadata=meta)
+      weight_map.update({key: name for key in shard})
+    index = {"metadata": {"total_size": sum(t.nbytes for t in
+                                            tensors.values())},
+             "weight_map": weight_map}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+  if base.tokenizer is not None:
+    base.tokenizer.backend.save(str(folder / "tokenizer.json"))
+    if base.tokenizer.chat_template:
+      (folder / "tokenizer_config.json").write_text(json.dumps(
+          {"chat_template": base.tokenizer.chat_template}, indent=2) + "\n")
