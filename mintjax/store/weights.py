@@ -1,0 +1,324 @@
+"""The weights store: adapter factors as rows of sharded tensorstore arrays.
+
+Owns `RowLayout` (how one adapter's A/B factors flatten into one row and
+back), `kvstore_spec` (local path, `file://`, `gs://`, `s3://` or a
+tensorstore spec dict) and `WeightsStore` (open, grow, write, batched read).
+
+Layout. One zarr3 array per *shape class* (same base, targets, per-target
+shapes, rank and dtype), shaped `[rows, row_len]`:
+
+  row = concat over targets t (canonical order) of
+        A[t].ravel()  (A[t]: [L, d_in, r])  then  B[t].ravel()  (B[t]: [L, r, d_out])
+
+Each row is one inner chunk `[1, row_len]`; inner chunks are grouped into
+shard files of `rows_per_shard` rows by the zarr3 `sharding_indexed` codec,
+so a million adapters are thousands of files, not millions. A missing chunk
+reads as zeros, which is why a row is only trusted once the catalog
+references it with a matching sha256 (see `mintjax.store.registry`).
+
+Growing is `resize(expand_only=True)`; the registry calls it while it holds
+the catalog's write lock, so concurrent publishers never race on metadata.
+Shard files are rewritten whole by tensorstore (write to a temporary file,
+then atomic rename), so a crash mid-write leaves the previous shard contents,
+and with them every committed row, intact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from typing import Mapping, Sequence
+
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+import numpy as np
+import tensorstore as ts
+
+from mintjax.adapters.spec import ALL_TARGETS
+from mintjax.store.errors import InvalidAdapterError, RegistryError
+
+DTYPES = ("float32", "bfloat16", "float16")
+# Shard files aim at this many bytes: big enough that a million small
+# adapters are ~1,000 files, small enough that rewriting one shard on a
+# single publish stays a few milliseconds.
+_TARGET_SHARD_BYTES = 4 << 20
+_MAX_ROWS_PER_SHARD = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class RowLayout:
+  """How one adapter of a shape class maps to a flat row.
+
+  Attributes:
+    targets: projections in canonical order.
+    shapes: target -> (L, d_in, d_out).
+    rank: LoRA rank r of every row in the class.
+    dtype: element dtype name.
+  """
+
+  targets: tuple[str, ...]
+  shapes: Mapping[str, tuple[int, int, int]]
+  rank: int
+  dtype: str = "float32"
+
+  def __post_init__(self):
+    if self.dtype not in DTYPES:
+      raise InvalidAdapterError(
+          f"unsupported adapter dtype {self.dtype!r}; expected one of {DTYPES}")
+    order = tuple(t for t in ALL_TARGETS if t in self.targets)
+    if order != tuple(self.targets) or set(self.shapes) != set(self.targets):
+      raise InvalidAdapterError(
+          f"row layout targets {self.targets} must be in canonical order "
+          f"{ALL_TARGETS} and match the shape keys {sorted(self.shapes)}")
+    object.__setattr__(self, "shapes", {
+        t: tuple(int(x) for x in self.shapes[t]) for t in self.targets})
+
+  @property
+  def np_dtype(self) -> np.dtype:
+    return np.dtype(self.dtype)
+
+  @property
+  def row_len(self) -> int:
+    r = self.rank
+    return sum(l * r * (d_in + d_out)
+               for l, d_in, d_out in self.shapes.values())
+
+  @property
+  def row_bytes(self) -> int:
+    return self.row_len * self.np_dtype.itemsize
+
+  def to_dict(self) -> dict:
+    return dict(targets=list(self.targets),
+                shapes={t: list(s) for t, s in self.shapes.items()},
+                rank=self.rank, dtype=self.dtype)
+
+  @classmethod
+  def from_dict(cls, d: Mapping) -> "RowLayout":
+    return cls(tuple(d["targets"]), {t: tuple(s) for t, s in
+                                     d["shapes"].items()},
+               int(d["rank"]), d["dtype"])
+
+  def class_key(self, base_fingerprint: str) -> str:
+    """Name of the array family: a hash of base + layout (path-safe)."""
+    blob = json.dumps([base_fingerprint, self.to_dict()], sort_keys=True)
+    return "c" + hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+  def pack(self, lora_a: Mapping[str, np.ndarray],
+           lora_b: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Flattens A/B factors into one row: [row_len] of `dtype`.
+
+    Raises:
+      InvalidAdapterError: a target missing or extra, a shape not matching the
+        layout, or a NaN/Inf value.
+    """
+    if set(lora_a) != set(self.targets) or set(lora_b) != set(self.targets):
+      raise InvalidAdapterError(
+          f"adapter has targets lora_a={sorted(lora_a)} lora_b="
+          f"{sorted(lora_b)}; this adapter's spec expects exactly "
+          f"{list(self.targets)}")
+    parts = []
+    for t in self.targets:
+      l, d_in, d_out = self.shapes[t]
+      for name, arr, want in (("lora_a", lora_a[t], (l, d_in, self.rank)),
+                              ("lora_b", lora_b[t], (l, self.rank, d_out))):
+        arr = np.asarray(arr)
+        if tuple(arr.shape) != want:
+          raise InvalidAdapterError(
+              f"{name}[{t!r}] has shape {tuple(arr.shape)}, expected {want} "
+              f"(layers, in, rank) / (layers, rank, out) as recorded for this "
+              f"adapter; publish weights of the adapter's own shape and rank")
+        if arr.dtype.kind not in "fV" and arr.dtype != self.np_dtype:
+          raise InvalidAdapterError(
+              f"{name}[{t!r}] has dtype {arr.dtype}, expected a float dtype "
+              f"({self.dtype})")
+        if not np.all(np.isfinite(arr.astype(np.float32))):
+          raise InvalidAdapterError(
+              f"{name}[{t!r}] contains NaN or Inf values; refusing to store "
+              "it (fix the training run or publish an earlier checkpoint)")
+        parts.append(arr.astype(self.np_dtype).ravel())
+    return np.concatenate(parts)
+
+  def unpack(self, row: np.ndarray) -> tuple[dict, dict]:
+    """Inverse of `pack`: ({t: [L, d_in, r]}, {t: [L, r, d_out]})."""
+    a, b, pos = {}, {}, 0
+    for t in self.targets:
+      l, d_in, d_out = self.shapes[t]
+      for out, shape in ((a, (l, d_in, self.rank)), (b, (l, self.rank, d_out))):
+        n = math.prod(shape)
+        out[t] = row[pos:pos + n].reshape(shape)
+        pos += n
+    return a, b
+
+
+def row_sha256(row: np.ndarray) -> str:
+  """sha256 of a row's little-endian bytes, as 'sha256:<hex>'."""
+  row = np.ascontiguousarray(row)
+  if row.dtype.byteorder == ">":
+    row = row.byteswap().view(row.dtype.newbyteorder("<"))
+  return "sha256:" + hashlib.sha256(row.tobytes()).hexdigest()
+
+
+def kvstore_spec(location) -> dict:
+  """A tensorstore kvstore spec from a path, URL or spec dict.
+
+  Accepts a local directory, 'file:///dir', 'gs://bucket/prefix',
+  's3://bucket/prefix' or a tensorstore kvstore dict (returned as is).
+  """
+  if isinstance(location, Mapping):
+    return dict(location)
+  location = str(location)
+  for scheme, driver in (("gs://", "gcs"), ("s3://", "s3")):
+    if location.startswith(scheme):
+      bucket, _, path = location[len(scheme):].partition("/")
+      if not bucket:
+        raise RegistryError(
+            f"store location {location!r} has no bucket; expected "
+            f"{scheme}BUCKET/PREFIX")
+      return {"driver": driver, "bucket": bucket,
+              "path": path.rstrip("/") + "/" if path else ""}
+  if location.startswith("file://"):
+    location = location[len("file://"):]
+  if "://" in location:
+    raise RegistryError(
+        f"unsupported store URL {location!r}; use a local path, file://, "
+        "gs://, s3:// or a tensorstore kvstore spec dict")
+  return {"driver": "file", "path": os.path.abspath(location) + "/"}
+
+
+def rows_per_shard_for(row_bytes: int) -> int:
+  """Rows grouped per shard file: a power of two near the target shard size."""
+  n = max(1, _TARGET_SHARD_BYTES // max(1, row_bytes))
+  return min(_MAX_ROWS_PER_SHARD, 1 << (n.bit_length() - 1))
+
+
+class WeightsStore:
+  """Sharded zarr3 arrays under one kvstore root, one per shape class."""
+
+  def __init__(self, root, compression: str | None = None):
+    """Args:
+      root: kvstore location (see `kvstore_spec`).
+      compression: None or 'zstd' for newly created arrays.
+    """
+    if compression not in (None, "zstd"):
+      raise RegistryError(
+          f"unsupported compression {compression!r}; use None or 'zstd'")
+    self.root = kvstore_spec(root)
+    self.compression = compression
+    self._arrays: dict[str, ts.TensorStore] = {}
+    self._context = ts.Context()
+
+  def _kvstore(self, key: str) -> dict:
+    kv = dict(self.root)
+    kv["path"] = kv.get("path", "") + f"arrays/{key}/"
+    return kv
+
+  def _spec(self, key: str, layout: RowLayout, capacity: int) -> dict:
+    rows_per_shard = rows_per_shard_for(layout.row_bytes)
+    inner = [{"name": "bytes", "configuration": {"endian": "little"}}]
+    if self.compression == "zstd":
+      inner.append({"name": "zstd", "configuration": {"level": 3}})
+    dtype = layout.dtype
+    return {
+        "driver": "zarr3",
+        "kvstore": self._kvstore(key),
+        "metadata": {
+            "shape": [capacity, layout.row_len],
+            "data_type": dtype,
+            "chunk_grid": {"name": "regular", "configuration": {
+                "chunk_shape": [rows_per_shard, layout.row_len]}},
+            "codecs": [{"name": "sharding_indexed", "configuration": {
+                "chunk_shape": [1, layout.row_len],
+                "codecs": inner,
+                "index_codecs": [
+                    {"name": "bytes", "configuration": {"endian": "little"}},
+                    {"name": "crc32c"}],
+                "index_location": "end"}}],
+            "fill_value": 0,
+        },
+    }
+
+  def open_array(self, key: str, layout: RowLayout, create: bool = False,
+                 min_rows: int = 0) -> ts.TensorStore:
+    """The array of a shape class, reopened if it must see >= `min_rows`."""
+    arr = self._arrays.get(key)
+    if arr is not None and arr.shape[0] >= min_rows:
+      return arr
+    if create:
+      cap = max(min_rows, rows_per_shard_for(layout.row_bytes))
+      arr = ts.open(self._spec(key, layout, cap), open=True, create=True,
+                    context=self._context).result()
+    else:
+      arr = ts.open({"driver": "zarr3", "kvstore": self._kvstore(key)},
+                    open=True, context=self._context).result()
+    if arr.shape[1] != layout.row_len:
+      raise RegistryError(
+          f"stored array {key} has rows of {arr.shape[1]} elements, the "
+          f"catalog expects {layout.row_len}; the store and catalog disagree")
+    self._arrays[key] = arr
+    return arr
+
+  def ensure_capacity(self, key: str, layout: RowLayout, rows: int) -> None:
+    """Grows the array so rows [0, rows) exist (call under the write lock)."""
+    arr = self.open_array(key, layout, create=True)
+    if arr.shape[0] >= rows:
+      return
+    arr = self.open_array(key, layout)  # Another process may have grown it.
+    self._arrays[key] = arr
+    if arr.shape[0] >= rows:
+      return
+    step = rows_per_shard_for(layout.row_bytes)
+    # Grow geometrically in whole shards, so resizes (metadata rewrites) are
+    # rare even when publishing one adapter at a time.
+    new_cap = max(rows, 2 * arr.shape[0])
+    new_cap = -(-new_cap // step) * step
+    self._arrays[key] = arr.resize(
+        exclusive_max=[new_cap, layout.row_len], expand_only=True).result()
+
+  def write_rows(self, key: str, layout: RowLayout, rows: Sequence[int],
+                 data: np.ndarray) -> None:
+    """Writes data[i] ([n, row_len]) to rows[i], issued as one batch."""
+    rows = np.asarray(rows, np.int64)
+    if len(rows) == 0:
+      return
+    arr = self.open_array(key, layout, min_rows=int(rows.max()) + 1)
+    data = np.ascontiguousarray(data, layout.np_dtype)
+    if np.all(np.diff(rows) == 1):
+      arr[int(rows[0]):int(rows[-1]) + 1].write(data).result()
+    else:
+      arr.oindex[rows].write(data).result()
+
+  def read_rows_many(self, requests: Sequence[tuple[str, RowLayout, int]]
+                     ) -> list[np.ndarray]:
+    """Reads many rows (possibly of different arrays), all issued at once.
+
+    Args:
+      requests: (array key, layout, row) per row wanted.
+
+    Returns:
+      One [row_len] array per request, in order.
+    """
+    by_key: dict[str, list[int]] = {}
+    for i, (key, _, _) in enumerate(requests):
+      by_key.setdefault(key, []).append(i)
+    futures = []
+    for key, idx in by_key.items():
+      layout = requests[idx[0]][1]
+      rows = np.asarray([requests[i][2] for i in idx], np.int64)
+      uniq, inverse = np.unique(rows, return_inverse=True)
+      arr = self.open_array(key, layout, min_rows=int(uniq.max()) + 1)
+      if len(uniq) == 1:
+        fut = arr[int(uniq[0]):int(uniq[0]) + 1].read()
+      else:
+        fut = arr.oindex[uniq].read()
+      futures.append((idx, inverse, fut))
+    out: list[np.ndarray] = [None] * len(requests)  # type: ignore
+    for idx, inverse, fut in futures:
+      block = fut.result()
+      for i, j in zip(idx, inverse):
+        out[i] = block[j]
+    return out
+
+  def read_row(self, key: str, layout: RowLayout, row: int) -> np.ndarray:
+    return self.read_rows_many([(key, layout, row)])[0]
