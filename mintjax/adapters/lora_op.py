@@ -140,6 +140,10 @@ def select_impl(backend: str, num_tokens: int, batch: int, num_slots: int
   shapes alike (tools/bench_lora_op.py; docs/BENCHMARKS.md).
   """
   del num_tokens, batch, num_slots  # CPU choice is shape-independent so far.
+  if backend in ("tpu", "gpu"):
+    # Importing registers the Pallas kernels; done lazily so that mintjax
+    # imports (and runs on CPU) without compiling or loading any kernel code.
+    import pallas_kernels.ops  # pylint: disable=g-import-not-at-top,unused-import
   for name, backends in _KERNEL_BACKENDS.items():
     if backend in backends:
       return name
