@@ -1,0 +1,335 @@
+"""Registry behaviour: publish/load round trips, refs, tags, evals, gc, verify,
+and a corpus of bad inputs that must raise clear errors and change nothing."""
+
+import hashlib
+import math
+import os
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from mintjax.adapters.spec import AdapterSpec, AdapterWeights
+from mintjax.config import ModelConfig
+from mintjax.store.errors import (BaseMismatchError, InvalidAdapterError,
+                                  RegistryError, UnknownRefError)
+from mintjax.store.registry import Registry, Revision
+from mintjax.store.weights import RowLayout
+
+CFG = ModelConfig("llama", vocab_size=300, hidden_size=32,
+                  intermediate_size=64, num_layers=2, num_heads=4,
+                  num_kv_heads=2, head_dim=8)
+BASE = "sha256:" + "ab" * 32
+
+
+def _w(seed, targets=("q", "v"), rank=2, alpha=4.0):
+  return AdapterWeights.random(CFG, targets, rank, alpha=alpha, seed=seed)
+
+
+def _same(w1, w2):
+  return set(w1.lora_a) == set(w2.lora_a) and all(
+      np.array_equal(w1.lora_a[t], w2.lora_a[t]) and
+      np.array_equal(w1.lora_b[t], w2.lora_b[t]) for t in w1.lora_a)
+
+
+@pytest.fixture
+def reg(tmp_path):
+  r = Registry.open(str(tmp_path / "reg"))
+  r.create_adapter("alice", spec=dict(targets=("q", "v"), rank=2, alpha=4.0),
+                   base_fingerprint=BASE, owner="team-a")
+  yield r
+  r.close()
+
+
+def test_publish_load_bit_exact_and_numbering(reg):
+  revs = [reg.publish("alice", _w(s), {"seed": s, "steps": 10 * s})
+          for s in range(3)]
+  assert [r.revision for r in revs] == [1, 2, 3]
+  assert [r.parent for r in revs] == [None, 1, 2]
+  assert revs[2].ref == "alice@3" and isinstance(revs[2], Revision)
+  for s, r in enumerate(revs):
+    rev, w = reg.load(r.ref, expect_base=BASE)
+    assert rev == r and _same(w, _w(s))
+    assert w.rank == 2 and w.alpha == 4.0
+  assert reg.resolve("alice").revision == 3
+  assert reg.resolve("alice:latest").revision == 3
+  prov = revs[1].provenance
+  assert prov["base_fingerprint"] == BASE and prov["seed"] == 1
+  assert prov["steps"] == 10 and prov["host"]
+  assert prov["code_version"]["mintjax"]
+  assert revs[0].sha256.startswith("sha256:") and len(revs[0].sha256) == 71
+  assert [r.revision for r in reg.history("alice")] == [1, 2, 3]
+
+
+def test_explicit_parent_and_load_many_order(reg):
+  reg.publish("alice", _w(0))
+  reg.publish("alice", _w(1))
+  r3 = reg.publish("alice", _w(2), parent=1)
+  assert r3.parent == 1
+  reg.create_adapter("bob", spec=dict(targets=("q", "k", "v", "o", "gate",
+                                               "up", "down"), rank=3,
+                                      alpha=3.0), base_fingerprint=BASE)
+  reg.publish("bob", _w(7, targets=("q", "k", "v", "o", "gate", "up", "down"),
+                        rank=3, alpha=3.0))
+  pairs = reg.load_many(["alice@2", "bob", "alice@1", "alice@2"])
+  assert [r.ref for r, _ in pairs] == ["alice@2", "bob@1", "alice@1",
+                                        "alice@2"]
+  assert _same(pairs[0][1], _w(1)) and _same(pairs[2][1], _w(0))
+  assert _same(pairs[1][1], _w(7, targets=("q", "k", "v", "o", "gate", "up",
+                                           "down"), rank=3, alpha=3.0))
+
+
+def test_tags_rollback_and_history(reg):
+  for s in range(3):
+    reg.publish("alice", _w(s))
+  reg.tag("alice@1", "prod")
+  reg.tag("alice@3", "prod", reason="promote")
+  assert reg.resolve("alice:prod").revision == 3
+  assert reg.rollback("alice").revision == 1
+  assert reg.resolve("alice:prod").revision == 1
+  assert reg.rollback("alice", to=2).revision == 2
+  events = reg.tag_history("alice", "prod")
+  assert [(e["old"], e["new"]) for e in events] == [(None, 1), (1, 3),
+                                                    (3, 1), (1, 2)]
+  assert events[1]["reason"] == "promote"
+  assert events[2]["reason"].startswith("rollback")
+  assert reg.tags("alice") == {"prod": 2}
+
+
+def test_evals_and_residency(reg):
+  reg.publish("alice", _w(0))
+  reg.publish("alice", _w(1))
+  reg.record_eval("alice@1", "loss", 2.5, data_fingerprint="sha256:dd")
+  reg.record_eval("alice", "loss", 1.25)
+  assert [e["value"] for e in reg.evals("alice@1")] == [2.5]
+  assert reg.evals("alice@1")[0]["data_fingerprint"] == "sha256:dd"
+  assert [e["value"] for e in reg.evals("alice@2")] == [1.25]
+  rev = reg.resolve("alice@2")
+  reg.record_residency(rev, served=5, loads=1)
+  reg.record_residency("alice@2", served=2)
+  (stats,) = reg.residency("alice")
+  assert stats["served_count"] == 7 and stats["load_count"] == 1
+  assert stats["last_served"] is not None
+
+
+def test_diff_norms(reg):
+  reg.publish("alice", _w(0))
+  reg.publish("alice", _w(1))
+  same = reg.diff("alice@1", "alice@1")
+  assert set(same) == {"q", "v"} and same["q"]["delta"] == 0.0
+  d = reg.diff("alice@1", "alice@2")
+  w0 = _w(0)
+  want = np.linalg.norm(w0.scale * np.einsum(
+      "lir,lro->lio", w0.lora_a["q"].astype(np.float64),
+      w0.lora_b["q"].astype(np.float64)))
+  assert math.isclose(d["q"]["norm_a"], want, rel_tol=1e-12)
+  assert d["q"]["delta"] > 0 and d["v"]["rel"] > 0
+
+
+def test_gc_reclaims_dead_reservation_and_reuses_row(reg):
+  reg.publish("alice", _w(0))
+  rec = reg.adapter("alice")
+  # Simulate a publisher that reserved a row and died before committing.
+  with reg.catalog.write() as db:
+    rows, _, _ = reg.catalog.allocate_rows(db, rec["array_key"],
+                                           rec["layout"], 1)
+    db.execute("UPDATE pending SET pid=?", (2 ** 22 + 12345,))
+  assert reg.gc()["reclaimed_rows"] == 1
+  assert not reg.catalog.pending()
+  r2 = reg.publish("alice", _w(1))
+  assert r2.row == rows[0]
+  assert reg.verify()["ok"]
+
+
+def test_verify_detects_corruption(reg):
+  r1 = reg.publish("alice", _w(0))
+  reg.publish("alice", _w(1))
+  arr = reg.store.open_array(r1.array_key, RowLayout.from_dict(
+      reg.adapter("alice")["layout"]))
+  row = arr[r1.row].read().result()
+  row[0] += 1.0
+  arr[r1.row].write(row).result()
+  report = reg.verify()
+  assert not report["ok"] and report["bad"] == ["alice@1"]
+
+
+def test_bfloat16_rows_and_zstd(tmp_path):
+  reg = Registry.open({"catalog": str(tmp_path / "c.sqlite"),
+                       "store": str(tmp_path / "store"),
+                       "compression": "zstd"})
+  reg.create_adapter("b16", spec=AdapterSpec(targets=("q",), max_rank=2,
+                                             dtype="bfloat16"),
+                     base_fingerprint=BASE, config=CFG)
+  w = _w(3, targets=("q",), rank=2, alpha=2.0)
+  w = AdapterWeights({t: a.astype(ml_dtypes.bfloat16) for t, a in
+                      w.lora_a.items()},
+                     {t: b.astype(ml_dtypes.bfloat16) for t, b in
+                      w.lora_b.items()}, rank=2, alpha=2.0)
+  reg.publish("b16", w)
+  _, back = reg.load("b16")
+  assert back.lora_a["q"].dtype == ml_dtypes.bfloat16 and _same(back, w)
+  zarr = open(next(os.path.join(d, f) for d, _, fs in os.walk(
+      tmp_path / "store") for f in fs if f == "zarr.json")).read()
+  assert "zstd" in zarr and "sharding_indexed" in zarr
+
+
+def test_publish_many_is_one_batch(reg):
+  revs = reg.publish_many([("alice", _w(s), {"seed": s}) for s in range(5)])
+  assert [r.revision for r in revs] == [1, 2, 3, 4, 5]
+  assert sorted(r.row for r in revs) == list(range(5))
+  assert all(_same(w, _w(s)) for s, (_, w) in enumerate(
+      reg.load_many([r.ref for r in revs])))
+
+
+# --- bad inputs: a clear error and no change to catalog or store ----------
+
+
+def _snapshot(reg, root):
+  tables = {t: reg.catalog.query(f"SELECT * FROM {t}") for t in (
+      "adapters", "revisions", "evals", "tags", "tag_events", "residency",
+      "arrays", "pending", "free_rows")}
+  files = {}
+  for d, _, fs in os.walk(os.path.join(root, "arrays")):
+    for f in fs:
+      p = os.path.join(d, f)
+      files[p] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+  return tables, files
+
+
+def _bad_nan():
+  w = _w(0)
+  a = dict(w.lora_a)
+  a["q"] = a["q"].copy()
+  a["q"][0, 0, 0] = np.nan
+  return AdapterWeights(a, w.lora_b, 2, 4.0)
+
+
+def _bad_inf():
+  w = _w(0)
+  b = dict(w.lora_b)
+  b["v"] = b["v"].copy()
+  b["v"][1, 1, 1] = -np.inf
+  return AdapterWeights(w.lora_a, b, 2, 4.0)
+
+
+def _bad_shape():
+  w = _w(0)
+  a = dict(w.lora_a)
+  a["q"] = np.zeros((2, 31, 2), np.float32)
+  return AdapterWeights(a, w.lora_b, 2, 4.0)
+
+
+_SPEC = dict(targets=("q",), rank=1, alpha=1.0)
+BAD_CASES = {
+    "id_path": (lambda r: r.create_adapter("../etc", spec=_SPEC,
+                                           base_fingerprint=BASE),
+                InvalidAdapterError, "never paths"),
+    "id_slash": (lambda r: r.create_adapter("a/b", spec=_SPEC,
+                                            base_fingerprint=BASE),
+                 InvalidAdapterError, "invalid adapter id"),
+    "id_empty": (lambda r: r.create_adapter("", spec=_SPEC,
+                                            base_fingerprint=BASE),
+                 InvalidAdapterError, "invalid adapter id"),
+    "id_dot": (lambda r: r.create_adapter(".hidden", spec=_SPEC,
+                                          base_fingerprint=BASE),
+               InvalidAdapterError, "starting with a letter"),
+    "id_space": (lambda r: r.create_adapter("a b", spec=_SPEC,
+                                            base_fingerprint=BASE),
+                 InvalidAdapterError, "invalid adapter id"),
+    "duplicate_id": (lambda r: r.create_adapter("alice", spec=_SPEC,
+                                                base_fingerprint=BASE),
+                     InvalidAdapterError, "already exists"),
+    "unknown_target": (lambda r: r.create_adapter(
+        "x", spec=dict(targets=("zz",), rank=1), base_fingerprint=BASE),
+                       InvalidAdapterError, "unknown target"),
+    "rank_zero": (lambda r: r.create_adapter(
+        "x", spec=dict(targets=("q",), rank=0), base_fingerprint=BASE),
+                  InvalidAdapterError, "max_rank must be positive"),
+    "alpha_nan": (lambda r: r.create_adapter(
+        "x", spec=dict(targets=("q",), rank=1, alpha=float("nan")),
+        base_fingerprint=BASE), InvalidAdapterError, "alpha"),
+    "empty_base": (lambda r: r.create_adapter("x", spec=_SPEC,
+                                              base_fingerprint=""),
+                   InvalidAdapterError, "base_fingerprint"),
+    "spec_unknown_key": (lambda r: r.create_adapter(
+        "x", spec=dict(targets=("q",), rank=1, dropout=0.1),
+        base_fingerprint=BASE), InvalidAdapterError, "unknown keys"),
+    "publish_unknown": (lambda r: r.publish("nobody", _w(0)),
+                        UnknownRefError, "unknown adapter"),
+    "publish_nan": (lambda r: r.publish("alice", _bad_nan()),
+                    InvalidAdapterError, "NaN or Inf"),
+    "publish_inf": (lambda r: r.publish("alice", _bad_inf()),
+                    InvalidAdapterError, "NaN or Inf"),
+    "publish_rank": (lambda r: r.publish("alice", _w(0, rank=3, alpha=4.0)),
+                     InvalidAdapterError, "rank 3"),
+    "publish_shape": (lambda r: r.publish("alice", _bad_shape()),
+                      InvalidAdapterError, "expected (2, 32, 2)"),
+    "publish_missing_target": (lambda r: r.publish(
+        "alice", _w(0, targets=("q",))), InvalidAdapterError, "targets"),
+    "publish_extra_target": (lambda r: r.publish(
+        "alice", _w(0, targets=("q", "k", "v"))), InvalidAdapterError,
+                             "targets"),
+    "publish_alpha": (lambda r: r.publish("alice", _w(0, alpha=8.0)),
+                      InvalidAdapterError, "alpha"),
+    "publish_base": (lambda r: r.publish(
+        "alice", _w(0), {"base_fingerprint": "sha256:other"}),
+                     BaseMismatchError, "base"),
+    "publish_prov_json": (lambda r: r.publish("alice", _w(0),
+                                              {"cfg": object()}),
+                          InvalidAdapterError, "JSON"),
+    "publish_prov_steps": (lambda r: r.publish("alice", _w(0),
+                                               {"steps": "ten"}),
+                           InvalidAdapterError, "steps"),
+    "publish_parent": (lambda r: r.publish("alice", _w(0), parent=9),
+                       UnknownRefError, "parent alice@9"),
+    "publish_many_last_bad": (lambda r: r.publish_many(
+        [("alice", _w(0)), ("alice", _bad_nan())]), InvalidAdapterError,
+                              "NaN"),
+    "resolve_unknown_adapter": (lambda r: r.resolve("nobody"),
+                                UnknownRefError, "unknown adapter"),
+    "resolve_unknown_rev": (lambda r: r.resolve("alice@9"),
+                            UnknownRefError, "revisions 1..1"),
+    "resolve_unknown_tag": (lambda r: r.resolve("alice:gold"),
+                            UnknownRefError, "no tag 'gold'"),
+    "ref_bad_rev": (lambda r: r.resolve("alice@x"), InvalidAdapterError,
+                    "revisions are numbered"),
+    "ref_rev_zero": (lambda r: r.resolve("alice@0"), InvalidAdapterError,
+                     "revisions are numbered"),
+    "ref_both": (lambda r: r.resolve("alice@1:prod"), InvalidAdapterError,
+                 "invalid reference"),
+    "load_base": (lambda r: r.load("alice", expect_base="sha256:cd"),
+                  BaseMismatchError, "convert or retrain"),
+    "load_many_unknown": (lambda r: r.load_many(["alice", "alice@5"]),
+                          UnknownRefError, "names no revision"),
+    "tag_name": (lambda r: r.tag("alice@1", "bad tag"), InvalidAdapterError,
+                 "invalid tag"),
+    "tag_unknown_ref": (lambda r: r.tag("alice@4", "prod"), UnknownRefError,
+                        "names no revision"),
+    "rollback_no_tag": (lambda r: r.rollback("alice", "prod"),
+                        UnknownRefError, "no tag 'prod'"),
+    "eval_nan": (lambda r: r.record_eval("alice", "loss", float("nan")),
+                 InvalidAdapterError, "finite"),
+    "residency_negative": (lambda r: r.record_residency("alice", served=-1),
+                           InvalidAdapterError, ">= 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_input_is_refused_without_state_change(tmp_path, case):
+  root = str(tmp_path / "reg")
+  reg = Registry.open(root)
+  reg.create_adapter("alice", spec=dict(targets=("q", "v"), rank=2,
+                                        alpha=4.0), base_fingerprint=BASE)
+  reg.publish("alice", _w(0))
+  before = _snapshot(reg, root)
+  fn, exc, words = BAD_CASES[case]
+  with pytest.raises(exc, match=None) as info:
+    fn(reg)
+  assert isinstance(info.value, RegistryError)
+  assert words in str(info.value), str(info.value)
+  assert _snapshot(reg, root) == before
+  reg.close()
+
+
+def test_bad_input_corpus_is_large_enough():
+  assert len(BAD_CASES) >= 20
