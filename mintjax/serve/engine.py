@@ -1,0 +1,511 @@
+"""The multi-adapter decode engine: the Python serving API.
+
+Owns `EngineConfig`, `GenerationRequest`, `GenerationResult`, `TokenEvent`
+and `Engine`, which ties the compiled steps (`mintjax.serve.steps`), the
+adapter residency tiers (`mintjax.serve.residency`) and continuous batching
+(`mintjax.serve.scheduler`) together:
+
+  engine = Engine(base, registry, EngineConfig(num_slots=16, max_batch=8))
+  results = engine.generate([{"prompt": "hi", "adapter": "alice:prod"}])
+  for event in engine.stream(requests): ...
+
+Base and adapted requests share one batch (the base is bank slot 0). Every
+device call serves the whole batch; Python runs once per call, not per
+token. The engine is synchronous and single-threaded: a server puts a queue
+in front of `stream` (requests join between device calls).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Iterable, Iterator, Mapping, Sequence as Seq
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from mintjax import sharding
+from mintjax.adapters import bank as bank_lib
+from mintjax.adapters.spec import ALL_TARGETS, AdapterSpec
+from mintjax.model import llama
+from mintjax.model.base import BaseModel
+from mintjax.model.kv_cache import init_cache
+from mintjax.serve import sampling as sampling_lib
+from mintjax.serve import steps as steps_lib
+from mintjax.serve.residency import AdapterSource, Residency
+from mintjax.serve.sampling import SamplingError, SamplingParams
+from mintjax.serve.scheduler import Scheduler, Sequence
+
+
+class RequestError(ValueError):
+  """A request is malformed (prompt, adapter ref or sampling parameters)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+  """Shapes and policies of one engine (all fixed at construction).
+
+  Attributes:
+    num_slots: device bank slots for adapters (the bank adds the null slot).
+    max_batch: B, sequences decoded together.
+    max_len: S, the longest prompt + generation.
+    host_cache_bytes: host adapter cache budget.
+    steps_per_call: decode steps per device call.
+    prefill_batch: prompts prefilled per device call.
+    min_bucket: shortest prompt bucket (buckets double up to max_len).
+    max_rank: bank rank (adapters are zero padded to it).
+    targets: projections the bank adapts.
+    adapter_dtype: bank dtype.
+    lora_impl: gather-LoRA implementation ('auto' picks per backend).
+    lookahead: queued requests considered for admission and prefetch.
+  """
+
+  num_slots: int = 16
+  max_batch: int = 8
+  max_len: int = 256
+  host_cache_bytes: int = 1 << 30
+  steps_per_call: int = 8
+  prefill_batch: int = 4
+  min_bucket: int = 16
+  max_rank: int = 8
+  targets: tuple[str, ...] = ALL_TARGETS
+  adapter_dtype: str = "float32"
+  lora_impl: str = "auto"
+  lookahead: int = 64
+
+  def __post_init__(self):
+    for name in ("num_slots", "max_batch", "max_len", "steps_per_call",
+                 "prefill_batch", "min_bucket", "max_rank", "lookahead"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or v < 1:
+        raise ValueError(f"EngineConfig.{name} must be an int >= 1, got {v!r}")
+    if self.prefill_batch > self.max_batch:
+      raise ValueError(
+          f"prefill_batch ({self.prefill_batch}) must not exceed max_batch "
+          f"({self.max_batch})")
+
+  @property
+  def buckets(self) -> tuple[int, ...]:
+    """Prompt bucket lengths: min_bucket doubling, capped at max_len."""
+    out, b = [], min(self.min_bucket, self.max_len)
+    while b < self.max_len:
+      out.append(b)
+      b *= 2
+    return tuple(out) + (self.max_len,)
+
+  def spec(self) -> AdapterSpec:
+    return AdapterSpec(targets=tuple(self.targets), max_rank=self.max_rank,
+                       num_slots=self.num_slots + 1, dtype=self.adapter_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationRequest:
+  """One generation request.
+
+  Exactly one of `prompt` (text or token ids) and `messages` (chat
+  messages rendered with the tokenizer's chat template) is given.
+  """
+
+  prompt: str | tuple[int, ...] | None = None
+  adapter: str | None = None
+  sampling: SamplingParams = SamplingParams()
+  messages: tuple[Mapping[str, str], ...] | None = None
+  request_id: str | None = None
+  add_bos: bool = False
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "GenerationRequest":
+    """From a JSON-style dict; sampling keys may sit at the top level."""
+    d = dict(d)
+    fields = {f.name for f in dataclasses.fields(SamplingParams)}
+    samp = dict(d.pop("sampling", None) or {})
+    samp.update({k: d.pop(k) for k in list(d) if k in fields})
+    known = {"prompt", "adapter", "messages", "request_id", "id", "add_bos"}
+    unknown = set(d) - known
+    if unknown:
+      raise RequestError(f"unknown request fields {sorted(unknown)}; known: "
+                         f"{sorted(known | fields | {'sampling'})}")
+    prompt = d.get("prompt")
+    if isinstance(prompt, list):
+      prompt = tuple(prompt)
+    messages = d.get("messages")
+    return cls(prompt=prompt, adapter=d.get("adapter"),
+               sampling=SamplingParams.from_dict(samp),
+               messages=tuple(messages) if messages is not None else None,
+               request_id=d.get("request_id", d.get("id")),
+               add_bos=bool(d.get("add_bos", False)))
+
+
+@dataclasses.dataclass
+class GenerationResult:
+  """What one request produced.
+
+  Attributes:
+    request_id: the request's id (its index when none was given).
+    tokens: generated token ids (including a final stop token).
+    text: decoded text, cut before the first stop string.
+    logprobs: per generated token, its log-probability under the model.
+    finish_reason: 'stop', 'length', 'max_len' or 'error'.
+    adapter: the ref as requested (None = base).
+    revision: the resolved 'id@revision' (None = base).
+    prompt_tokens: prompt length.
+    error: message when finish_reason == 'error'.
+  """
+
+  request_id: str
+  tokens: list[int]
+  text: str
+  logprobs: list[float]
+  finish_reason: str
+  adapter: str | None
+  revision: str | None
+  prompt_tokens: int
+  error: str | None = None
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class TokenEvent:
+  """A streamed token (or a finished request when `result` is set)."""
+
+  request_id: str
+  index: int
+  token: int | None
+  logprob: float | None
+  result: GenerationResult | None = None
+
+
+class Engine:
+  """Batched multi-adapter generation over one base model.
+
+  Args:
+    base: the base model (its tokenizer is used for text and chat).
+    source: adapter store (e.g. `mintjax.store.registry.Registry`); None
+      serves the base only.
+    config: engine shapes and policies.
+    mesh: optional device mesh; parameters, bank and cache are placed by
+      their logical axes.
+    warmup: compile every step now so serving never compiles.
+  """
+
+  def __init__(self, base: BaseModel, source: AdapterSource | None = None,
+               config: EngineConfig = EngineConfig(), mesh: Mesh | None = None,
+               warmup: bool = True):
+    self.base = base
+    self.config = config
+    self.mesh = mesh
+    self.tokenizer = base.tokenizer
+    mc = base.config
+    spec = config.spec()
+    self.spec = spec
+    params, bank_sh = base.params, None
+    if mesh is not None:
+      params = sharding.shard_tree(params, llama.param_logical_axes(mc), mesh)
+      bank_sh = sharding.logical_sharding(
+          bank_lib.bank_logical_axes(spec), bank_lib.bank_shapes(mc, spec),
+          mesh)
+    self.params = params
+    bank = bank_lib.init_bank(mc, spec, sharding=bank_sh)
+    self.residency = (Residency(source, base.fingerprint, mc, spec, bank,
+                                config.host_cache_bytes)
+                      if source is not None else None)
+    self._bank = bank
+    self.cache = init_cache(mc, config.max_batch, config.max_len,
+                            sharding=steps_lib.cache_sharding(
+                                mc, config.max_batch, config.max_len, mesh))
+    self.fns = steps_lib.make_step_fns(
+        mc, batch=config.max_batch, max_len=config.max_len,
+        steps_per_call=config.steps_per_call, lora_impl=config.lora_impl,
+        mesh=mesh)
+    self.scheduler = Scheduler(config.max_batch, self.residency,
+                               config.lookahead)
+    b = config.max_batch
+    self._state = dict(token_b=np.zeros(b, np.int32), pos_b=np.zeros(b, np.int32),
+                       remaining_b=np.zeros(b, np.int32),
+                       active_b=np.zeros(b, bool),
+                       adapter_idx_b=np.zeros(b, np.int32))
+    self._rows = sampling_lib.empty_rows(b)
+    self._counters = dict(requests=0, errors=0, generated_tokens=0,
+                          decode_calls=0, decode_tokens=0, decode_seconds=0.0,
+                          prefill_calls=0, prefill_tokens=0,
+                          prefill_seconds=0.0)
+    self.compilations_at_warmup = None
+    self._compiles_at_warmup = steps_lib.backend_compiles()
+    if warmup:
+      self.warmup()
+
+  @property
+  def bank(self) -> bank_lib.AdapterBank:
+    return self.residency.bank if self.residency is not None else self._bank
+
+  # --- compilation ---------------------------------------------------------
+
+  def warmup(self) -> None:
+    """Compiles prefill for every bucket, decode, and the slot write."""
+    c = self.config
+    p = c.prefill_batch
+    drop = np.full(p, c.max_batch, np.int32)  # every row dropped: no effect
+    prow = _take_rows(sampling_lib.empty_rows(c.max_batch), np.zeros(p, int))
+    for t in c.buckets:
+      self.cache, tok, _ = self.fns.prefill(
+          self.params, self.bank, self.cache, np.zeros((p, t), np.int32),
+          np.ones(p, np.int32), drop, np.zeros(p, np.int32), prow)
+    self.cache, *_ = self.fns.decode(
+        self.params, self.bank, self.cache,
+        steps_lib.DecodeState(**{k: v.copy() for k, v in self._state.items()}),
+        self._rows)
+    if self.residency is not None:
+      # A slot write of zeros into an empty slot compiles the writer once.
+      self.residency.bank = bank_lib.write_slot(
+          self.residency.bank, 1, None, self.base.config, self.spec)
+    jax.block_until_ready(tok)
+    self.compilations_at_warmup = steps_lib.compiled_count(self.fns)
+    self._compiles_at_warmup = steps_lib.backend_compiles()
+
+  def compilations_since_warmup(self) -> int:
+    """Step programs compiled after warm-up (0 when adapters are data)."""
+    return steps_lib.compiled_count(self.fns) - (
+        self.compilations_at_warmup or 0)
+
+  # --- requests ------------------------------------------------------------
+
+  def _prepare(self, index: int, request) -> Sequence:
+    rid = str(index)
+    try:
+      if isinstance(request, Mapping):
+        request = GenerationRequest.from_dict(request)
+      if not isinstance(request, GenerationRequest):
+        raise RequestError(
+            f"a request must be a GenerationRequest or a dict, got "
+            f"{type(request).__name__}")
+      rid = str(request.request_id) if request.request_id is not None else rid
+      seq = Sequence(index, rid, self._prompt_ids(request), request.sampling,
+                     adapter=request.adapter)
+      vocab = self.base.config.vocab_size
+      eos = self.tokenizer.eos_id if self.tokenizer is not None else None
+      seq.stop_ids = request.sampling.stop_ids(eos, vocab)
+      if request.sampling.stop and self.tokenizer is None:
+        raise RequestError("stop strings need a tokenizer; this base has none")
+      if request.adapter is not None:
+        seq.key = self._resolve(request.adapter)
+    except (RequestError, SamplingError, LookupError, ValueError) as e:
+      seq = Sequence(index, rid, [], SamplingParams(),
+                     adapter=getattr(request, "adapter", None))
+      seq.fail(f"{type(e).__name__}: {e}")
+    return seq
+
+  def _prompt_ids(self, r: GenerationRequest) -> list[int]:
+    if (r.prompt is None) == (r.messages is None):
+      raise RequestError(
+          "give exactly one of 'prompt' (text or token ids) and 'messages'")
+    if r.messages is not None or isinstance(r.prompt, str):
+      if self.tokenizer is None:
+        raise RequestError("text prompts need a tokenizer; pass token ids")
+      text = (self.tokenizer.apply_chat_template(list(r.messages))
+              if r.messages is not None else r.prompt)
+      ids = self.tokenizer.encode(text, add_bos=r.add_bos)
+    else:
+      ids = [int(t) for t in r.prompt]
+      vocab = self.base.config.vocab_size
+      if any(not 0 <= t < vocab for t in ids):
+        raise RequestError(f"prompt token ids must be in [0, {vocab})")
+    if not ids:
+      raise RequestError("the prompt is empty; give at least one token")
+    if len(ids) > self.config.max_len:
+      raise RequestError(
+          f"the prompt has {len(ids)} tokens but this engine's max_len is "
+          f"{self.config.max_len}; shorten the prompt or raise max_len")
+    return ids
+
+  def _resolve(self, ref: str) -> str:
+    if self.residency is None:
+      raise RequestError(
+          f"adapter {ref!r} requested but this engine has no adapter source; "
+          "pass a registry to Engine(...)")
+    if not isinstance(ref, str) or not ref:
+      raise RequestError(f"adapter ref must be a non-empty string, got {ref!r}")
+    rev = self.residency.source.resolve(ref)
+    key = f"{rev.adapter_id}@{rev.revision}"
+    if rev.base_fingerprint != self.base.fingerprint:
+      raise RequestError(
+          f"adapter {key!r} was trained on base {rev.base_fingerprint[:19]}, "
+          f"this engine serves {self.base.fingerprint[:19]}; convert or "
+          "retrain the adapter")
+    return key
+
+  def pin(self, ref: str) -> int:
+    """Keeps an adapter resident in a device slot; returns the slot."""
+    return self.residency.pin(self._resolve(ref))
+
+  def unpin(self, ref: str) -> None:
+    self.residency.unpin(self._resolve(ref))
+
+  # --- the serving loop ----------------------------------------------------
+
+  def generate(self, requests: Iterable[GenerationRequest | Mapping]
+               ) -> list[GenerationResult]:
+    """Generates for every request; results come back in request order."""
+    results: dict[int, GenerationResult] = {}
+    for ev in self.stream(requests):
+      if ev.result is not None:
+        results[ev.index] = ev.result
+    return [results[i] for i in sorted(results)]
+
+  def stream(self, requests: Iterable[GenerationRequest | Mapping]
+             ) -> Iterator[TokenEvent]:
+    """Yields each token as it is produced, then each request's result."""
+    if not self.scheduler.idle:
+      raise RuntimeError("the engine is already serving; finish that stream "
+                         "before starting another")
+    for i, r in enumerate(requests):
+      seq = self._prepare(i, r)
+      self._counters["requests"] += 1
+      if seq.done:
+        yield self._finish(seq)
+      else:
+        self.scheduler.submit(seq)
+    try:
+      while not self.scheduler.idle:
+        for seq in self.scheduler.prefetch():
+          yield self._finish(seq)
+        admitted, failed = self.scheduler.admit()
+        for seq in failed:
+          yield self._finish(seq)
+        yield from self._prefill(admitted)
+        if self._state["active_b"].any():
+          yield from self._decode()
+    finally:
+      if self.residency is not None:
+        self.residency.flush_stats()
+
+  def _finish(self, seq: Sequence) -> TokenEvent:
+    self.scheduler.finish(seq)
+    if seq.row >= 0:
+      self._state["active_b"][seq.row] = False
+    if seq.finish_reason == "error":
+      self._counters["errors"] += 1
+    result = GenerationResult(
+        request_id=seq.request_id, tokens=list(seq.tokens),
+        text=seq.text, logprobs=list(seq.logprobs),
+        finish_reason=seq.finish_reason, adapter=seq.adapter,
+        revision=seq.key, prompt_tokens=len(seq.prompt_ids), error=seq.error)
+    return TokenEvent(seq.request_id, seq.index, None, None, result)
+
+  def _emit(self, seq: Sequence, token: int, logprob: float, active: bool,
+            remaining: int) -> Iterator[TokenEvent]:
+    """Records one generated token; finishes the sequence when it ends."""
+    seq.tokens.append(token)
+    seq.logprobs.append(logprob)
+    self._counters["generated_tokens"] += 1
+    yield TokenEvent(seq.request_id, seq.index, token, logprob)
+    if self.tokenizer is not None:
+      seq.text = self.tokenizer.decode(seq.tokens)
+    cut = min((seq.text.find(s) for s in seq.params.stop
+               if s in seq.text), default=-1)
+    if cut >= 0:
+      seq.text = seq.text[:cut]
+      seq.finish_reason = "stop"
+    elif not active:
+      if token in seq.stop_ids:
+        seq.finish_reason = "stop"
+      elif remaining <= 0:
+        seq.finish_reason = "length"
+      else:
+        seq.finish_reason = "max_len"
+    if seq.done:
+      row = seq.row
+      self._state["active_b"][row] = False
+      yield self._finish(seq)
+
+  def _prefill(self, admitted: list[Sequence]) -> Iterator[TokenEvent]:
+    c = self.config
+    by_bucket: dict[int, list[Sequence]] = {}
+    for s in admitted:
+      bucket = next(b for b in c.buckets if b >= len(s.prompt_ids))
+      by_bucket.setdefault(bucket, []).append(s)
+    for bucket, seqs in sorted(by_bucket.items()):
+      for start in range(0, len(seqs), c.prefill_batch):
+        group = seqs[start:start + c.prefill_batch]
+        yield from self._prefill_group(bucket, group)
+
+  def _prefill_group(self, bucket: int, group: list[Sequence]
+                     ) -> Iterator[TokenEvent]:
+    c = self.config
+    p = c.prefill_batch
+    tokens = np.zeros((p, bucket), np.int32)
+    lengths = np.ones(p, np.int32)
+    rows = np.full(p, c.max_batch, np.int32)
+    slots = np.zeros(p, np.int32)
+    for i, s in enumerate(group):
+      tokens[i, :len(s.prompt_ids)] = s.prompt_ids
+      lengths[i] = len(s.prompt_ids)
+      rows[i] = s.row
+      slots[i] = s.slot
+      sampling_lib.set_row(self._rows, s.row, s.params, s.stop_ids)
+    prow = _take_rows(self._rows, np.where(rows < c.max_batch, rows, 0))
+    t0 = time.perf_counter()
+    self.cache, tok_p, lp_p = self.fns.prefill(
+        self.params, self.bank, self.cache, tokens, lengths, rows, slots, prow)
+    tok_p, lp_p = np.asarray(tok_p), np.asarray(lp_p)
+    self._counters["prefill_seconds"] += time.perf_counter() - t0
+    self._counters["prefill_calls"] += 1
+    self._counters["prefill_tokens"] += int(sum(len(s.prompt_ids)
+                                                for s in group))
+    st = self._state
+    for i, s in enumerate(group):
+      b, n = s.row, len(s.prompt_ids)
+      token = int(tok_p[i])
+      remaining = s.params.max_new_tokens - 1
+      active = (token not in s.stop_ids) and remaining > 0 and n < c.max_len
+      st["token_b"][b], st["pos_b"][b] = token, n
+      st["remaining_b"][b], st["active_b"][b] = remaining, active
+      st["adapter_idx_b"][b] = s.slot
+      yield from self._emit(s, token, float(lp_p[i]), active, remaining)
+
+  def _decode(self) -> Iterator[TokenEvent]:
+    t0 = time.perf_counter()
+    state = steps_lib.DecodeState(**self._state)
+    self.cache, state, toks, lps, valid = self.fns.decode(
+        self.params, self.bank, self.cache, state, self._rows)
+    toks, lps, valid = np.asarray(toks), np.asarray(lps), np.asarray(valid)
+    new = {k: np.array(v) for k, v in vars(state).items()}
+    self._counters["decode_seconds"] += time.perf_counter() - t0
+    self._counters["decode_calls"] += 1
+    self._counters["decode_tokens"] += int(valid.sum())
+    for b, seq in enumerate(self.scheduler.rows):
+      if seq is None:
+        continue
+      steps = np.flatnonzero(valid[b])
+      for j, n in enumerate(steps):
+        last = j == len(steps) - 1
+        active = bool(new["active_b"][b]) if last else True
+        remaining = int(new["remaining_b"][b]) if last else 1
+        yield from self._emit(seq, int(toks[b, n]), float(lps[b, n]), active,
+                              remaining)
+        if seq.done:
+          break
+    # Rows finished on the host (stop strings) stay inactive on device too.
+    still = new["active_b"] & self._state["active_b"]
+    self._state = new
+    self._state["active_b"] = still
+
+  # --- statistics ----------------------------------------------------------
+
+  def stats(self) -> dict:
+    """Engine counters and residency counters per tier."""
+    c = dict(self._counters)
+    c["decode_tokens_per_s"] = (c["decode_tokens"] / c["decode_seconds"]
+                                if c["decode_seconds"] else 0.0)
+    c["backend_compiles_since_warmup"] = (
+        steps_lib.backend_compiles() - self._compiles_at_warmup)
+    c["compilations_since_warmup"] = self.compilations_since_warmup()
+    if self.residency is not None:
+      c["residency"] = self.residency.stats()
+    return c
+
+
+def _take_rows(rows: sampling_lib.RowSampling, idx) -> sampling_lib.RowSampling:
+  return jax.tree.map(lambda x: np.asarray(x)[idx], rows)

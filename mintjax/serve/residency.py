@@ -1,0 +1,408 @@
+"""Adapter residency: device bank slots <- host cache <- adapter store.
+
+Owns the `AdapterSource` contract (what the engine needs from a registry:
+resolve a ref, batch-load weights, record residency statistics),
+`InMemoryAdapters` (a complete source held in memory, for adapters handed to
+an engine directly), the byte-budgeted LRU `HostCache`, the refcounted
+`SlotTable` of device bank slots, and `Residency`, which moves adapters
+between the tiers and counts hits, misses, loads, evictions and load time.
+
+Policy: least recently used at both tiers; a slot used by a running request
+(refcount > 0) or pinned is never evicted; pinned host entries stay cached.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+import time
+from typing import Any, Iterable, Protocol, Sequence
+
+import jax
+
+from mintjax.adapters import bank as bank_lib
+from mintjax.adapters.spec import AdapterSpec, AdapterWeights
+from mintjax.config import ModelConfig
+
+
+class ResidencyError(RuntimeError):
+  """An adapter cannot be made resident (no evictable slot, bad weights)."""
+
+
+class AdapterSource(Protocol):
+  """What the engine needs from an adapter registry.
+
+  `resolve` returns an object with `.adapter_id`, `.revision`, `.ref` and
+  `.base_fingerprint`; `load_many` returns `[(revision, AdapterWeights)]` in
+  the order of `refs` and raises when any ref is unknown or was trained on a
+  different base. `mintjax.store.registry.Registry` satisfies this.
+  """
+
+  def resolve(self, ref: str) -> Any: ...
+
+  def load_many(self, refs: Sequence[str], expect_base: str | None = None
+                ) -> list[tuple[Any, AdapterWeights]]: ...
+
+  def record_residency(self, ref: str, served: int = 0, loads: int = 0
+                       ) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Revision:
+  """A resolved adapter revision (the fields the engine reads)."""
+
+  adapter_id: str
+  revision: int
+  base_fingerprint: str
+
+  @property
+  def ref(self) -> str:
+    return f"{self.adapter_id}@{self.revision}"
+
+
+_REF = re.compile(r"^([A-Za-z0-9_.\-/]+)(?:@(\d+)|:([A-Za-z0-9_.\-]+))?$")
+
+
+class InMemoryAdapters:
+  """An `AdapterSource` over adapters held in memory (revisions and tags).
+
+  Refs: 'alice' (latest revision), 'alice@3', 'alice:prod' (a tag).
+  """
+
+  def __init__(self):
+    self._revs: dict[str, list[tuple[AdapterWeights, str]]] = {}
+    self._tags: dict[tuple[str, str], int] = {}
+    self.residency: dict[str, dict[str, int]] = collections.defaultdict(
+        lambda: {"served": 0, "loads": 0})
+
+  def publish(self, adapter_id: str, weights: AdapterWeights,
+              base_fingerprint: str) -> Revision:
+    """Adds a new revision (1, 2, ...) of `adapter_id` and returns it."""
+    if not _REF.match(adapter_id) or "@" in adapter_id or ":" in adapter_id:
+      raise ValueError(
+          f"adapter id {adapter_id!r} must be letters, digits, '_', '-', '.', "
+          "'/' (no '@' or ':', which start a revision or tag)")
+    revs = self._revs.setdefault(adapter_id, [])
+    revs.append((weights, base_fingerprint))
+    return Revision(adapter_id, len(revs), base_fingerprint)
+
+  def tag(self, adapter_id: str, tag: str, revision: int) -> None:
+    self.resolve(f"{adapter_id}@{revision}")
+    self._tags[(adapter_id, tag)] = revision
+
+  def resolve(self, ref: str) -> Revision:
+    m = _REF.match(ref) if isinstance(ref, str) else None
+    if m is None:
+      raise LookupError(
+          f"malformed adapter ref {ref!r}; expected 'id', 'id@revision' or "
+          "'id:tag'")
+    adapter_id, rev, tag = m.groups()
+    if adapter_id not in self._revs:
+      raise LookupError(
+          f"unknown adapter {adapter_id!r}; known adapters: "
+          f"{sorted(self._revs)[:10]}{' ...' if len(self._revs) > 10 else ''}")
+    revs = self._revs[adapter_id]
+    if tag is not None:
+      if (adapter_id, tag) not in self._tags:
+        raise LookupError(f"adapter {adapter_id!r} has no tag {tag!r}")
+      number = self._tags[(adapter_id, tag)]
+    else:
+      number = int(rev) if rev is not None else len(revs)
+    if not 1 <= number <= len(revs):
+      raise LookupError(
+          f"adapter {adapter_id!r} has revisions 1..{len(revs)}, not {number}")
+    return Revision(adapter_id, number, revs[number - 1][1])
+
+  def load_many(self, refs: Sequence[str], expect_base: str | None = None
+                ) -> list[tuple[Revision, AdapterWeights]]:
+    out = []
+    for ref in refs:
+      rev = self.resolve(ref)
+      if expect_base is not None and rev.base_fingerprint != expect_base:
+        raise ValueError(
+            f"adapter {rev.ref!r} was trained on base {rev.base_fingerprint[:19]}"
+            f", this engine serves {expect_base[:19]}; convert or retrain it")
+      out.append((rev, self._revs[rev.adapter_id][rev.revision - 1][0]))
+    return out
+
+  def record_residency(self, ref: str, served: int = 0, loads: int = 0
+                       ) -> None:
+    self.residency[ref]["served"] += served
+    self.residency[ref]["loads"] += loads
+
+
+@dataclasses.dataclass
+class TierStats:
+  """Counters of one residency tier."""
+
+  hits: int = 0
+  misses: int = 0
+  loads: int = 0
+  evictions: int = 0
+  load_seconds: float = 0.0
+
+  def as_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    looked = self.hits + self.misses
+    d["hit_rate"] = self.hits / looked if looked else 0.0
+    d["mean_load_ms"] = 1e3 * self.load_seconds / self.loads if self.loads else 0.0
+    return d
+
+
+def weights_nbytes(weights: AdapterWeights) -> int:
+  return sum(int(x.nbytes) for x in weights.lora_a.values()) + sum(
+      int(x.nbytes) for x in weights.lora_b.values())
+
+
+class HostCache:
+  """Validated adapter weights in host memory under a byte budget (LRU)."""
+
+  def __init__(self, budget_bytes: int):
+    if budget_bytes <= 0:
+      raise ValueError(f"host cache budget must be > 0 bytes, got "
+                       f"{budget_bytes}")
+    self.budget_bytes = int(budget_bytes)
+    self._items: collections.OrderedDict[str, AdapterWeights] = (
+        collections.OrderedDict())
+    self.pinned: set[str] = set()
+    self.nbytes = 0
+    self.stats = TierStats()
+
+  def __contains__(self, key: str) -> bool:
+    return key in self._items
+
+  def __len__(self) -> int:
+    return len(self._items)
+
+  def get(self, key: str, count: bool = True) -> AdapterWeights | None:
+    w = self._items.get(key)
+    if count:
+      if w is None:
+        self.stats.misses += 1
+      else:
+        self.stats.hits += 1
+    if w is not None:
+      self._items.move_to_end(key)
+    return w
+
+  def put(self, key: str, weights: AdapterWeights) -> None:
+    """Caches `weights`, evicting least recently used unpinned entries.
+
+    An adapter larger than everything evictable is not cached (it is still
+    usable by the caller, who holds it).
+    """
+    if key in self._items:
+      self._items.move_to_end(key)
+      return
+    size = weights_nbytes(weights)
+    evictable = [k for k in self._items if k not in self.pinned]
+    while self.nbytes + size > self.budget_bytes and evictable:
+      victim = evictable.pop(0)
+      self.nbytes -= weights_nbytes(self._items.pop(victim))
+      self.stats.evictions += 1
+    if self.nbytes + size <= self.budget_bytes or key in self.pinned:
+      self._items[key] = weights
+      self.nbytes += size
+
+
+class SlotTable:
+  """Which adapter each device bank slot holds, with refcounts and LRU.
+
+  Slots 1..num_slots hold adapters; slot 0 is the null adapter (base).
+  """
+
+  def __init__(self, num_slots: int):
+    self.num_slots = num_slots
+    self.key_of: dict[int, str] = {}
+    self.slot_of: dict[str, int] = {}
+    self.refs = collections.Counter()
+    self.pinned: set[int] = set()
+    self._lru: collections.OrderedDict[int, None] = collections.OrderedDict()
+    self.stats = TierStats()
+
+  def touch(self, slot: int) -> None:
+    self._lru[slot] = None
+    self._lru.move_to_end(slot)
+
+  def victim(self) -> int | None:
+    """A free slot, else the least recently used unreferenced unpinned one."""
+    for s in range(1, self.num_slots + 1):
+      if s not in self.key_of:
+        return s
+    for s in self._lru:
+      if self.refs[s] == 0 and s not in self.pinned:
+        return s
+    return None
+
+  def assign(self, slot: int, key: str) -> None:
+    old = self.key_of.pop(slot, None)
+    if old is not None:
+      del self.slot_of[old]
+      self.stats.evictions += 1
+    self.key_of[slot] = key
+    self.slot_of[key] = slot
+    self.touch(slot)
+
+
+class Residency:
+  """Moves adapters store -> host cache -> device bank slots.
+
+  Args:
+    source: the adapter store (see `AdapterSource`).
+    base_fingerprint: fingerprint of the served base; adapters for another
+      base are refused.
+    config: base model config.
+    spec: the bank's spec (its num_slots includes the null slot 0).
+    bank: the device bank (donated to every slot write).
+    host_budget_bytes: host cache byte budget.
+  """
+
+  def __init__(self, source: AdapterSource, base_fingerprint: str,
+               config: ModelConfig, spec: AdapterSpec,
+               bank: bank_lib.AdapterBank, host_budget_bytes: int):
+    self.source = source
+    self.base_fingerprint = base_fingerprint
+    self.config = config
+    self.spec = spec
+    self.bank = bank
+    self.host = HostCache(host_budget_bytes)
+    self.slots = SlotTable(spec.num_slots - 1)
+    self.store = TierStats()
+    self._pending: dict[str, collections.Counter] = collections.defaultdict(
+        collections.Counter)
+
+  # --- store -> host -------------------------------------------------------
+
+  def prefetch(self, keys: Iterable[str]) -> dict[str, str]:
+    """Loads uncached adapters into the host cache in one batched read.
+
+    Returns:
+      key -> error message for adapters that could not be loaded (the caller
+      fails the requests that use them); the others are cached.
+    """
+    missing = list(dict.fromkeys(k for k in keys if k not in self.host))
+    if not missing:
+      return {}
+    errors: dict[str, str] = {}
+    t0 = time.perf_counter()
+    try:
+      pairs = self.source.load_many(missing, expect_base=self.base_fingerprint)
+    except Exception:  # pylint: disable=broad-except
+      # One bad ref fails the whole batch; retry one by one to isolate it.
+      pairs = []
+      for key in missing:
+        try:
+          pairs.extend(self.source.load_many(
+              [key], expect_base=self.base_fingerprint))
+        except Exception as e:  # pylint: disable=broad-except
+          errors[key] = f"{type(e).__name__}: {e}"
+    self.store.load_seconds += time.perf_counter() - t0
+    for (rev, weights) in pairs:
+      key = f"{rev.adapter_id}@{rev.revision}"
+      try:
+        weights.validate(self.config, self.spec)
+      except ValueError as e:
+        errors[key] = f"adapter {key!r} does not fit this engine: {e}"
+        continue
+      self.store.loads += 1
+      self.host.stats.loads += 1
+      self.host.put(key, weights)
+    return errors
+
+  # --- host -> device ------------------------------------------------------
+
+  def is_resident(self, key: str) -> bool:
+    return key in self.slots.slot_of
+
+  def can_place(self, key: str) -> bool:
+    """The adapter is resident or a slot could be freed for it now."""
+    return self.is_resident(key) or self.slots.victim() is not None
+
+  def acquire(self, key: str) -> int:
+    """Makes `key` resident (loading it if needed) and takes a reference.
+
+    Raises:
+      ResidencyError: no slot is free of running requests and pins.
+    """
+    slot = self.slots.slot_of.get(key)
+    if slot is not None:
+      self.slots.stats.hits += 1
+    else:
+      self.slots.stats.misses += 1
+      slot = self.slots.victim()
+      if slot is None:
+        raise ResidencyError(
+            f"no device slot can take adapter {key!r}: all "
+            f"{self.slots.num_slots} slots are used by running requests or "
+            "pinned; raise num_slots or unpin adapters")
+      weights = self.host.get(key)
+      if weights is None:
+        err = self.prefetch([key]).get(key)
+        weights = self.host.get(key, count=False)
+        if weights is None:
+          # Larger than the host budget: read it straight from the store.
+          weights = self.source.load_many(
+              [key], expect_base=self.base_fingerprint)[0][1] if err is None \
+              else None
+        if weights is None:
+          raise ResidencyError(err or f"adapter {key!r} could not be loaded")
+      t0 = time.perf_counter()
+      self.bank = bank_lib.write_slot(self.bank, slot, weights, self.config,
+                                      self.spec)
+      jax.block_until_ready(self.bank.scale)
+      self.slots.stats.load_seconds += time.perf_counter() - t0
+      self.slots.stats.loads += 1
+      self.slots.assign(slot, key)
+      self._pending[key]["loads"] += 1
+    self.slots.refs[slot] += 1
+    self.slots.touch(slot)
+    self._pending[key]["served"] += 1
+    return slot
+
+  def release(self, slot: int) -> None:
+    if slot == 0:
+      return
+    if self.slots.refs[slot] <= 0:
+      raise ResidencyError(f"slot {slot} released more often than acquired")
+    self.slots.refs[slot] -= 1
+
+  def pin(self, key: str) -> int:
+    """Keeps `key` in a device slot and the host cache until unpinned."""
+    if len(self.slots.pinned) >= self.slots.num_slots - 1:
+      raise ResidencyError(
+          f"cannot pin {key!r}: {len(self.slots.pinned)} of "
+          f"{self.slots.num_slots} slots are pinned and at least one must "
+          "stay free for other adapters")
+    errors = self.prefetch([key])
+    if key in errors:
+      raise ResidencyError(errors[key])
+    self.host.pinned.add(key)
+    slot = self.acquire(key)
+    self.release(slot)
+    self.slots.pinned.add(slot)
+    return slot
+
+  def unpin(self, key: str) -> None:
+    self.host.pinned.discard(key)
+    slot = self.slots.slot_of.get(key)
+    if slot is not None:
+      self.slots.pinned.discard(slot)
+
+  # --- statistics ----------------------------------------------------------
+
+  def stats(self) -> dict:
+    return dict(
+        device=dict(self.slots.stats.as_dict(), slots=self.slots.num_slots,
+                    resident=len(self.slots.key_of),
+                    pinned=len(self.slots.pinned)),
+        host=dict(self.host.stats.as_dict(), entries=len(self.host),
+                  bytes=self.host.nbytes, budget_bytes=self.host.budget_bytes),
+        store=self.store.as_dict())
+
+  def flush_stats(self) -> None:
+    """Writes served/load counts since the last flush back to the source."""
+    pending, self._pending = self._pending, collections.defaultdict(
+        collections.Counter)
+    for key, c in pending.items():
+      self.source.record_residency(key, served=c["served"], loads=c["loads"])
