@@ -116,12 +116,17 @@ def config_from_gguf(meta: dict, num_tokens: int | None = None,
       raise CheckpointError(f"GGUF metadata lacks required key '{arch}.{key}'")
     return value
 
+  def f32(value) -> float:
+    # GGUF stores floats as float32; the shortest float32 repr recovers
+    # the config's decimal value (1e-06, not 9.999999974752427e-07).
+    return float(str(np.float32(value)))
+
   heads = int(get("attention.head_count"))
   hidden = int(get("embedding_length"))
   scaling = None
   scaling_type = meta.get(f"{arch}.rope.scaling.type", "none")
   if scaling_type == "linear":
-    scaling = RopeScaling("linear", float(get("rope.scaling.factor")))
+    scaling = RopeScaling("linear", f32(get("rope.scaling.factor")))
   elif scaling_type not in ("none", None):
     raise ConfigError(
         f"GGUF RoPE scaling {scaling_type!r} is not supported; supported: "
@@ -135,8 +140,8 @@ def config_from_gguf(meta: dict, num_tokens: int | None = None,
       num_heads=heads,
       num_kv_heads=int(get("attention.head_count_kv", heads)),
       head_dim=int(get("attention.key_length", hidden // heads)),
-      rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-      rope_theta=float(get("rope.freq_base", 10000.0)),
+      rms_norm_eps=f32(get("attention.layer_norm_rms_epsilon", 1e-5)),
+      rope_theta=f32(get("rope.freq_base", 10000.0)),
       rope_scaling=scaling,
       tie_word_embeddings=tied,
       attention_bias=False,
@@ -269,9 +274,14 @@ def tokenizer_from_gguf(reader, meta: dict | None = None) -> Tokenizer:
     if not set(tok) <= spelled:
       tok = "".join(alphabet[b] for b in tok.encode("utf-8"))
     vocab[tok] = i
-  backend = tokenizers.Tokenizer(models.BPE(
-      vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-      end_of_word_suffix="", fuse_unk=False))
+  try:
+    backend = tokenizers.Tokenizer(models.BPE(
+        vocab=vocab, merges=merges, dropout=None,
+        continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+  except Exception as e:  # tokenizers raises a bare Exception
+    raise CheckpointError(
+        f"the GGUF tokenizer is inconsistent ({e}): every merge must join "
+        "two vocabulary tokens into a third; the file is damaged") from None
   split = _PRE_SPLITS.get(meta.get("tokenizer.ggml.pre"))
   if split is None:
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
