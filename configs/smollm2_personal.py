@@ -1,0 +1,58 @@
+"""Personal-adapter training config: many users' LoRA adapters on one base.
+
+Variants (`--config=configs/smollm2_personal.py:<variant>`):
+  tiny     a random 2-layer model with the byte tokenizer (tests, CI).
+  smollm2  SmolLM2-135M-Instruct from the bundled GGUF file.
+Override any field, e.g. `--config.lora.rank=4 --config.train_data=...`.
+"""
+
+import ml_collections
+
+
+def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.base = "random:tiny"
+  c.base_seed = 0
+  c.train_data = ""      # a directory of *.jsonl or one .jsonl file
+  c.heldout_data = ""    # same format; optional
+  c.registry = ""        # registry directory
+  c.lora = ml_collections.ConfigDict(dict(
+      rank=4, alpha=8.0, targets="q,k,v,o", use_rslora=False))
+  c.num_slots = 9        # slot 0 is the null adapter: 8 users per cohort
+  c.batch_size = 16
+  c.steps_per_cohort = 20
+  c.seed = 0
+  c.max_length = 64
+  c.buckets = (32, 64)
+  c.overflow = "truncate"
+  c.prompt_style = "raw"
+  c.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=1e-2, warmup_steps=0, decay_steps=0, schedule="constant",
+      min_lr_ratio=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+      clip_norm=1.0))
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  c.lora_impl = "auto"
+  c.remat = False
+  c.continue_from_registry = True
+  c.checkpoint_every = 10
+  c.keep_checkpoints = 2
+  c.async_checkpoint = True
+  c.log_every = 5
+  c.eval_batch_size = 16
+  if variant == "tiny":
+    pass
+  elif variant == "smollm2":
+    from mintjax.model.smollm2 import default_gguf_path  # pylint: disable=g-import-not-at-top
+    c.base = str(default_gguf_path())
+    c.prompt_style = "chat"
+    c.max_length = 96
+    c.buckets = (48, 96)
+    c.lora.rank = 8
+    c.lora.alpha = 16.0
+    c.optimizer.learning_rate = 2e-3
+    c.steps_per_cohort = 60
+    c.remat = True
+  else:
+    raise ValueError(f"unknown variant {variant!r}; choose 'tiny' or "
+                     "'smollm2'")
+  return c

@@ -1,0 +1,253 @@
+"""Batched multi-adapter evaluation, comparison and promotion.
+
+Owns `evaluate_jobs` (held-out loss and exact-match of many (adapter slot,
+examples) jobs in shared batches through one compiled forward: different
+rows use different adapters), `evaluate_revisions` (many registry revisions
+at once, each against its parent revision and the base, all in one bank)
+and `promote` (moves a tag only for revisions that do not regress, and says
+which were held back and why).
+
+Exact match is computed by teacher forcing: greedy decoding reproduces the
+completion (including its eos) exactly when the argmax at every completion
+position equals the target, so no decode loop is needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mintjax.adapters.bank import AdapterBank, bank_from_weights
+from mintjax.adapters.spec import AdapterSpec
+from mintjax.model import llama
+from mintjax.model.base import BaseModel
+from mintjax.train import data as data_lib
+from mintjax.train.loss import token_cross_entropy
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+  """Held-out metrics of one adapter on one user's examples.
+
+  Attributes:
+    loss: mean completion-token cross-entropy (token weighted).
+    exact_match: fraction of examples whose greedy completion is exact.
+    num_examples: examples scored.
+    tokens: completion tokens scored.
+  """
+
+  loss: float
+  exact_match: float
+  num_examples: int
+  tokens: int
+
+
+@functools.partial(jax.jit, static_argnames=("config", "lora_impl"))
+def _score(params, bank, adapter_idx_b, tokens_bt, targets_bt, mask_bt, *,
+           config, lora_impl):
+  logits_btv, _ = llama.forward(params, bank, adapter_idx_b, tokens_bt,
+                                config=config, lora_impl=lora_impl)
+  tl_bt = token_cross_entropy(logits_btv, targets_bt)
+  hit_bt = jnp.argmax(logits_btv, axis=-1) == targets_bt
+  loss_b = jnp.sum(tl_bt * mask_bt, axis=1)
+  exact_b = jnp.all(hit_bt | (mask_bt == 0), axis=1)
+  return loss_b, jnp.sum(mask_bt, axis=1), exact_b
+
+
+def _bucket(n: int) -> int:
+  return max(16, 1 << (n - 1).bit_length())
+
+
+def evaluate_jobs(base: BaseModel, bank: AdapterBank | None,
+                  jobs: Sequence[tuple[object, int, Sequence]],
+                  batch_size: int = 16, lora_impl: str = "auto"
+                  ) -> dict[object, EvalResult]:
+  """Scores many (key, slot, examples) jobs in shared mixed-adapter batches.
+
+  Args:
+    base: base model.
+    bank: adapter bank (None scores the base for every job).
+    jobs: (key, slot, list of `data.Example`) triples; slot 0 is the base.
+    batch_size: rows per forward call (the last batch is padded).
+    lora_impl: gather-LoRA implementation.
+
+  Returns:
+    key -> EvalResult.
+  """
+  rows = [(key, slot, ex) for key, slot, exs in jobs for ex in exs]
+  empty = [key for key, _, exs in jobs if not exs]
+  if empty:
+    raise ValueError(f"evaluation jobs {empty} have no examples")
+  sums: dict[object, list[float]] = {key: [0.0, 0.0, 0, 0]
+                                     for key, _, _ in jobs}
+  for start in range(0, len(rows), batch_size):
+    chunk = rows[start:start + batch_size]
+    t = _bucket(max(len(ex.tokens) - 1 for _, _, ex in chunk))
+    tokens = np.zeros((batch_size, t), np.int32)
+    targets = np.zeros((batch_size, t), np.int32)
+    mask = np.zeros((batch_size, t), np.float32)
+    idx = np.zeros((batch_size,), np.int32)
+    for r, (_, slot, ex) in enumerate(chunk):
+      n = len(ex.tokens) - 1
+      tokens[r, :n], targets[r, :n] = ex.tokens[:-1], ex.tokens[1:]
+      mask[r, max(ex.prompt_len - 1, 0):n] = 1.0
+      idx[r] = slot
+    loss_b, tok_b, exact_b = jax.device_get(_score(
+        base.params, bank, idx, tokens, targets, mask, config=base.config,
+        lora_impl=lora_impl))
+    for r, (key, _, _) in enumerate(chunk):
+      s = sums[key]
+      s[0] += float(loss_b[r])
+      s[1] += float(tok_b[r])
+      s[2] += int(exact_b[r])
+      s[3] += 1
+  return {key: EvalResult(loss=s[0] / max(s[1], 1.0),
+                          exact_match=s[2] / s[3], num_examples=s[3],
+                          tokens=int(s[1]))
+          for key, s in sums.items()}
+
+
+def evaluate_revisions(base: BaseModel, registry, refs: Sequence[str],
+                       heldout_by_user: Mapping[str, Sequence[Mapping]], *,
+                       max_length: int = 256, prompt_style: str = "raw",
+                       batch_size: int = 16, lora_impl: str = "auto",
+                       record: bool = True) -> list[dict]:
+  """Evaluates many revisions together, each against its parent and the base.
+
+  All revisions and their parents are loaded into one bank (slot 0 = base)
+  and scored in shared batches on their adapter's held-out records.
+
+  Args:
+    base: the base model; every revision must have been trained on it.
+    registry: a `mintjax.store.registry.Registry`.
+    refs: adapter refs ('alice', 'alice@3', 'alice:prod').
+    heldout_by_user: adapter id -> held-out records {'prompt', 'completion'}.
+    max_length, prompt_style: tokenization (as in training).
+    batch_size, lora_impl: batching and gather-LoRA implementation.
+    record: store 'heldout_loss' and 'exact_match' evals of each revision.
+
+  Returns:
+    One dict per ref: ref, adapter_id, revision, parent, loss, exact_match,
+    parent_loss/parent_exact_match (None without a parent), base_loss,
+    base_exact_match, data_fingerprint.
+
+  Raises:
+    BaseMismatchError: a revision was trained on another base.
+    ValueError: an adapter has no held-out records.
+  """
+  revs = [registry.resolve(r) for r in refs]
+  missing = sorted({r.adapter_id for r in revs} - set(heldout_by_user))
+  if missing:
+    raise ValueError(
+        f"no held-out records for adapters {missing}; pass a held-out JSONL "
+        "with records for every evaluated adapter")
+  to_load = []
+  for rev in revs:
+    to_load.append(f"{rev.adapter_id}@{rev.revision}")
+    if rev.parent is not None:
+      to_load.append(f"{rev.adapter_id}@{rev.parent}")
+  to_load = list(dict.fromkeys(to_load))
+  loaded = registry.load_many(to_load, expect_base=base.fingerprint)
+  weights = {ref: w for ref, (_, w) in zip(to_load, loaded)}
+  slot_of = {ref: i + 1 for i, ref in enumerate(to_load)}
+  targets = sorted({t for w in weights.values() for t in w.targets})
+  spec = AdapterSpec(targets=tuple(targets),
+                     max_rank=max(w.rank for w in weights.values()),
+                     num_slots=len(to_load) + 1)
+  bank = bank_from_weights(base.config, spec, {
+      slot_of[r]: w for r, w in weights.items()})
+  examples = {}
+  for aid in {r.adapter_id for r in revs}:
+    examples[aid] = [data_lib.tokenize_record(
+        dict(rec, user=aid), base.tokenizer, max_length, "truncate",
+        prompt_style) for rec in heldout_by_user[aid]]
+  jobs = []
+  for rev in revs:
+    ref = f"{rev.adapter_id}@{rev.revision}"
+    jobs.append((ref, slot_of[ref], examples[rev.adapter_id]))
+    jobs.append((("base", rev.adapter_id), 0, examples[rev.adapter_id]))
+    if rev.parent is not None:
+      pref = f"{rev.adapter_id}@{rev.parent}"
+      jobs.append((("parent", ref), slot_of[pref], examples[rev.adapter_id]))
+  jobs = list({repr(j[0]): j for j in jobs}.values())
+  results = evaluate_jobs(base, bank, jobs, batch_size, lora_impl)
+  report = []
+  for rev in revs:
+    ref = f"{rev.adapter_id}@{rev.revision}"
+    res, b = results[ref], results[("base", rev.adapter_id)]
+    p = results.get(("parent", ref))
+    fp = data_lib.data_fingerprint(heldout_by_user[rev.adapter_id])
+    if record:
+      registry.record_eval(ref, "heldout_loss", res.loss, fp)
+      registry.record_eval(ref, "exact_match", res.exact_match, fp)
+    report.append(dict(
+        ref=ref, adapter_id=rev.adapter_id, revision=rev.revision,
+        parent=rev.parent, loss=res.loss, exact_match=res.exact_match,
+        parent_loss=p.loss if p else None,
+        parent_exact_match=p.exact_match if p else None,
+        base_loss=b.loss, base_exact_match=b.exact_match,
+        num_examples=res.num_examples, data_fingerprint=fp))
+  return report
+
+
+def regression_reason(row: Mapping, loss_tolerance: float = 0.0
+                      ) -> str | None:
+  """Why a report row regresses (None if it does not).
+
+  A revision regresses when its exact-match is below its parent's or the
+  base's, or its held-out loss exceeds theirs by more than `loss_tolerance`.
+  """
+  for name in ("parent", "base"):
+    ref_loss = row.get(f"{name}_loss")
+    ref_em = row.get(f"{name}_exact_match")
+    if ref_loss is None:
+      continue
+    if row["exact_match"] < ref_em:
+      return (f"exact-match {row['exact_match']:.3f} is below the {name}'s "
+              f"{ref_em:.3f}")
+    if not math.isfinite(row["loss"]) or (
+        row["loss"] > ref_loss + loss_tolerance):
+      return (f"held-out loss {row['loss']:.4f} exceeds the {name}'s "
+              f"{ref_loss:.4f} by more than {loss_tolerance}")
+  return None
+
+
+def promote(registry, report: Sequence[Mapping], tag: str = "prod",
+            loss_tolerance: float = 0.0) -> tuple[list[str], dict[str, str]]:
+  """Moves `tag` to every non-regressing revision of the report.
+
+  Returns:
+    (promoted refs, {held-back ref: reason}).
+  """
+  promoted, held = [], {}
+  for row in report:
+    reason = regression_reason(row, loss_tolerance)
+    if reason is None:
+      registry.tag(row["ref"], tag, reason="promote: no regression vs parent "
+                   "and base")
+      promoted.append(row["ref"])
+    else:
+      held[row["ref"]] = reason
+  return promoted, held
+
+
+def format_report(report: Sequence[Mapping], held: Mapping[str, str] = ()
+                  ) -> str:
+  """A markdown table of a report (plus why revisions were held back)."""
+  lines = ["| ref | loss | exact | parent loss | parent exact | base loss | "
+           "base exact |", "|---|---|---|---|---|---|---|"]
+  fmt = lambda v: "-" if v is None else f"{v:.4f}"
+  for r in report:
+    lines.append(
+        f"| {r['ref']} | {fmt(r['loss'])} | {fmt(r['exact_match'])} | "
+        f"{fmt(r['parent_loss'])} | {fmt(r['parent_exact_match'])} | "
+        f"{fmt(r['base_loss'])} | {fmt(r['base_exact_match'])} |")
+  for ref, why in dict(held).items():
+    lines.append(f"held back {ref}: {why}")
+  return "\n".join(lines)

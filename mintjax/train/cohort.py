@@ -1,0 +1,136 @@
+"""Cohorts: more users than slots, trained a slot-bank-full at a time.
+
+Owns `plan_cohorts` (users -> fixed-size groups), `SlotMap` (slot <-> user
+for the cohort currently in the bank, with checks), `init_adapter` (a new
+user's adapter initialised like PEFT: A random, B zero, so a fresh adapter is
+exactly the base model) and `cohort_bank` (the host-built bank holding one
+cohort, placed with the step's shardings). Loading the next cohort replaces
+array values only; the compiled step is reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+
+from mintjax.adapters.bank import AdapterBank, bank_from_weights
+from mintjax.adapters.spec import AdapterSpec, AdapterWeights
+from mintjax.config import ModelConfig
+
+
+class SlotMapError(KeyError):
+  """A user is not (or cannot be) mapped to a bank slot."""
+
+  def __str__(self):  # KeyError would quote the message.
+    return str(self.args[0])
+
+
+def plan_cohorts(users: Sequence[str], slots_per_cohort: int
+                 ) -> list[list[str]]:
+  """Splits sorted unique users into cohorts of at most `slots_per_cohort`."""
+  if slots_per_cohort < 1:
+    raise ValueError(
+        f"need at least one trainable slot per cohort, got {slots_per_cohort}"
+        "; num_slots must be >= 2 (slot 0 is the null adapter)")
+  users = sorted(set(users))
+  return [users[i:i + slots_per_cohort]
+          for i in range(0, len(users), slots_per_cohort)]
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotMap:
+  """Which user occupies which slot (slot 0 is the null adapter).
+
+  Attributes:
+    slot_of_user: user -> slot in 1..num_slots-1.
+    num_slots: bank slots S.
+  """
+
+  slot_of_user: Mapping[str, int]
+  num_slots: int
+
+  @classmethod
+  def for_cohort(cls, users: Sequence[str], num_slots: int) -> "SlotMap":
+    if len(users) > num_slots - 1:
+      raise SlotMapError(
+          f"cohort of {len(users)} users does not fit {num_slots - 1} "
+          f"trainable slots; use smaller cohorts or more slots")
+    return cls({u: i + 1 for i, u in enumerate(users)}, num_slots)
+
+  def slot(self, user: str) -> int:
+    try:
+      return self.slot_of_user[user]
+    except KeyError:
+      raise SlotMapError(
+          f"unknown user {user!r}: the slot map holds "
+          f"{sorted(self.slot_of_user)}; load the user's cohort first"
+      ) from None
+
+  @property
+  def users(self) -> list[str]:
+    return list(self.slot_of_user)
+
+  def to_json(self) -> dict:
+    return {"slot_of_user": dict(self.slot_of_user),
+            "num_slots": self.num_slots}
+
+  @classmethod
+  def from_json(cls, d: Mapping) -> "SlotMap":
+    return cls(dict(d["slot_of_user"]), int(d["num_slots"]))
+
+
+def _seed_for(seed: int, user: str) -> int:
+  digest = hashlib.sha256(f"init:{seed}:{user}".encode()).digest()
+  return int.from_bytes(digest[:8], "little")
+
+
+def init_adapter(config: ModelConfig, targets: Sequence[str], rank: int,
+                 alpha: float, user: str, seed: int,
+                 use_rslora: bool = False) -> AdapterWeights:
+  """A fresh adapter initialised like PEFT (seeded by seed and user).
+
+  A is Kaiming-uniform (PEFT's `kaiming_uniform_(a=sqrt(5))`, i.e.
+  U(-1/sqrt(d_in), 1/sqrt(d_in))) and B is zero, so the new adapter leaves
+  the base model's outputs unchanged until it is trained.
+  """
+  rng = np.random.default_rng(_seed_for(seed, user))
+  a, b = {}, {}
+  for t in targets:
+    d_in, d_out = config.projection_shape(t)
+    bound = 1.0 / math.sqrt(d_in)
+    a[t] = rng.uniform(-bound, bound, (config.num_layers, d_in, rank)
+                       ).astype(np.float32)
+    b[t] = np.zeros((config.num_layers, rank, d_out), np.float32)
+  return AdapterWeights(a, b, rank=rank, alpha=float(alpha),
+                        use_rslora=use_rslora)
+
+
+def cohort_bank(config: ModelConfig, spec: AdapterSpec, slot_map: SlotMap,
+                weights_of_user: Mapping[str, AdapterWeights],
+                shardings=None) -> AdapterBank:
+  """The bank holding one cohort's adapters (empty slots are null).
+
+  Args:
+    config: base config.
+    spec: bank spec.
+    slot_map: the cohort's slots.
+    weights_of_user: initial weights of every user in the slot map.
+    shardings: optional bank shardings to place the result with.
+  """
+  missing = [u for u in slot_map.users if u not in weights_of_user]
+  if missing:
+    raise SlotMapError(f"no initial weights for users {missing}")
+  bank = bank_from_weights(config, spec, {
+      slot_map.slot(u): weights_of_user[u] for u in slot_map.users})
+  if shardings is not None:
+    host = jax.tree.map(np.asarray, bank)
+    bank = jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(x.shape, s,
+                                                  lambda idx: x[idx]),
+        host, shardings)
+  return bank
