@@ -1,0 +1,218 @@
+"""`python -m tools.mint`: the adapter registry's command line.
+
+Owns the CLI only; every command is a thin call into
+`mintjax.store.registry.Registry` or `mintjax.store.peft_io`. Output is a
+readable table, or JSON with `--json`.
+
+    python -m tools.mint --registry=DIR list
+    python -m tools.mint --registry=DIR show alice:prod
+    python -m tools.mint --registry=DIR log alice
+    python -m tools.mint --registry=DIR tag alice@3 prod
+    python -m tools.mint --registry=DIR rollback alice --tag=prod [--to=2]
+    python -m tools.mint --registry=DIR diff alice@2 alice@3
+    python -m tools.mint --registry=DIR verify
+    python -m tools.mint --registry=DIR gc
+    python -m tools.mint --registry=DIR import-peft PEFT_DIR --id=alice \
+        (--base=HF_DIR | --base_fingerprint=sha256:...)
+    python -m tools.mint --registry=DIR export-peft alice@3 OUT_DIR
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+from typing import Sequence
+
+from absl import app, flags
+
+from mintjax.store import peft_io
+from mintjax.store.errors import RegistryError
+from mintjax.store.registry import Registry, Revision
+
+_REGISTRY = flags.DEFINE_string("registry", None, "registry directory")
+_JSON = flags.DEFINE_bool("json", False, "print JSON instead of tables")
+_TAG = flags.DEFINE_string("tag", "prod", "tag for rollback")
+_TO = flags.DEFINE_integer("to", None, "rollback target revision")
+_ID = flags.DEFINE_string("id", None, "adapter id for import-peft")
+_OWNER = flags.DEFINE_string("owner", "", "owner for import-peft")
+_BASE = flags.DEFINE_string("base", None,
+                            "HF base folder to fingerprint (import-peft)")
+_BASE_FP = flags.DEFINE_string("base_fingerprint", None,
+                               "base fingerprint (import-peft)")
+_STALE = flags.DEFINE_float("stale_after_s", 3600.0,
+                            "gc: reservations older than this are dead")
+
+USAGE = ("commands: list | show REF | log ID | tag REF TAG | rollback ID "
+         "[--tag --to] | diff REF REF | verify | gc | import-peft DIR --id "
+         "(--base|--base_fingerprint) | export-peft REF DIR")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+  """A plain aligned text table."""
+  cells = [[str(h) for h in headers]] + [
+      ["" if c is None else str(c) for c in r] for r in rows]
+  widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+  lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+           for r in cells]
+  lines.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(lines)
+
+
+def _time(t: float | None) -> str:
+  if t is None:
+    return ""
+  return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _rev_dict(rev: Revision) -> dict:
+  return dict(ref=rev.ref, adapter_id=rev.adapter_id, revision=rev.revision,
+              parent=rev.parent, base_fingerprint=rev.base_fingerprint,
+              sha256=rev.sha256, created=rev.created,
+              provenance=rev.provenance, array_key=rev.array_key, row=rev.row)
+
+
+def run(reg: Registry, args: Sequence[str], as_json: bool = False) -> str:
+  """Runs one command; returns its output text.
+
+  Raises:
+    RegistryError: from the registry; usage errors as RegistryError too.
+  """
+  if not args:
+    raise RegistryError(f"no command given; {USAGE}")
+  cmd, rest = args[0], list(args[1:])
+
+  def need(n: int, names: str):
+    if len(rest) != n:
+      raise RegistryError(f"`{cmd}` takes {names}, got {rest}; {USAGE}")
+
+  if cmd == "list":
+    need(0, "no arguments")
+    data = reg.list_adapters()
+    rows = [(a["id"], a["owner"], a["revisions"], a["latest"],
+             " ".join(f"{k}->{v}" for k, v in a["tags"].items()),
+             f"r{a['spec']['rank']} {','.join(a['spec']['targets'])}",
+             a["base_fingerprint"][:19]) for a in data]
+    out = data, table(("id", "owner", "revs", "latest", "tags", "spec",
+                       "base"), rows)
+  elif cmd == "show":
+    need(1, "REF")
+    rev = reg.resolve(rest[0])
+    data = _rev_dict(rev)
+    data.update(tags={t: r for t, r in reg.tags(rev.adapter_id).items()
+                      if r == rev.revision},
+                evals=reg.evals(rev.ref),
+                residency=[r for r in reg.residency(rev.adapter_id)
+                           if r["revision"] == rev.revision])
+    prov = rev.provenance
+    lines = [f"{rev.ref}  (parent {rev.parent})  created {_time(rev.created)}",
+             f"  sha256        {rev.sha256}",
+             f"  base          {rev.base_fingerprint}",
+             f"  data          {prov.get('data_fingerprint')}",
+             f"  steps / seed  {prov.get('steps')} / {prov.get('seed')}",
+             f"  code          {prov.get('code_version')}",
+             f"  host          {prov.get('host')}",
+             f"  stored at     {rev.array_key} row {rev.row}",
+             f"  tags          {sorted(data['tags']) or '-'}"]
+    if "source" in prov:
+      lines.append(f"  source        {prov['source']}")
+    if data["evals"]:
+      lines.append(table(("metric", "value", "data", "time"), [
+          (e["metric"], f"{e['value']:.6g}", e["data_fingerprint"][:19],
+           _time(e["created"])) for e in data["evals"]]))
+    for r in data["residency"]:
+      lines.append(f"  served {r['served_count']} (last "
+                   f"{_time(r['last_served'])}), loaded {r['load_count']}")
+    out = data, "\n".join(lines)
+  elif cmd == "log":
+    need(1, "ID")
+    revs = reg.history(rest[0])
+    tags = reg.tags(rest[0])
+    data = [dict(_rev_dict(r), tags=sorted(t for t, v in tags.items()
+                                           if v == r.revision),
+                 evals=reg.evals(r.ref)) for r in revs]
+    rows = [(d["revision"], d["parent"], _time(d["created"]),
+             d["sha256"][7:19], d["provenance"].get("steps"),
+             " ".join(d["tags"]),
+             " ".join(f"{e['metric']}={e['value']:.4g}" for e in d["evals"]))
+            for d in data]
+    moves = reg.tag_history(rest[0])
+    text = table(("rev", "parent", "created", "sha256", "steps", "tags",
+                  "evals"), rows)
+    if moves:
+      text += "\n\n" + table(("tag", "from", "to", "reason", "time"), [
+          (m["tag"], m["old"], m["new"], m["reason"], _time(m["created"]))
+          for m in moves])
+    out = dict(revisions=data, tag_moves=moves), text
+  elif cmd == "tag":
+    need(2, "REF TAG")
+    rev = reg.tag(rest[0], rest[1])
+    out = _rev_dict(rev), f"{rev.adapter_id}:{rest[1]} -> {rev.ref}"
+  elif cmd == "rollback":
+    need(1, "ID")
+    rev = reg.rollback(rest[0], tag=_TAG.value, to=_TO.value)
+    out = _rev_dict(rev), f"{rev.adapter_id}:{_TAG.value} -> {rev.ref}"
+  elif cmd == "diff":
+    need(2, "REF_A REF_B")
+    data = reg.diff(rest[0], rest[1])
+    out = data, table(("target", "|dW_a|", "|dW_b|", "|dW_a - dW_b|",
+                       "relative"), [
+        (t, f"{d['norm_a']:.6g}", f"{d['norm_b']:.6g}", f"{d['delta']:.6g}",
+         f"{d['rel']:.4f}") for t, d in data.items()])
+  elif cmd == "verify":
+    need(0, "no arguments")
+    data = reg.verify()
+    text = (f"verified {data['checked']} revisions: "
+            f"{'all OK' if data['ok'] else 'CORRUPT: ' + ' '.join(data['bad'])}")
+    out = data, text
+  elif cmd == "gc":
+    need(0, "no arguments")
+    data = reg.gc(stale_after_s=_STALE.value)
+    out = data, (f"reclaimed {data['reclaimed_rows']} rows from "
+                 f"{data['reclaimed_reservations']} dead publishes")
+  elif cmd == "import-peft":
+    need(1, "PEFT_DIR")
+    if not _ID.value:
+      raise RegistryError("import-peft needs --id=ADAPTER_ID")
+    if bool(_BASE.value) == bool(_BASE_FP.value):
+      raise RegistryError(
+          "import-peft needs exactly one of --base=HF_DIR (fingerprinted "
+          "here) or --base_fingerprint=sha256:...")
+    fingerprint = _BASE_FP.value
+    num_layers = None
+    if _BASE.value:
+      from mintjax.model.hf import load_hf  # Heavy; only when asked.
+      base = load_hf(_BASE.value)
+      fingerprint, num_layers = base.fingerprint, base.config.num_layers
+    rev = peft_io.import_peft(reg, rest[0], _ID.value,
+                              base_fingerprint=fingerprint,
+                              owner=_OWNER.value, num_layers=num_layers)
+    out = _rev_dict(rev), f"imported {rest[0]} as {rev.ref}"
+  elif cmd == "export-peft":
+    need(2, "REF OUT_DIR")
+    rev = peft_io.export_peft(reg, rest[0], rest[1])
+    out = _rev_dict(rev), f"exported {rev.ref} to {rest[1]}"
+  else:
+    raise RegistryError(f"unknown command {cmd!r}; {USAGE}")
+  data, text = out
+  return json.dumps(data, indent=2, sort_keys=True, default=str) if (
+      as_json) else text
+
+
+def main(argv):
+  if not _REGISTRY.value:
+    print("--registry=DIR is required", file=sys.stderr)
+    return 2
+  reg = Registry.open(_REGISTRY.value)
+  try:
+    print(run(reg, argv[1:], _JSON.value))
+  except RegistryError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  finally:
+    reg.close()
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)
