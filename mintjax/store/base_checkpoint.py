@@ -191,8 +191,11 @@ def load_base(directory: str | os.PathLike, mesh: Mesh | None = None,
   abstract = abstract_params(config, mesh, rules)
   try:
     with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+      _check_stored_shapes(ckptr.metadata(params_dir), abstract, params_dir)
       params = ckptr.restore(params_dir,
                              args=ocp.args.StandardRestore(abstract))
+  except CheckpointError:
+    raise
   except Exception as e:  # Orbax/tensorstore raise many types on bad data
     raise CheckpointError(
         f"cannot restore parameters from {str(params_dir)!r} "
@@ -216,3 +219,28 @@ def load_base(directory: str | os.PathLike, mesh: Mesh | None = None,
           "were modified or damaged, re-run the conversion")
   return BaseModel(config, params, meta["fingerprint"], tokenizer)
 
+
+def _check_stored_shapes(metadata, abstract: dict, params_dir) -> None:
+  """Compares stored array shapes with the config's before reading data.
+
+  Orbax would otherwise fail deep inside tensorstore (and leave pending
+  reads behind); checking the metadata first names the parameter.
+  """
+  tree = getattr(metadata, "item_metadata", metadata)
+  tree = getattr(tree, "tree", tree)
+  stored = {jax.tree_util.keystr(path): tuple(m.shape)
+            for path, m in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if hasattr(m, "shape")}
+  for path, want in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+    name = jax.tree_util.keystr(path)
+    if name not in stored:
+      raise CheckpointError(
+          f"{str(params_dir)!r} has no parameter {name} required by the "
+          "config in mintjax_base.json; the checkpoint is incomplete or its "
+          "metadata was edited, re-run the conversion")
+    if stored[name] != tuple(want.shape):
+      raise CheckpointError(
+          f"{str(params_dir)!r}: parameter {name} is stored with shape "
+          f"{stored[name]}, the config in mintjax_base.json expects "
+          f"{tuple(want.shape)}; the metadata does not match the weights, "
+          "re-run the conversion")
