@@ -1,0 +1,27 @@
+"""Serve generation requests in batch mode (thin launcher).
+
+  python -m launch.serve --config=configs/serve.py:tiny \
+      --config.registry=REG --config.input=requests.jsonl \
+      --config.output=results.jsonl
+
+All logic lives in `mintjax.serve.batch.serve_jsonl`.
+"""
+
+from absl import app
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Serve config (configs/serve.py:variant).",
+    lock_config=True)
+
+
+def main(argv):
+  del argv
+  from mintjax.serve.batch import serve_jsonl  # pylint: disable=g-import-not-at-top
+  summary = serve_jsonl(_CONFIG.value)
+  logging.info("done: %s", summary)
+
+
+if __name__ == "__main__":
+  app.run(main)
