@@ -89,6 +89,12 @@ def _place(tree, shardings):
       host, shardings)
 
 
+def _zero_opt(bank) -> opt_lib.SlotOptState:
+  """Host zeros shaped like the optimizer state of `bank` (any process)."""
+  return jax.tree.map(lambda x: np.zeros(x.shape, x.dtype),
+                      jax.eval_shape(opt_lib.init_opt_state, bank))
+
+
 def _to_host(tree):
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -215,8 +221,7 @@ def train_and_publish(cfg: ml_collections.ConfigDict, workdir: str,
              for u in cohorts[0]}
     like_bank = cohort_bank(base.config, spec, SlotMap.for_cohort(
         cohorts[0], spec.num_slots), empty, bank_sh)
-    like_opt = _place(jax.device_get(opt_lib.init_opt_state(like_bank)),
-                      opt_sh)
+    like_opt = _place(_zero_opt(like_bank), opt_sh)
     resume = ckpt.restore(latest, like_bank, like_opt,
                           expect={"run_fingerprint": run_fp})
     logging.info("resuming from checkpoint step %d (cohort %d, step %d)",
@@ -257,7 +262,7 @@ def train_and_publish(cfg: ml_collections.ConfigDict, workdir: str,
       start_step, iter_state = meta["step_in_cohort"], meta["data_iter"]
     else:
       bank = cohort_bank(base.config, spec, slot_map, init, bank_sh)
-      opt = _place(jax.device_get(opt_lib.init_opt_state(bank)), opt_sh)
+      opt = _place(_zero_opt(bank), opt_sh)
       start_step, iter_state = 0, None
     pipeline = data_lib.make_pipeline(
         examples, slot_map.slot_of_user, global_batch=int(cfg.batch_size),
