@@ -251,3 +251,40 @@ def format_report(report: Sequence[Mapping], held: Mapping[str, str] = ()
   for ref, why in dict(held).items():
     lines.append(f"held back {ref}: {why}")
   return "\n".join(lines)
+
+
+def evaluate_and_promote(base: BaseModel, registry, heldout_data: str,
+                         refs: Sequence[str] = (), promote_tag: str | None =
+                         None, loss_tolerance: float = 0.0, **kwargs
+                         ) -> dict:
+  """The `launch/eval.py` entry point.
+
+  Args:
+    base: base model.
+    registry: an open registry.
+    heldout_data: held-out JSONL file or directory (records name their user).
+    refs: refs to evaluate; empty means the latest revision of every adapter
+      that has held-out records.
+    promote_tag: move this tag to the non-regressing revisions (None: only
+      evaluate).
+    loss_tolerance: allowed held-out loss increase before a regression.
+    **kwargs: passed to `evaluate_revisions`.
+
+  Returns:
+    {'report': rows, 'promoted': refs, 'held_back': {ref: reason},
+    'table': markdown}.
+  """
+  heldout = data_lib.read_records(heldout_data)
+  if not refs:
+    known = {a["id"] for a in registry.list_adapters()}
+    refs = sorted(u for u in heldout if u in known)
+    if not refs:
+      raise ValueError(
+          f"none of the held-out users {sorted(heldout)[:5]}... has an "
+          "adapter in the registry; pass --refs or check the registry path")
+  report = evaluate_revisions(base, registry, refs, heldout, **kwargs)
+  promoted, held = [], {}
+  if promote_tag:
+    promoted, held = promote(registry, report, promote_tag, loss_tolerance)
+  return dict(report=report, promoted=promoted, held_back=held,
+              table=format_report(report, held))

@@ -1,0 +1,47 @@
+"""Evaluate many adapter revisions at once; optionally promote a tag.
+
+  python -m launch.eval --base=random:tiny --registry=REG \
+      --heldout=DATA/heldout [--refs=alice,bob@2] [--promote=prod]
+
+Prints a markdown table (each revision vs its parent and the base) and which
+revisions were held back from the tag and why.
+"""
+
+from absl import app
+from absl import flags
+
+from launch import distributed
+
+_BASE = flags.DEFINE_string("base", None, "Base source (see train config).",
+                            required=True)
+_REGISTRY = flags.DEFINE_string("registry", None, "Registry directory.",
+                                required=True)
+_HELDOUT = flags.DEFINE_string("heldout", None, "Held-out JSONL file/dir.",
+                               required=True)
+_REFS = flags.DEFINE_list("refs", [], "Adapter refs (default: all with "
+                          "held-out data, latest revision).")
+_PROMOTE = flags.DEFINE_string("promote", None, "Tag to move (e.g. prod).")
+_TOL = flags.DEFINE_float("loss_tolerance", 0.0, "Allowed loss increase.")
+_STYLE = flags.DEFINE_enum("prompt_style", "raw", ["raw", "chat"],
+                           "Prompt formatting used in training.")
+_MAXLEN = flags.DEFINE_integer("max_length", 256, "Max tokens per example.")
+distributed.define_flags()
+
+
+def main(argv):
+  del argv
+  distributed.initialize()
+  from mintjax.eval.evaluate import evaluate_and_promote  # pylint: disable=g-import-not-at-top
+  from mintjax.store.registry import Registry  # pylint: disable=g-import-not-at-top
+  from mintjax.train.loop import load_base_source  # pylint: disable=g-import-not-at-top
+  out = evaluate_and_promote(
+      load_base_source(_BASE.value), Registry.open(_REGISTRY.value),
+      _HELDOUT.value, _REFS.value, _PROMOTE.value, _TOL.value,
+      prompt_style=_STYLE.value, max_length=_MAXLEN.value)
+  print(out["table"])
+  if _PROMOTE.value:
+    print(f"promoted to {_PROMOTE.value!r}: {out['promoted'] or 'none'}")
+
+
+if __name__ == "__main__":
+  app.run(main)
