@@ -1,0 +1,201 @@
+"""Benchmark: multi-tenant training vs sequential and shared-adapter steps.
+
+  .venv/bin/python -m tools.bench_train [--quick] [--no-peft]
+
+For each model (tiny; SmolLM2-135M shapes with random weights) and U users
+(16, 64), measured side by side in one run on the same tokens (one row of T
+tokens per user):
+  multi       one compiled step training U adapters (adapter_idx = 1..U)
+  sequential  U single-user steps (batch of that user's row), same program
+  shared      one step training one adapter over all U rows
+and, when /work/parity-venv has torch + peft, PEFT training the same U
+adapters one after another (AdamW, same rows) in a subprocess. Prints a
+markdown table of speed-ups, overhead and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mintjax import sharding
+from mintjax.adapters.spec import AdapterSpec
+from mintjax.model.base import random_base
+from mintjax.train import optimizer as opt_lib
+from mintjax.train.cohort import SlotMap, cohort_bank, init_adapter
+from mintjax.train.loop import RANDOM_VARIANTS
+from mintjax.train.step import Batch, StepConfig, log_memory_analysis, make_train_step
+
+PARITY_PY = "/work/parity-venv/bin/python"
+TARGETS = ("q", "k", "v", "o")
+
+
+def _batch(tokens_bt, slots):
+  b, t = tokens_bt.shape[0], tokens_bt.shape[1] - 1
+  mask = np.zeros((b, t), np.float32)
+  mask[:, t // 2:] = 1
+  return Batch(tokens=jnp.asarray(tokens_bt[:, :-1]),
+               targets=jnp.asarray(tokens_bt[:, 1:]), loss_mask=jnp.asarray(
+                   mask), positions=jnp.broadcast_to(
+                       jnp.arange(t, dtype=jnp.int32), (b, t)),
+               segment_ids=jnp.ones((b, t), jnp.int32),
+               adapter_idx=jnp.asarray(slots, jnp.int32),
+               weight=jnp.ones((b,), jnp.float32))
+
+
+def _time(fn, reps):
+  fn()  # compile / warm up
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def bench_one(variant: str, users: int, seq_len: int, rank: int, reps: int,
+              lora_impl: str = "auto"):
+  cfg = RANDOM_VARIANTS[variant]
+  base = random_base(cfg, seed=0)
+  spec = AdapterSpec(targets=TARGETS, max_rank=rank, num_slots=users + 1)
+  mesh = sharding.make_mesh(fsdp=-1)
+  step = make_train_step(cfg, spec, opt_lib.OptimizerConfig(1e-3), mesh,
+                         StepConfig(lora_impl=lora_impl))
+  names = [f"u{i}" for i in range(users)]
+  smap = SlotMap.for_cohort(names, spec.num_slots)
+  init = {u: init_adapter(cfg, TARGETS, rank, 2.0 * rank, u, 0) for u in names}
+  state = {"bank": cohort_bank(cfg, spec, smap, init)}
+  state["opt"] = opt_lib.init_opt_state(state["bank"])
+  tokens = np.random.default_rng(0).integers(
+      3, min(cfg.vocab_size, 250), (users, seq_len + 1)).astype(np.int32)
+  multi_b = _batch(tokens, np.arange(1, users + 1))
+  shared_b = _batch(tokens, np.ones(users))
+  single_bs = [_batch(tokens[i:i + 1], [i + 1]) for i in range(users)]
+
+  def run(b):
+    state["bank"], state["opt"], m = step(base.params, state["bank"],
+                                          state["opt"], b)
+    return m
+
+  def multi():
+    jax.block_until_ready(run(multi_b))
+
+  def shared():
+    jax.block_until_ready(run(shared_b))
+
+  def sequential():
+    for b in single_bs:
+      m = run(b)
+    jax.block_until_ready(m)
+
+  mem = log_memory_analysis(step.jitted, base.params, state["bank"],
+                            state["opt"], multi_b)
+  t_multi = _time(multi, reps)
+  t_shared = _time(shared, reps)
+  t_seq = _time(sequential, max(1, reps // 2))
+  return dict(model=variant, users=users, seq_len=seq_len, rank=rank,
+              multi_s=t_multi, shared_s=t_shared, sequential_s=t_seq,
+              speedup_vs_sequential=t_seq / t_multi,
+              overhead_vs_shared=t_multi / t_shared,
+              step_peak_mb=mem.get("peak_bytes", 0) / 2**20,
+              tokens=tokens)
+
+
+_PEFT_SCRIPT = r"""
+import json, sys, time, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from peft import LoraConfig, get_peft_model
+a = json.loads(sys.argv[1])
+torch.manual_seed(0); torch.set_num_threads(2)
+c = a["cfg"]
+hf = LlamaConfig(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
+    intermediate_size=c["intermediate_size"], num_hidden_layers=c["num_layers"],
+    num_attention_heads=c["num_heads"], num_key_value_heads=c["num_kv_heads"],
+    head_dim=c["head_dim"], tie_word_embeddings=c["tie_word_embeddings"])
+model = LlamaForCausalLM(hf)
+model = get_peft_model(model, LoraConfig(r=a["rank"], lora_alpha=2 * a["rank"],
+    target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+tokens = torch.tensor(a["tokens"])
+half = (tokens.shape[1] - 1) // 2
+labels = tokens.clone(); labels[:, :half + 1] = -100
+params = [p for p in model.parameters() if p.requires_grad]
+opt = torch.optim.AdamW(params, lr=1e-3)
+def one(i):
+    out = model(input_ids=tokens[i:i + 1], labels=labels[i:i + 1])
+    out.loss.backward(); opt.step(); opt.zero_grad()
+one(0)
+t0 = time.perf_counter()
+for i in range(tokens.shape[0]):
+    one(i)  # one adapter after another (weights reused: same cost per user)
+print(json.dumps({"peft_s": time.perf_counter() - t0}))
+"""
+
+
+def bench_peft(variant, rank, tokens):
+  if not os.path.exists(PARITY_PY):
+    return None
+  cfg = RANDOM_VARIANTS[variant].to_dict()
+  arg = json.dumps(dict(cfg=cfg, rank=rank, tokens=tokens.tolist()))
+  with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+    f.write(_PEFT_SCRIPT)
+  try:
+    out = subprocess.run([PARITY_PY, f.name, arg], capture_output=True,
+                         text=True, timeout=1200)
+  finally:
+    os.unlink(f.name)
+  if out.returncode != 0:
+    print(f"PEFT part skipped: {out.stderr.strip()[-300:]}", file=sys.stderr)
+    return None
+  return json.loads(out.stdout.strip().splitlines()[-1])["peft_s"]
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--quick", action="store_true",
+                 help="tiny model, 16 users, few repetitions")
+  p.add_argument("--no-peft", action="store_true")
+  p.add_argument("--lora_impl", default="auto",
+                 help="gather-LoRA implementation for every step")
+  args = p.parse_args()
+  if args.quick:
+    plan = [("tiny", 16, 32, 4, 5)]
+  else:
+    plan = [("tiny", 16, 32, 4, 10), ("tiny", 64, 32, 4, 10),
+            ("smollm2-135m", 16, 32, 8, 3), ("smollm2-135m", 64, 32, 8, 2)]
+  rows = []
+  for variant, users, seq, rank, reps in plan:
+    r = bench_one(variant, users, seq, rank, reps, args.lora_impl)
+    r["peft_s"] = None if args.no_peft else bench_peft(variant, rank,
+                                                       r["tokens"])
+    rows.append(r)
+    print(f"done {variant} U={users}", file=sys.stderr)
+  rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  print(f"jax {jax.__version__}, backend {jax.default_backend()}, "
+        f"lora_impl {args.lora_impl}, "
+        f"{jax.device_count()} device(s); process peak RSS {rss_mb:.0f} MB\n")
+  print("| model | U | T | rank | multi step (ms) | U sequential (ms) | "
+        "speed-up (goal >= 8x) | shared adapter (ms) | overhead (goal <= "
+        "1.15x) | PEFT sequential (ms) | speed-up vs PEFT | step peak MB |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    peft = ("-", "-") if r["peft_s"] is None else (
+        f"{r['peft_s'] * 1e3:.1f}", f"{r['peft_s'] / r['multi_s']:.1f}x")
+    print(f"| {r['model']} | {r['users']} | {r['seq_len']} | {r['rank']} | "
+          f"{r['multi_s'] * 1e3:.1f} | {r['sequential_s'] * 1e3:.1f} | "
+          f"{r['speedup_vs_sequential']:.1f}x | {r['shared_s'] * 1e3:.1f} | "
+          f"{r['overhead_vs_shared']:.2f}x | {peft[0]} | {peft[1]} | "
+          f"{r['step_peak_mb']:.1f} |")
+
+
+if __name__ == "__main__":
+  main()
