@@ -333,3 +333,16 @@ def test_bad_input_is_refused_without_state_change(tmp_path, case):
 
 def test_bad_input_corpus_is_large_enough():
   assert len(BAD_CASES) >= 20
+
+
+def test_bulk_create_and_publish(reg):
+  ids = [f"u{i}" for i in range(6)]
+  reg.create_adapters(ids, spec=dict(targets=("q", "v"), rank=2, alpha=4.0),
+                      base_fingerprint=BASE, config=CFG)
+  with pytest.raises(InvalidAdapterError, match="already exist"):
+    reg.create_adapters(["u9", "u1"], spec=dict(targets=("q",), rank=1),
+                        base_fingerprint=BASE)
+  assert reg.catalog.adapter("u9") is None
+  revs = reg.publish_many([(i, _w(n), {"seed": n}) for n, i in enumerate(ids)])
+  assert [r.ref for r in revs] == [f"{i}@1" for i in ids]
+  assert all(reg.resolve(r.ref) == r for r in revs)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import socket
@@ -84,12 +85,14 @@ class Revision:
     parent: revision it was derived from, or None.
     base_fingerprint: base model the adapter was trained on.
     sha256: 'sha256:<hex>' of the stored row bytes.
-    provenance: base/data fingerprints, training config, code version,
-      steps, seed, host (and any extra keys the publisher gave).
+    provenance: (property) base/data fingerprints, training config, code
+      version, steps, seed, host (and any extra keys the publisher gave);
+      stored as `provenance_json`.
     created: unix time of publication.
     array_key: weights-store array holding the row.
     row: row index in that array.
-    meta: storage details, e.g. PEFT per-module ranks/alphas.
+    meta: (property) storage details, e.g. PEFT per-module ranks/alphas;
+      stored as `meta_json`.
   """
 
   adapter_id: str
@@ -97,15 +100,24 @@ class Revision:
   parent: int | None
   base_fingerprint: str
   sha256: str
-  provenance: dict
-  created: float
-  array_key: str
-  row: int
-  meta: dict = dataclasses.field(default_factory=dict)
+  provenance_json: str = dataclasses.field(repr=False)
+  created: float = 0.0
+  array_key: str = ""
+  row: int = -1
+  meta_json: str = dataclasses.field(default="{}", repr=False)
 
   @property
   def ref(self) -> str:
     return f"{self.adapter_id}@{self.revision}"
+
+  # Decoded on first use: loading many adapters rarely needs provenance.
+  @functools.cached_property
+  def provenance(self) -> dict:
+    return json.loads(self.provenance_json)
+
+  @functools.cached_property
+  def meta(self) -> dict:
+    return {} if self.meta_json == "{}" else json.loads(self.meta_json)
 
 
 def _now() -> float:
@@ -127,6 +139,10 @@ class Catalog:
     # drop the newest transactions, never corrupt older ones).
     self._db.execute("PRAGMA synchronous=NORMAL")
     self._db.execute("PRAGMA foreign_keys=ON")
+    # Random lookups over millions of rows: read pages through mmap and keep
+    # a larger page cache, so a resolve costs microseconds, not syscalls.
+    self._db.execute("PRAGMA mmap_size=4294967296")
+    self._db.execute("PRAGMA cache_size=-131072")
     with self.write() as db:
       for stmt in _SCHEMA.split(";"):
         if stmt.strip():
@@ -172,7 +188,8 @@ class Catalog:
     return dict(id=i, owner=owner, spec=json.loads(spec),
                 base_fingerprint=base,
                 layout=json.loads(layout) if layout else None,
-                array_key=key, created=created)
+                array_key=key, created=created, spec_json=spec,
+                layout_json=layout)
 
   def adapters(self) -> list[dict]:
     """Every adapter with its revision count, latest revision and tags."""
@@ -198,6 +215,21 @@ class Catalog:
                 base_fingerprint,
                 json.dumps(layout, sort_keys=True) if layout else None,
                 array_key, _now()))
+
+  def insert_adapters(self, db, rows: Sequence[tuple]) -> None:
+    """Bulk insert: rows of (id, owner, spec_json, base, layout_json, key)."""
+    now = _now()
+    db.executemany("INSERT INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   [(*r, now) for r in rows])
+
+  def existing_ids(self, ids: Sequence[str]) -> list[str]:
+    out = []
+    for i in range(0, len(ids), 500):
+      chunk = list(ids[i:i + 500])
+      out += [r[0] for r in self.query(
+          f"SELECT id FROM adapters WHERE id IN ({','.join('?' * len(chunk))})",
+          chunk)]
+    return out
 
   def set_layout(self, db, adapter_id: str, layout: dict, array_key: str
                  ) -> None:
@@ -262,12 +294,16 @@ class Catalog:
   # --- revisions -----------------------------------------------------------
 
   def insert_revisions(self, db, items: Sequence[dict],
-                       pending_ids: Sequence[int]) -> list[int]:
+                       pending_ids: Sequence[int]
+                       ) -> tuple[list[int], list, float]:
     """Inserts revisions (numbered max + 1 per adapter) and drops pending.
 
     Each item has adapter_id, parent ('latest' for the current latest),
-    array_key, row, sha256, provenance, meta. Runs inside the caller's write
+    array_key, row, sha256, provenance_json, meta_json. Runs inside the caller's write
     transaction; raises if the pending rows were reclaimed meanwhile.
+
+    Returns:
+      (revision numbers, parents, commit time).
     """
     for pid in pending_ids:
       if not db.execute("SELECT 1 FROM pending WHERE id=?",
@@ -276,7 +312,7 @@ class Catalog:
             "this publish's reserved rows were reclaimed by `gc` before it "
             "committed (it ran longer than gc's stale_after); publish again")
     latest: dict[str, int] = {}
-    numbers = []
+    numbers, parents = [], []
     now = _now()
     for it in items:
       aid = it["adapter_id"]
@@ -294,14 +330,14 @@ class Catalog:
             f"{latest[aid] or 'none'}); pass an existing revision or None")
       latest[aid] += 1
       numbers.append(latest[aid])
+      parents.append(parent)
       db.execute(
           "INSERT INTO revisions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
           (aid, latest[aid], parent, it["array_key"], it["row"],
-           it["sha256"], now, json.dumps(it["provenance"], sort_keys=True),
-           json.dumps(it["meta"], sort_keys=True)))
+           it["sha256"], now, it["provenance_json"], it["meta_json"]))
     db.executemany("DELETE FROM pending WHERE id=?",
                    [(p,) for p in pending_ids])
-    return numbers
+    return numbers, parents, now
 
   _REV_COLS = ("r.adapter_id, r.revision, r.parent, a.base_fingerprint, "
                "r.sha256, r.provenance, r.created, r.array_key, r.row, r.meta")
@@ -309,8 +345,8 @@ class Catalog:
   @staticmethod
   def _revision(t: tuple) -> Revision:
     aid, rev, parent, base, sha, prov, created, key, row, meta = t
-    return Revision(aid, rev, parent, base, sha, json.loads(prov), created,
-                    key, row, json.loads(meta))
+    return Revision(aid, rev, parent, base, sha, prov, created, key, row,
+                    meta)
 
   def revision(self, adapter_id: str, revision: int | None) -> Revision | None:
     """A revision by number, or the latest when `revision` is None."""
@@ -322,6 +358,36 @@ class Catalog:
     else:
       rows = self.query(base + "AND r.revision=?", (adapter_id, revision))
     return self._revision(rows[0]) if rows else None
+
+  def resolve_many(self, parsed: Sequence[tuple[str, int | None, str | None]]
+                   ) -> list[tuple[Revision, str, str] | None]:
+    """Resolves (id, revision, tag) triples in one query.
+
+    A revision number wins; else a tag; else (no tag, or the tag 'latest'
+    when no such tag is set) the latest revision.
+
+    Returns:
+      Per triple (Revision, spec_json, layout_json), or None if unresolved.
+    """
+    out: list = [None] * len(parsed)
+    # SQLite limits bound variables; 3 per request.
+    for start in range(0, len(parsed), 300):
+      chunk = parsed[start:start + 300]
+      values = ",".join("(?, ?, ?, ?)" for _ in chunk)
+      args = [x for i, (aid, rev, tag) in enumerate(chunk)
+              for x in (start + i, aid, rev, tag)]
+      rows = self.query(
+          f"WITH req(i, aid, rev, tag) AS (VALUES {values}) "
+          f"SELECT req.i, {self._REV_COLS}, a.spec, a.layout FROM req "
+          "JOIN revisions r ON r.adapter_id = req.aid AND r.revision = "
+          "COALESCE(req.rev, (SELECT t.revision FROM tags t WHERE "
+          "t.adapter_id = req.aid AND t.tag = req.tag), CASE WHEN req.tag "
+          "IS NULL OR req.tag = 'latest' THEN (SELECT MAX(m.revision) FROM "
+          "revisions m WHERE m.adapter_id = req.aid) END) "
+          "JOIN adapters a ON a.id = r.adapter_id", args)
+      for row in rows:
+        out[row[0]] = (self._revision(row[1:11]), row[11], row[12])
+    return out
 
   def revisions(self, adapter_id: str | None = None) -> list[Revision]:
     sql = (f"SELECT {self._REV_COLS} FROM revisions r JOIN adapters a ON "

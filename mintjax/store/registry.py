@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import re
@@ -276,6 +277,45 @@ class Registry:
           layout.class_key(base_fingerprint) if layout else None)
     return self.catalog.adapter(adapter_id)
 
+  def create_adapters(self, adapter_ids: Sequence[str], *, spec,
+                      base_fingerprint: str, owner: str = "",
+                      config: ModelConfig | None = None,
+                      shapes: Mapping[str, Sequence[int]] | None = None
+                      ) -> None:
+    """Registers many adapters of one spec in one transaction (bulk path).
+
+    Same checks as `create_adapter`; refuses (creating none) if any id is
+    invalid, repeated or already registered.
+    """
+    ids = [check_name(i) for i in adapter_ids]
+    if len(set(ids)) != len(ids):
+      raise InvalidAdapterError("create_adapters got repeated adapter ids")
+    taken = self.catalog.existing_ids(ids)
+    if taken:
+      raise InvalidAdapterError(
+          f"{len(taken)} adapters already exist (e.g. {taken[0]!r}); "
+          "create_adapters only registers new ids")
+    # Validate spec/base/shapes once through the single-adapter path's checks.
+    info = AdapterInfo.from_any(spec)
+    if not isinstance(base_fingerprint, str) or not base_fingerprint:
+      raise InvalidAdapterError(
+          f"base_fingerprint must be a non-empty string, got "
+          f"{base_fingerprint!r}")
+    if config is not None:
+      shapes = {t: (config.num_layers, *config.projection_shape(t))
+                for t in info.targets}
+    layout_json = key = None
+    if shapes is not None:
+      layout = RowLayout(info.targets, {t: tuple(shapes[t]) for t in
+                                        info.targets}, info.rank, info.dtype)
+      layout_json = json.dumps(layout.to_dict(), sort_keys=True)
+      key = layout.class_key(base_fingerprint)
+    spec_json = json.dumps(info.to_dict(), sort_keys=True)
+    with self.catalog.write() as db:
+      self.catalog.insert_adapters(db, [
+          (i, owner, spec_json, base_fingerprint, layout_json, key)
+          for i in ids])
+
   def adapter(self, adapter_id: str) -> dict:
     check_name(adapter_id)
     rec = self.catalog.adapter(adapter_id)
@@ -347,25 +387,28 @@ class Registry:
         for i, r in zip(idx, rows):
           prepared[i]["row_index"] = r
         with self.catalog.write() as db:
-          numbers = self.catalog.insert_revisions(db, [dict(
+          numbers, parents, created = self.catalog.insert_revisions(db, [dict(
               adapter_id=prepared[i]["adapter_id"],
               parent=prepared[i]["parent"], array_key=key,
               row=prepared[i]["row_index"], sha256=prepared[i]["sha256"],
-              provenance=prepared[i]["provenance"],
-              meta=prepared[i]["meta"]) for i in idx], pending)
+              provenance_json=prepared[i]["provenance_json"],
+              meta_json=prepared[i]["meta_json"]) for i in idx], pending)
       except BaseException:
         with self.catalog.write() as db:
           self.catalog.release_pending(db, pending)
         raise
-      for i, n in zip(idx, numbers):
-        out[i] = self.catalog.revision(prepared[i]["adapter_id"], n)
+      for i, n, parent in zip(idx, numbers, parents):
+        p = prepared[i]
+        out[i] = Revision(p["adapter_id"], n, parent, p["base_fingerprint"],
+                          p["sha256"], p["provenance_json"], created, key,
+                          p["row_index"], p["meta_json"])
     return out
 
   def _prepare(self, adapter_id, weights, provenance=None, parent=None,
                meta=None) -> dict:
     """Validates one publish item; raises before anything is written."""
     rec = self.adapter(adapter_id)
-    info = AdapterInfo.from_any(rec["spec"])
+    info = _info_of(rec)
     if not isinstance(weights, AdapterWeights):
       raise InvalidAdapterError(
           f"weights for {adapter_id!r} must be AdapterWeights, got "
@@ -398,7 +441,7 @@ class Registry:
         shapes[t] = (a[0], a[1], b[2])
       layout = RowLayout(info.targets, shapes, info.rank, info.dtype)
     else:
-      layout = RowLayout.from_dict(rec["layout"])
+      layout = _layout_of(rec)
     row = layout.pack(weights.lora_a, weights.lora_b)
     if parent is not None and (not isinstance(parent, int) or parent < 1):
       raise InvalidAdapterError(
@@ -413,11 +456,13 @@ class Registry:
     meta = dict(meta or {})
     self._check_meta(meta, layout)
     return dict(adapter_id=adapter_id, layout=layout, new_layout=layout_new,
+                base_fingerprint=rec["base_fingerprint"],
                 array_key=rec["array_key"] or layout.class_key(
                     rec["base_fingerprint"]),
                 row=row, sha256=row_sha256(row),
                 parent="latest" if parent is None else parent,
-                provenance=prov, meta=meta)
+                provenance_json=json.dumps(prov, sort_keys=True),
+                meta_json=json.dumps(meta, sort_keys=True))
 
   @staticmethod
   def _provenance(rec: dict, provenance: Mapping | None) -> dict:
@@ -445,10 +490,9 @@ class Registry:
     prov.setdefault("steps", None)
     prov.setdefault("seed", None)
     prov.setdefault("code_version", code_version())
-    prov.setdefault("host", socket.gethostname())
+    prov.setdefault("host", _hostname())
     try:
-      import json
-      json.dumps(prov, allow_nan=False)
+      json.dumps(prov, allow_nan=False, sort_keys=True)
     except (TypeError, ValueError) as e:
       raise InvalidAdapterError(
           f"provenance must be JSON-serialisable (plain dicts, lists, "
@@ -471,6 +515,19 @@ class Registry:
 
   def resolve(self, ref: str) -> Revision:
     """'alice' | 'alice@3' | 'alice:prod' -> Revision."""
+    return self._resolve_many([ref])[0][0]
+
+  def _resolve_many(self, refs: Sequence[str]
+                    ) -> list[tuple[Revision, str, str]]:
+    """Resolves refs in one catalog query: (Revision, spec, layout JSON)."""
+    found = self.catalog.resolve_many([parse_ref(r) for r in refs])
+    for ref, f in zip(refs, found):
+      if f is None:
+        self._unresolved(ref)
+    return found
+
+  def _unresolved(self, ref: str) -> None:
+    """Raises the error that explains why `ref` names nothing."""
     aid, rev, tag = parse_ref(ref)
     if tag is not None:
       rev = self.catalog.tag_revision(aid, tag)
@@ -489,12 +546,12 @@ class Registry:
           f"{ref!r} names no revision: adapter {aid!r} has "
           f"{'revisions 1..%d' % latest.revision if latest else 'no revisions'}"
           "; publish one or pick an existing revision")
-    return found
+    raise UnknownRefError(f"{ref!r} names no revision")
 
-  def _weights(self, rev: Revision, row: np.ndarray) -> AdapterWeights:
-    rec = self.adapter(rev.adapter_id)
-    info = AdapterInfo.from_any(rec["spec"])
-    layout = RowLayout.from_dict(rec["layout"])
+  def _weights(self, rev: Revision, spec_json: str, layout_json: str,
+               row: np.ndarray) -> AdapterWeights:
+    info = _info_json(spec_json)
+    layout = _layout_json(layout_json)
     if self.verify_on_load and row_sha256(row) != rev.sha256:
       raise StoreCorruptionError(
           f"{rev.ref}: stored bytes hash to {row_sha256(row)[:19]}, the "
@@ -524,22 +581,19 @@ class Registry:
   def load_many(self, refs: Sequence[str], expect_base: str | None = None
                 ) -> list[tuple[Revision, AdapterWeights]]:
     """Resolves many refs and reads all their rows in one batched read."""
-    revs = [self.resolve(r) for r in refs]
-    for rev in revs:
+    found = self._resolve_many(list(refs))
+    for rev, _, _ in found:
       self._check_base(rev, expect_base)
-    layouts = {}
-    for rev in revs:
-      if rev.adapter_id not in layouts:
-        layouts[rev.adapter_id] = RowLayout.from_dict(
-            self.adapter(rev.adapter_id)["layout"])
     rows = self.store.read_rows_many(
-        [(rev.array_key, layouts[rev.adapter_id], rev.row) for rev in revs])
-    return [(rev, self._weights(rev, row)) for rev, row in zip(revs, rows)]
+        [(rev.array_key, _layout_json(layout), rev.row)
+         for rev, _, layout in found])
+    return [(rev, self._weights(rev, spec, layout, row))
+            for (rev, spec, layout), row in zip(found, rows)]
 
   def read_raw(self, ref: str) -> tuple[Revision, dict, dict]:
     """Stored factors exactly as written (no b_scale folding): (rev, A, B)."""
     rev = self.resolve(ref)
-    layout = RowLayout.from_dict(self.adapter(rev.adapter_id)["layout"])
+    layout = _layout_of(self.adapter(rev.adapter_id))
     a, b = layout.unpack(self.store.read_row(rev.array_key, layout, rev.row))
     return rev, a, b
 
@@ -691,13 +745,36 @@ class Registry:
       chunk = revs[i:i + batch]
       for r in chunk:
         if r.adapter_id not in layouts:
-          layouts[r.adapter_id] = RowLayout.from_dict(
-              self.adapter(r.adapter_id)["layout"])
+          layouts[r.adapter_id] = _layout_of(self.adapter(r.adapter_id))
       rows = self.store.read_rows_many(
           [(r.array_key, layouts[r.adapter_id], r.row) for r in chunk])
       bad += [r.ref for r, row in zip(chunk, rows)
               if row_sha256(row) != r.sha256]
     return dict(ok=not bad, checked=len(revs), bad=bad)
+
+
+@functools.lru_cache(maxsize=1)
+def _hostname() -> str:
+  return socket.gethostname()
+
+
+@functools.lru_cache(maxsize=256)
+def _info_json(spec_json: str) -> AdapterInfo:
+  return AdapterInfo.from_any(json.loads(spec_json))
+
+
+@functools.lru_cache(maxsize=256)
+def _layout_json(layout_json: str) -> RowLayout:
+  return RowLayout.from_dict(json.loads(layout_json))
+
+
+def _info_of(rec: dict) -> AdapterInfo:
+  """The adapter's parsed spec; cached by JSON (many adapters share one)."""
+  return _info_json(rec["spec_json"])
+
+
+def _layout_of(rec: dict) -> RowLayout:
+  return _layout_json(rec["layout_json"])
 
 
 def _pid_alive(pid: int) -> bool:

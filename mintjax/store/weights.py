@@ -26,6 +26,7 @@ and with them every committed row, intact.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -45,6 +46,12 @@ DTYPES = ("float32", "bfloat16", "float16")
 # single publish stays a few milliseconds.
 _TARGET_SHARD_BYTES = 4 << 20
 _MAX_ROWS_PER_SHARD = 4096
+# A small cache keeps shard indexes (16 bytes per row) in memory, so reading a
+# row costs one ranged read instead of two; rows themselves mostly miss it.
+# Arrays of big rows (one row per shard) skip it: caching a multi-megabyte
+# row costs an extra copy and is never hit by random loads.
+CONTEXT_SPEC = {"cache_pool": {"total_bytes_limit": 32 << 20}}
+_CACHED_ROW_BYTES = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,15 +147,25 @@ class RowLayout:
         parts.append(arr.astype(self.np_dtype).ravel())
     return np.concatenate(parts)
 
-  def unpack(self, row: np.ndarray) -> tuple[dict, dict]:
-    """Inverse of `pack`: ({t: [L, d_in, r]}, {t: [L, r, d_out]})."""
-    a, b, pos = {}, {}, 0
+  @functools.cached_property
+  def _segments(self) -> tuple:
+    """(target, is_b, start, stop, shape) of every factor in a row."""
+    segs, pos = [], 0
     for t in self.targets:
       l, d_in, d_out = self.shapes[t]
-      for out, shape in ((a, (l, d_in, self.rank)), (b, (l, self.rank, d_out))):
+      for is_b, shape in ((False, (l, d_in, self.rank)),
+                          (True, (l, self.rank, d_out))):
         n = math.prod(shape)
-        out[t] = row[pos:pos + n].reshape(shape)
+        segs.append((t, is_b, pos, pos + n, shape))
         pos += n
+    return tuple(segs)
+
+  def unpack(self, row: np.ndarray) -> tuple[dict, dict]:
+    """Inverse of `pack` (views of `row`): ({t: [L, d_in, r]}, {t: [L, r,
+    d_out]})."""
+    a, b = {}, {}
+    for t, is_b, start, stop, shape in self._segments:
+      (b if is_b else a)[t] = row[start:stop].reshape(shape)
     return a, b
 
 
@@ -207,7 +224,8 @@ class WeightsStore:
     self.root = kvstore_spec(root)
     self.compression = compression
     self._arrays: dict[str, ts.TensorStore] = {}
-    self._context = ts.Context()
+    self._context = ts.Context(CONTEXT_SPEC)
+    self._big_context = ts.Context()
 
   def _kvstore(self, key: str) -> dict:
     kv = dict(self.root)
@@ -245,13 +263,15 @@ class WeightsStore:
     arr = self._arrays.get(key)
     if arr is not None and arr.shape[0] >= min_rows:
       return arr
+    context = (self._context if layout.row_bytes < _CACHED_ROW_BYTES else
+               self._big_context)
     if create:
       cap = max(min_rows, rows_per_shard_for(layout.row_bytes))
       arr = ts.open(self._spec(key, layout, cap), open=True, create=True,
-                    context=self._context).result()
+                    context=context).result()
     else:
       arr = ts.open({"driver": "zarr3", "kvstore": self._kvstore(key)},
-                    open=True, context=self._context).result()
+                    open=True, context=context).result()
     if arr.shape[1] != layout.row_len:
       raise RegistryError(
           f"stored array {key} has rows of {arr.shape[1]} elements, the "
