@@ -26,12 +26,12 @@ import dataclasses
 import functools
 import json
 import os
-import socket
 import sqlite3
 import time
 from typing import Any, Iterator, Sequence
 
 from mintjax.store.errors import RegistryError
+from mintjax.store.identity import hostname
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -261,7 +261,7 @@ class Catalog:
     fresh = n - len(free)
     db.execute("UPDATE arrays SET next_row=? WHERE key=?",
                (next_row + fresh, array_key))
-    host, pid, now = socket.gethostname(), os.getpid(), _now()
+    host, pid, now = hostname(), os.getpid(), _now()
     ranges = [(r, r + 1) for r in free]
     if fresh:
       ranges.append((next_row, next_row + fresh))
@@ -478,3 +478,18 @@ class Catalog:
                   "residency", "arrays", "pending", "free_rows"):
       out[table] = self.query(f"SELECT COUNT(*) FROM {table}")[0][0]
     return out
+
+
+def pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  # A zombie (killed child not yet reaped) is dead for our purposes.
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().split(")")[-1].split()[0] != "Z"
+  except OSError:
+    return True

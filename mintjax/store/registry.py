@@ -1,8 +1,7 @@
 """The adapter registry (MinT): identity, revisions, provenance, tags, loads.
 
-Owns `Registry`, the one entry point to persistent adapter state, and
-`AdapterInfo` (what an adapter *is*: targets, rank, alpha rule, variant,
-dtype). It ties the SQLite catalog (`mintjax.store.catalog`) to the sharded
+Owns `Registry`, the one entry point to persistent adapter state
+(`AdapterInfo`, ids and refs live in `mintjax.store.identity`). It ties the SQLite catalog (`mintjax.store.catalog`) to the sharded
 tensorstore arrays (`mintjax.store.weights`).
 
 References: 'alice' (latest revision), 'alice@3' (revision 3), 'alice:prod'
@@ -26,153 +25,27 @@ itself for large adapters); `verify()` re-hashes everything, and
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
 import os
-import re
-import socket
-import subprocess
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
-from mintjax.adapters.spec import (ALL_TARGETS, AdapterError, AdapterSpec,
-                                   AdapterWeights, lora_scale)
+from mintjax.adapters.spec import ALL_TARGETS, AdapterWeights
 from mintjax.config import ModelConfig
 from mintjax.store import catalog as catalog_lib
 from mintjax.store.catalog import Catalog, Revision
 from mintjax.store.errors import (BaseMismatchError, InvalidAdapterError,
                                   RegistryError, StoreCorruptionError,
                                   UnknownRefError)
+from mintjax.store.identity import (AdapterInfo, build_provenance,
+                                    check_meta, check_name, hostname,
+                                    parse_ref)
 from mintjax.store.weights import RowLayout, WeightsStore, row_sha256
 
 __all__ = ["Registry", "Revision", "AdapterInfo", "parse_ref"]
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_REF_RE = re.compile(r"^(?P<id>[^@:]+)(?:@(?P<rev>[^@:]*)|:(?P<tag>[^@:]*))?$")
-
-
-def check_name(name: Any, what: str = "adapter id") -> str:
-  """Validates an adapter id or tag name; returns it."""
-  if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
-    raise InvalidAdapterError(
-        f"invalid {what} {name!r}: expected 1-128 letters, digits, '-', '_' "
-        "or '.', starting with a letter or digit, without '..' (ids are "
-        "names, never paths), e.g. 'alice' or 'team-a.v2'")
-  return name
-
-
-def parse_ref(ref: str) -> tuple[str, int | None, str | None]:
-  """'alice' | 'alice@3' | 'alice:prod' -> (id, revision or None, tag)."""
-  m = _REF_RE.match(ref) if isinstance(ref, str) else None
-  if not m:
-    raise InvalidAdapterError(
-        f"invalid reference {ref!r}: expected 'ID', 'ID@REVISION' or "
-        "'ID:TAG', e.g. 'alice', 'alice@3', 'alice:prod'")
-  aid = check_name(m.group("id"))
-  rev, tag = m.group("rev"), m.group("tag")
-  if rev is not None:
-    if not rev.isdigit() or int(rev) < 1:
-      raise InvalidAdapterError(
-          f"invalid revision in {ref!r}: revisions are numbered 1, 2, 3...")
-    return aid, int(rev), None
-  if tag is not None:
-    return aid, None, check_name(tag, "tag")
-  return aid, None, None
-
-
-@dataclasses.dataclass(frozen=True)
-class AdapterInfo:
-  """What an adapter is (fixed at creation; every revision must match).
-
-  Attributes:
-    targets: projections carrying LoRA, subset of ALL_TARGETS.
-    rank: LoRA rank r (rows are stored at exactly this rank).
-    alpha: LoRA alpha; scale = alpha / r (or alpha / sqrt(r) with rsLoRA).
-    use_rslora: rank-stabilised scale rule.
-    variant: adapter family ('lora').
-    dtype: stored dtype ('float32', 'bfloat16', 'float16').
-  """
-
-  targets: tuple[str, ...]
-  rank: int
-  alpha: float
-  use_rslora: bool = False
-  variant: str = "lora"
-  dtype: str = "float32"
-
-  def __post_init__(self):
-    try:
-      spec = AdapterSpec(targets=tuple(self.targets), max_rank=int(self.rank),
-                         dtype=self.dtype, variant=self.variant)
-    except (AdapterError, TypeError, ValueError) as e:
-      raise InvalidAdapterError(f"invalid adapter spec: {e}") from None
-    object.__setattr__(self, "targets", spec.targets)
-    if not isinstance(self.alpha, (int, float)) or not math.isfinite(
-        self.alpha) or self.alpha <= 0:
-      raise InvalidAdapterError(
-          f"invalid adapter spec: alpha must be a positive finite number, got "
-          f"{self.alpha!r}")
-    object.__setattr__(self, "alpha", float(self.alpha))
-    object.__setattr__(self, "use_rslora", bool(self.use_rslora))
-
-  @property
-  def scale(self) -> float:
-    return lora_scale(self.rank, self.alpha, self.use_rslora)
-
-  def to_dict(self) -> dict:
-    d = dataclasses.asdict(self)
-    d["targets"] = list(self.targets)
-    return d
-
-  @classmethod
-  def from_any(cls, spec) -> "AdapterInfo":
-    """From an AdapterInfo, a dict, or an AdapterSpec (alpha = max_rank)."""
-    if isinstance(spec, AdapterInfo):
-      return spec
-    if isinstance(spec, AdapterSpec):
-      return cls(spec.targets, spec.max_rank, float(spec.max_rank),
-                 variant=spec.variant, dtype=spec.dtype)
-    if isinstance(spec, Mapping):
-      d = dict(spec)
-      if "rank" not in d and "max_rank" in d:
-        d["rank"] = d.pop("max_rank")
-      d.pop("num_slots", None)
-      d.setdefault("alpha", d.get("rank"))
-      unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-      if unknown:
-        raise InvalidAdapterError(
-            f"invalid adapter spec: unknown keys {sorted(unknown)}; expected "
-            "targets, rank, alpha, use_rslora, variant, dtype")
-      try:
-        return cls(**d)
-      except TypeError as e:
-        raise InvalidAdapterError(f"invalid adapter spec: {e}") from None
-    raise InvalidAdapterError(
-        f"invalid adapter spec of type {type(spec).__name__}; pass an "
-        "AdapterInfo, an AdapterSpec or a dict with targets and rank")
-
-
-@functools.lru_cache(maxsize=1)
-def code_version() -> dict:
-  """mintjax package version and git commit (when run from a checkout)."""
-  try:
-    from importlib.metadata import version
-    pkg = version("mintjax")
-  except Exception:  # Not installed as a distribution.
-    pkg = "unknown"
-  commit = None
-  try:
-    here = os.path.dirname(os.path.abspath(__file__))
-    out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"],
-                         capture_output=True, text=True, timeout=5)
-    if out.returncode == 0:
-      commit = out.stdout.strip()
-  except (OSError, subprocess.SubprocessError):
-    pass
-  return {"mintjax": pkg, "git_commit": commit}
 
 
 class Registry:
@@ -452,9 +325,9 @@ class Registry:
         raise UnknownRefError(
             f"parent {adapter_id}@{parent} does not exist (latest: "
             f"{latest.revision if latest else 'none'})")
-    prov = self._provenance(rec, provenance)
+    prov = build_provenance(rec, provenance)
     meta = dict(meta or {})
-    self._check_meta(meta, layout)
+    check_meta(meta, layout)
     return dict(adapter_id=adapter_id, layout=layout, new_layout=layout_new,
                 base_fingerprint=rec["base_fingerprint"],
                 array_key=rec["array_key"] or layout.class_key(
@@ -463,53 +336,6 @@ class Registry:
                 parent="latest" if parent is None else parent,
                 provenance_json=json.dumps(prov, sort_keys=True),
                 meta_json=json.dumps(meta, sort_keys=True))
-
-  @staticmethod
-  def _provenance(rec: dict, provenance: Mapping | None) -> dict:
-    if provenance is None:
-      provenance = {}
-    if not isinstance(provenance, Mapping):
-      raise InvalidAdapterError(
-          f"provenance must be a dict, got {type(provenance).__name__}")
-    prov = dict(provenance)
-    base = prov.get("base_fingerprint", rec["base_fingerprint"])
-    if base != rec["base_fingerprint"]:
-      raise BaseMismatchError(
-          f"provenance says these weights were trained on base {base[:19]}..., "
-          f"adapter {rec['id']!r} belongs to base "
-          f"{rec['base_fingerprint'][:19]}...; publish to an adapter created "
-          "for that base")
-    for key in ("steps", "seed"):
-      if prov.get(key) is not None and (not isinstance(prov[key], int) or
-                                        isinstance(prov[key], bool)):
-        raise InvalidAdapterError(
-            f"provenance[{key!r}] must be an int or None, got {prov[key]!r}")
-    prov["base_fingerprint"] = base
-    prov.setdefault("data_fingerprint", "")
-    prov.setdefault("training_config", {})
-    prov.setdefault("steps", None)
-    prov.setdefault("seed", None)
-    prov.setdefault("code_version", code_version())
-    prov.setdefault("host", _hostname())
-    try:
-      json.dumps(prov, allow_nan=False, sort_keys=True)
-    except (TypeError, ValueError) as e:
-      raise InvalidAdapterError(
-          f"provenance must be JSON-serialisable (plain dicts, lists, "
-          f"strings, finite numbers): {e}") from None
-    return prov
-
-  @staticmethod
-  def _check_meta(meta: dict, layout: RowLayout) -> None:
-    fold = meta.get("b_scale")
-    if fold is None:
-      return
-    for t, f in fold.items():
-      if t not in layout.targets or len(f) != layout.shapes[t][0] or not all(
-          isinstance(x, (int, float)) and math.isfinite(x) for x in f):
-        raise InvalidAdapterError(
-            f"meta['b_scale'][{t!r}] must be {layout.shapes.get(t, [0])[0]} "
-            "finite per-layer factors for a target of the adapter")
 
   # --- resolve and load ----------------------------------------------------
 
@@ -718,11 +544,11 @@ class Registry:
     exists, or it is older than `stale_after_s`. Its rows go to the free
     list and are reused by later publishes.
     """
-    host, now = socket.gethostname(), catalog_lib._now()
+    host, now = hostname(), catalog_lib._now()
     dead = []
     for p in self.catalog.pending():
       if p["host"] == host and p["pid"] != os.getpid():
-        alive = _pid_alive(p["pid"])
+        alive = catalog_lib.pid_alive(p["pid"])
       else:
         alive = p["pid"] == os.getpid() and p["host"] == host
       if not alive or now - p["since"] > stale_after_s:
@@ -753,11 +579,6 @@ class Registry:
     return dict(ok=not bad, checked=len(revs), bad=bad)
 
 
-@functools.lru_cache(maxsize=1)
-def _hostname() -> str:
-  return socket.gethostname()
-
-
 @functools.lru_cache(maxsize=256)
 def _info_json(spec_json: str) -> AdapterInfo:
   return AdapterInfo.from_any(json.loads(spec_json))
@@ -775,18 +596,3 @@ def _info_of(rec: dict) -> AdapterInfo:
 
 def _layout_of(rec: dict) -> RowLayout:
   return _layout_json(rec["layout_json"])
-
-
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  # A zombie (killed child not yet reaped) is dead for our purposes.
-  try:
-    with open(f"/proc/{pid}/stat") as f:
-      return f.read().split(")")[-1].split()[0] != "Z"
-  except OSError:
-    return True
