@@ -346,3 +346,25 @@ def test_bulk_create_and_publish(reg):
   revs = reg.publish_many([(i, _w(n), {"seed": n}) for n, i in enumerate(ids)])
   assert [r.ref for r in revs] == [f"{i}@1" for i in ids]
   assert all(reg.resolve(r.ref) == r for r in revs)
+
+
+def test_store_location_specs(tmp_path):
+  from mintjax.store.weights import kvstore_spec
+  assert kvstore_spec("gs://bucket/a/b") == {"driver": "gcs",
+                                             "bucket": "bucket",
+                                             "path": "a/b/"}
+  assert kvstore_spec("s3://bkt") == {"driver": "s3", "bucket": "bkt",
+                                      "path": ""}
+  assert kvstore_spec("file:///x/y")["path"] == "/x/y/"
+  with pytest.raises(RegistryError, match="unsupported store URL"):
+    kvstore_spec("ftp://host/x")
+  with pytest.raises(RegistryError, match="catalog must be local"):
+    Registry.open("gs://bucket/x")
+  # A non-file kvstore by configuration: tensorstore's in-memory driver.
+  reg = Registry.open({"catalog": str(tmp_path / "c.sqlite"),
+                       "store": {"driver": "memory", "path": "mint/"}})
+  reg.create_adapter("m", spec=dict(targets=("q", "v"), rank=2, alpha=4.0),
+                     base_fingerprint=BASE)
+  reg.publish("m", _w(5))
+  assert _same(reg.load("m")[1], _w(5)) and reg.verify()["ok"]
+  assert not os.path.exists(tmp_path / "arrays")
