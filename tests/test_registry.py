@@ -12,7 +12,8 @@ import pytest
 from mintjax.adapters.spec import AdapterSpec, AdapterWeights
 from mintjax.config import ModelConfig
 from mintjax.store.errors import (BaseMismatchError, InvalidAdapterError,
-                                  RegistryError, UnknownRefError)
+                                  RegistryError, StoreCorruptionError,
+                                  UnknownRefError)
 from mintjax.store.registry import Registry, Revision
 from mintjax.store.weights import RowLayout
 
@@ -151,6 +152,11 @@ def test_verify_detects_corruption(reg):
   arr[r1.row].write(row).result()
   report = reg.verify()
   assert not report["ok"] and report["bad"] == ["alice@1"]
+  checked = Registry.open(os.path.dirname(reg.catalog.path),
+                          verify_on_load=True)
+  with pytest.raises(StoreCorruptionError, match="run `mint verify`"):
+    checked.load("alice@1")
+  assert checked.load("alice@2")[0].revision == 2
 
 
 def test_bfloat16_rows_and_zstd(tmp_path):
