@@ -262,3 +262,31 @@ def test_base_only_engine_without_source(base):
   assert ok.tokens == _reference_greedy(base, None, [3, 4, 5], 4)
   assert "no adapter source" in bad.error
   assert jax.device_count() == 8
+
+
+def test_stopping_a_stream_early_leaves_the_engine_idle(engine):
+  reqs = [dict(prompt=[3, 4, 5], adapter=f"user{i}", max_new_tokens=6)
+          for i in range(10)]
+  for _ in engine.stream(reqs):
+    break  # the consumer walks away after the first event
+  assert engine.scheduler.idle
+  assert sum(engine.residency.slots.refs.values()) == 0
+  assert len(engine.generate(reqs)) == 10
+
+
+def test_sharded_engine_on_a_mesh_matches_unsharded(base, source, engine):
+  from mintjax import sharding  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  meshed = Engine(base, source, EngineConfig(
+      num_slots=4, max_batch=8, max_len=32, steps_per_call=4,
+      prefill_batch=4, min_bucket=32, max_rank=8), mesh=mesh)
+  rng = np.random.default_rng(3)
+  reqs = [dict(prompt=_prompt(rng)[:20], adapter=None if i % 3 == 0 else
+               f"user{i}", max_new_tokens=5, ignore_eos=True)
+          for i in range(12)]
+  got = meshed.generate(reqs)
+  want = engine.generate(reqs)
+  assert [g.tokens for g in got] == [w.tokens for w in want]
+  assert meshed.stats()["backend_compiles_since_warmup"] == 0
+  assert meshed.cache.k.sharding.spec == steps_lib.cache_sharding(
+      CFG, 8, 32, mesh).k.spec

@@ -378,6 +378,13 @@ class Engine:
         if self._state["active_b"].any():
           yield from self._decode()
     finally:
+      # A consumer that stops early (or an error) must not leave rows or
+      # slot references behind: the next stream starts from an idle engine.
+      leftover = list(self.scheduler.queue) + self.scheduler.running
+      self.scheduler.queue.clear()
+      for seq in leftover:
+        self.scheduler.finish(seq)
+      self._state["active_b"][:] = False
       if self.residency is not None:
         self.residency.flush_stats()
 

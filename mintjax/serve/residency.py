@@ -338,15 +338,14 @@ class Residency:
             "pinned; raise num_slots or unpin adapters")
       weights = self.host.get(key)
       if weights is None:
-        err = self.prefetch([key]).get(key)
+        errors = self.prefetch([key])
+        if key in errors:
+          raise ResidencyError(errors[key])
         weights = self.host.get(key, count=False)
-        if weights is None:
-          # Larger than the host budget: read it straight from the store.
-          weights = self.source.load_many(
-              [key], expect_base=self.base_fingerprint)[0][1] if err is None \
-              else None
-        if weights is None:
-          raise ResidencyError(err or f"adapter {key!r} could not be loaded")
+      if weights is None:
+        # Larger than the host budget: read it straight from the store.
+        weights = self.source.load_many(
+            [key], expect_base=self.base_fingerprint)[0][1]
       t0 = time.perf_counter()
       self.bank = bank_lib.write_slot(self.bank, slot, weights, self.config,
                                       self.spec)
