@@ -374,3 +374,18 @@ def test_store_location_specs(tmp_path):
   reg.publish("m", _w(5))
   assert _same(reg.load("m")[1], _w(5)) and reg.verify()["ok"]
   assert not os.path.exists(tmp_path / "arrays")
+
+
+def test_fresh_process_publishes_after_array_grew(tmp_path):
+  root = str(tmp_path / "reg")
+  first = Registry.open(root)
+  first.create_adapter("g", spec=dict(targets=("q",), rank=1, alpha=1.0),
+                       base_fingerprint=BASE)
+  w = _w(0, targets=("q",), rank=1, alpha=1.0)
+  first.publish_many([("g", w)] * 4200)  # Beyond the first shard's rows.
+  arr = first.store._arrays[first.resolve("g").array_key]
+  assert arr.shape[0] > 4096
+  second = Registry.open(root)  # A new store handle, as in a new process.
+  rev = second.publish("g", _w(1, targets=("q",), rank=1, alpha=1.0))
+  assert rev.revision == 4201 and rev.row == 4200
+  assert _same(first.load("g")[1], _w(1, targets=("q",), rank=1, alpha=1.0))

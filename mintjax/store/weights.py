@@ -265,13 +265,19 @@ class WeightsStore:
       return arr
     context = (self._context if layout.row_bytes < _CACHED_ROW_BYTES else
                self._big_context)
-    if create:
+    try:
+      # Open whatever exists without asserting a shape: other processes may
+      # have grown the array since it was created.
+      arr = ts.open({"driver": "zarr3", "kvstore": self._kvstore(key)},
+                    open=True, context=context).result()
+    except ValueError as e:
+      if not create or "NOT_FOUND" not in str(e):
+        raise
+      # Only reached under the catalog's write lock (ensure_capacity), so no
+      # other process creates the same array concurrently.
       cap = max(min_rows, rows_per_shard_for(layout.row_bytes))
       arr = ts.open(self._spec(key, layout, cap), open=True, create=True,
                     context=context).result()
-    else:
-      arr = ts.open({"driver": "zarr3", "kvstore": self._kvstore(key)},
-                    open=True, context=context).result()
     if arr.shape[1] != layout.row_len:
       raise RegistryError(
           f"stored array {key} has rows of {arr.shape[1]} elements, the "
