@@ -20,11 +20,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(autouse=True)
 def _flags():
+  # Other test modules import launchers whose flags are required=True, so
+  # parsing the global FLAGS here would fail their validators; mark them
+  # parsed (defaults) instead and restore defaults afterwards.
   if not flags.FLAGS.is_parsed():
-    flags.FLAGS(["mint"])
+    flags.FLAGS.mark_as_parsed()
   yield
   flags.FLAGS.unparse_flags()
-  flags.FLAGS(["mint"])
+  flags.FLAGS.mark_as_parsed()
 
 
 @pytest.fixture
