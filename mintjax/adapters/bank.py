@@ -118,9 +118,11 @@ def pad_weights(weights: AdapterWeights, config: ModelConfig,
   """Host-side padded slot contents: the arrays `write_slot` stores.
 
   Targets the adapter does not have are zeros. Validates first, so bad
-  weights never reach the bank.
+  weights never reach the bank. VeRA adapters (`mintjax.adapters.vera`)
+  arrive as `VeraWeights` and are materialised to LoRA factors here.
   """
   weights.validate(config, spec)
+  weights = weights.to_lora(config)
   dtype = np.dtype(jnp.dtype(spec.dtype))
   r, big_r = weights.rank, spec.max_rank
   a, b = {}, {}

@@ -19,7 +19,9 @@ from mintjax.config import ModelConfig
 
 ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 ATTENTION_TARGETS = ("q", "k", "v", "o")
-VARIANTS = ("lora",)
+# 'vera': frozen shared random basis + per-user scaling vectors
+# (mintjax.adapters.vera); it materialises to LoRA factors for the bank.
+VARIANTS = ("lora", "vera")
 
 
 class AdapterError(ValueError):
@@ -47,6 +49,13 @@ def _check_targets(targets) -> tuple[str, ...]:
   return tuple(t for t in ALL_TARGETS if t in targets)
 
 
+def _np_dtype(name: str):
+  if name == "bfloat16":
+    import ml_dtypes  # pylint: disable=g-import-not-at-top
+    return ml_dtypes.bfloat16
+  return np.dtype(name)
+
+
 @dataclasses.dataclass(frozen=True)
 class AdapterSpec:
   """Shape class of an adapter bank: fixes every compiled shape.
@@ -56,7 +65,9 @@ class AdapterSpec:
     max_rank: rank every slot is zero-padded to.
     num_slots: bank slots including the null slot 0.
     dtype: dtype of the A/B factors.
-    variant: adapter family ('lora').
+    variant: adapter family ('lora', or 'vera': see mintjax.adapters.vera).
+    basis_seed: seed of the frozen shared VeRA basis (part of the shape
+      class of 'vera' banks; unused by 'lora').
   """
 
   targets: tuple[str, ...] = ("q", "v")
@@ -64,6 +75,7 @@ class AdapterSpec:
   num_slots: int = 8
   dtype: str = "float32"
   variant: str = "lora"
+  basis_seed: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "targets", _check_targets(self.targets))
@@ -78,16 +90,32 @@ class AdapterSpec:
     if self.variant not in VARIANTS:
       raise AdapterError(
           f"unknown adapter variant {self.variant!r}; supported: {VARIANTS}")
+    if (not isinstance(self.basis_seed, (int, np.integer)) or
+        isinstance(self.basis_seed, bool) or self.basis_seed < 0):
+      raise AdapterError(
+          f"basis_seed must be an int >= 0, got {self.basis_seed!r}")
 
   def replace(self, **changes) -> "AdapterSpec":
     return dataclasses.replace(self, **changes)
 
   def params_per_adapter(self, config: ModelConfig, rank: int | None = None
                          ) -> int:
+    """Trainable numbers one adapter of rank `rank` (default max_rank) owns.
+
+    LoRA: L * r * (d_in + d_out) per target; VeRA: L * (r + d_out) per
+    target (its basis is shared by every adapter and not counted).
+    """
     r = self.max_rank if rank is None else rank
-    return config.num_layers * sum(
-        r * (d_in + d_out)
-        for d_in, d_out in (config.projection_shape(t) for t in self.targets))
+    shapes = [config.projection_shape(t) for t in self.targets]
+    if self.variant == "vera":
+      return config.num_layers * sum(r + d_out for _, d_out in shapes)
+    return config.num_layers * sum(r * (d_in + d_out) for d_in, d_out in shapes)
+
+  def stored_bytes(self, config: ModelConfig, rank: int | None = None) -> int:
+    """Bytes one adapter occupies in the store (`params_per_adapter` times
+    the dtype size): the per-user size the scaling study plots against."""
+    return self.params_per_adapter(config, rank) * np.dtype(
+        _np_dtype(self.dtype)).itemsize
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -125,9 +153,16 @@ class AdapterWeights:
   def scale(self) -> float:
     return lora_scale(self.rank, self.alpha, self.use_rslora)
 
+  variant = "lora"
+
   def num_params(self) -> int:
     return sum(int(a.size) for a in self.lora_a.values()) + sum(
         int(b.size) for b in self.lora_b.values())
+
+  def to_lora(self, config: ModelConfig | None = None) -> "AdapterWeights":
+    """These LoRA factors (VeRA weights materialise here; LoRA is itself)."""
+    del config
+    return self
 
   def validate(self, config: ModelConfig, spec: AdapterSpec | None = None
                ) -> "AdapterWeights":

@@ -2,7 +2,9 @@
 
 Owns `OptimizerConfig`, `SlotOptState` (Adam moments shaped like the bank's
 LoRA factors plus a per-slot step counter), the per-slot learning-rate
-schedule, per-slot gradient clipping and `apply_updates`.
+schedule, per-slot gradient clipping and `apply_updates`, and which part of
+a bank is trained: the A/B factors of an `AdapterBank`, or the scaling
+vectors of a `VeraBank` (whose frozen basis gets no optimizer state).
 
 Why not optax: an optax transform keeps one step count and one schedule for
 the whole tree, and its momentum and weight decay would move every slot on
@@ -23,6 +25,8 @@ import jax.numpy as jnp
 
 from mintjax.adapters.bank import AdapterBank, bank_logical_axes
 from mintjax.adapters.spec import AdapterSpec
+from mintjax.adapters.vera import (VeraBank, vera_bank_logical_axes,
+                                   vera_bank_shapes)
 
 SCHEDULES = ("constant", "cosine", "linear")
 
@@ -76,7 +80,8 @@ class SlotOptState:
 
   Attributes:
     mu: first moments, {'lora_a': {t: [S, L, d_in, R]}, 'lora_b': {t: [S, L,
-      R, d_out]}}.
+      R, d_out]}} (VeRA: {'lambda_d': {t: [S, L, R]}, 'lambda_b': {t: [S, L,
+      d_out]}}), i.e. shaped like `trainable_params(bank)`.
     nu: second moments, same tree as `mu`.
     count: [S] int32, optimizer steps taken by each slot.
   """
@@ -86,9 +91,41 @@ class SlotOptState:
   count: jax.Array
 
 
-def trainable_params(bank: AdapterBank) -> dict:
-  """The differentiated part of the bank: {'lora_a': ..., 'lora_b': ...}."""
+def trainable_params(bank: AdapterBank | VeraBank) -> dict:
+  """The differentiated part of the bank, keyed by its field names.
+
+  {'lora_a', 'lora_b'} for LoRA; {'lambda_d', 'lambda_b'} for VeRA, so
+  `bank.replace(**trainable)` puts updated values back for either.
+  """
+  if isinstance(bank, VeraBank):
+    return {"lambda_d": bank.lambda_d, "lambda_b": bank.lambda_b}
   return {"lora_a": bank.lora_a, "lora_b": bank.lora_b}
+
+
+def forward_bank(bank: AdapterBank | VeraBank, trainable: dict
+                 ) -> AdapterBank:
+  """The LoRA bank the model runs with `trainable` substituted (jit-able).
+
+  A VeRA bank is materialised from its vectors and frozen basis here, inside
+  the differentiated function, so gradients reach the vectors only.
+  """
+  bank = bank.replace(**trainable)
+  return bank.materialize() if isinstance(bank, VeraBank) else bank
+
+
+def train_bank_shapes(config, spec: AdapterSpec):
+  """Shapes of the trainer's bank for `spec`: AdapterBank or VeraBank."""
+  if spec.variant == "vera":
+    return vera_bank_shapes(config, spec)
+  from mintjax.adapters.bank import bank_shapes  # pylint: disable=g-import-not-at-top
+  return bank_shapes(config, spec)
+
+
+def train_bank_logical_axes(spec: AdapterSpec):
+  """Logical axes of the trainer's bank for `spec` (same tree as shapes)."""
+  if spec.variant == "vera":
+    return vera_bank_logical_axes(spec)
+  return bank_logical_axes(spec)
 
 
 def init_opt_state(bank: AdapterBank) -> SlotOptState:
@@ -100,8 +137,7 @@ def init_opt_state(bank: AdapterBank) -> SlotOptState:
 
 def opt_logical_axes(spec: AdapterSpec) -> SlotOptState:
   """Logical axis names of the optimizer state (moments follow the bank)."""
-  axes = bank_logical_axes(spec)
-  moments = {"lora_a": axes.lora_a, "lora_b": axes.lora_b}
+  moments = trainable_params(train_bank_logical_axes(spec))
   return SlotOptState(mu=moments, nu=moments, count=("slot",))
 
 
@@ -160,14 +196,22 @@ def _bcast(v_s, x):
   return v_s.reshape((-1,) + (1,) * (x.ndim - 1))
 
 
-def rank_mask(bank: AdapterBank) -> dict:
+def rank_mask(bank: AdapterBank | VeraBank) -> dict:
   """1.0 on each slot's true-rank columns/rows of A/B, 0.0 on the padding.
 
   Masking gradients with it keeps zero-padded rank exactly zero, so a
-  rank-4 adapter in a rank-8 bank stays a rank-4 adapter.
+  rank-4 adapter in a rank-8 bank stays a rank-4 adapter. For VeRA the
+  padding is lambda_d past the rank (the basis columns there are not zero,
+  so their gradient would be), and lambda_b of empty (rank-0) slots.
   """
   r = bank.max_rank
   keep_sr = (jnp.arange(r)[None, :] < bank.rank[:, None]).astype(jnp.float32)
+  if isinstance(bank, VeraBank):
+    used_s = (bank.rank > 0).astype(jnp.float32)
+    return {
+        "lambda_d": {t: keep_sr[:, None, :] for t in bank.lambda_d},
+        "lambda_b": {t: used_s[:, None, None] for t in bank.lambda_b},
+    }
   return {
       "lora_a": {t: keep_sr[:, None, None, :] for t in bank.lora_a},
       "lora_b": {t: keep_sr[:, None, :, None] for t in bank.lora_b},

@@ -5,7 +5,9 @@ Owns `Batch` (the arrays one step consumes), `batch_logical_axes`, and
 explicit in/out shardings over the mesh, and the adapter bank and optimizer
 state donated. The base parameters are an ordinary (frozen) input and are
 never differentiated: the gradient is taken with respect to the bank's LoRA
-factors only, and every row's adapter is gathered by its `adapter_idx`
+factors only (for a VeRA bank, `mintjax.adapters.vera.VeraBank`, with
+respect to its scaling vectors: the bank is materialised inside the loss
+from the frozen basis), and every row's adapter is gathered by its `adapter_idx`
 through the gather-LoRA op (`mintjax.model.llama.forward(lora_impl=...)`).
 Swapping which users sit in the slots changes only array values, so the
 step never recompiles across cohorts.
@@ -22,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from mintjax import sharding
-from mintjax.adapters.bank import AdapterBank, bank_logical_axes
+from mintjax.adapters.bank import AdapterBank
 from mintjax.adapters.spec import AdapterSpec
 from mintjax.config import ModelConfig
 from mintjax.model import llama
@@ -91,7 +93,7 @@ def train_step(base_params: dict, bank: AdapterBank,
   base_params = jax.lax.stop_gradient(base_params)
 
   def loss_fn(trainable):
-    b = bank.replace(lora_a=trainable["lora_a"], lora_b=trainable["lora_b"])
+    b = opt_lib.forward_bank(bank, trainable)  # VeRA: materialised here.
     logits_btv, _ = llama.forward(
         base_params, b, batch.adapter_idx, batch.tokens, batch.positions,
         config=config, segment_ids_bt=batch.segment_ids,
@@ -105,8 +107,7 @@ def train_step(base_params: dict, bank: AdapterBank,
   new_trainable, new_state, opt_metrics = opt_lib.apply_updates(
       opt_cfg, trainable, grads, opt_state, aux["present_s"],
       opt_lib.rank_mask(bank))
-  new_bank = bank.replace(lora_a=new_trainable["lora_a"],
-                          lora_b=new_trainable["lora_b"])
+  new_bank = bank.replace(**new_trainable)
   present_s = aux["present_s"].at[0].set(False)
   n_present = jnp.maximum(jnp.sum(present_s), 1)
   metrics = dict(
@@ -119,15 +120,13 @@ def train_step(base_params: dict, bank: AdapterBank,
 def state_shardings(mesh, config: ModelConfig, spec: AdapterSpec,
                     rules=None):
   """NamedShardings of (base params, bank, optimizer state, batch axes)."""
-  from mintjax.adapters.bank import bank_shapes  # pylint: disable=g-import-not-at-top
   params_sh = sharding.logical_sharding(
       llama.param_logical_axes(config), llama.param_shapes(config), mesh, rules)
-  shapes = bank_shapes(config, spec)
-  bank_sh = sharding.logical_sharding(bank_logical_axes(spec), shapes, mesh,
-                                      rules)
+  shapes = opt_lib.train_bank_shapes(config, spec)  # AdapterBank / VeraBank
+  bank_sh = sharding.logical_sharding(opt_lib.train_bank_logical_axes(spec),
+                                      shapes, mesh, rules)
   opt_shapes = opt_lib.SlotOptState(
-      mu={"lora_a": shapes.lora_a, "lora_b": shapes.lora_b},
-      nu={"lora_a": shapes.lora_a, "lora_b": shapes.lora_b},
+      mu=opt_lib.trainable_params(shapes), nu=opt_lib.trainable_params(shapes),
       count=shapes.rank)
   opt_sh = sharding.logical_sharding(opt_lib.opt_logical_axes(spec),
                                      opt_shapes, mesh, rules)
