@@ -218,3 +218,150 @@ def test_vera_step_trains_vectors_only_and_isolates_slots(base):
     np.testing.assert_array_equal(after_bank.basis.b[t],
                                   before_bank.basis.b[t])
   assert losses[-1] < losses[0], losses
+
+
+# ------------------------------------------------------------ registry
+
+
+def _dir_bytes(path):
+  import os  # pylint: disable=g-import-not-at-top
+  return sum(os.path.getsize(os.path.join(d, f))
+             for d, _, fs in os.walk(path) for f in fs)
+
+
+def test_registry_stores_only_the_vectors_and_loads_them_back(tmp_path, base):
+  from mintjax.store.registry import Registry  # pylint: disable=g-import-not-at-top
+  reg = Registry.open(tmp_path / "reg")
+  fp = base.fingerprint
+  vspec = dict(targets=list(TARGETS), rank=4, alpha=8.0, variant="vera",
+               basis_seed=7)
+  reg.create_adapter("v", spec=vspec, base_fingerprint=fp, config=CFG)
+  reg.create_adapter("l", spec=dict(targets=list(TARGETS), rank=4, alpha=8.0),
+                     base_fingerprint=fp, config=CFG)
+  vw = [vera.VeraWeights.random(CFG, TARGETS, 4, basis_seed=7, seed=i,
+                                alpha=8.0) for i in range(3)]
+  lw = AdapterWeights.random(CFG, TARGETS, 4, alpha=8.0)
+  reg.publish("v", vw[0], {"seed": 1})
+  reg.publish("l", lw)
+  rv, rl = reg.adapter("v"), reg.adapter("l")
+  assert rv["array_key"] != rl["array_key"]  # its own shape class
+  assert rv["layout"]["variant"] == "vera" and "variant" not in rl["layout"]
+  # Bytes on disk per further revision (shard indexes are a fixed cost).
+  arrays = tmp_path / "reg" / "arrays"
+  v0, l0 = _dir_bytes(arrays / rv["array_key"]), _dir_bytes(
+      arrays / rl["array_key"])
+  for w in vw[1:]:
+    reg.publish("v", w, {"seed": 1})
+    reg.publish("l", lw)
+  v_row = (_dir_bytes(arrays / rv["array_key"]) - v0) / 2
+  l_row = (_dir_bytes(arrays / rl["array_key"]) - l0) / 2
+  vera_spec = AdapterSpec(targets=TARGETS, max_rank=4, variant="vera")
+  assert v_row == vera_spec.stored_bytes(CFG)  # L * (r + d_out) * 4 bytes
+  assert l_row == vera_spec.replace(variant="lora").stored_bytes(CFG)
+  assert v_row * 9 < l_row
+  (rev, got), (_, got_l) = reg.load_many(["v@2", "l"], expect_base=fp)
+  assert isinstance(got, vera.VeraWeights) and rev.revision == 2
+  assert got.basis_seed == 7 and got.rank == 4 and got.alpha == 8.0
+  for t in TARGETS:
+    np.testing.assert_array_equal(got.lambda_d[t], vw[1].lambda_d[t])
+    np.testing.assert_array_equal(got.lambda_b[t], vw[1].lambda_b[t])
+  assert got_l.to_lora(CFG) is got_l
+  assert reg.history("v")[-1].provenance["seed"] == 1
+  assert reg.verify()["ok"]
+  d = reg.diff("v@1", "v@2")  # on the materialised factors
+  assert d["q"]["delta"] > 0 and d["q"]["norm_a"] > 0
+  assert reg.diff("v@2", "v@2")["down"]["delta"] == 0.0
+
+
+def test_registry_refuses_vera_weights_that_do_not_match_the_spec(tmp_path):
+  from mintjax.store.errors import InvalidAdapterError  # pylint: disable=g-import-not-at-top
+  from mintjax.store.registry import Registry  # pylint: disable=g-import-not-at-top
+  reg = Registry.open(tmp_path / "reg")
+  reg.create_adapter("v", spec=dict(targets=["q", "v"], rank=2,
+                                    variant="vera", basis_seed=7),
+                     base_fingerprint="sha256:ab", config=CFG)
+  good = vera.VeraWeights.random(CFG, ("q", "v"), 2, basis_seed=7)
+  bad = {
+      "basis_seed 8": vera.VeraWeights.random(CFG, ("q", "v"), 2,
+                                              basis_seed=8),
+      "rank 3": vera.VeraWeights.random(CFG, ("q", "v"), 3, basis_seed=7),
+      "targets": vera.VeraWeights.random(CFG, ("q",), 2, basis_seed=7),
+      "must be VeraWeights": AdapterWeights.random(CFG, ("q", "v"), 2),
+      "alpha=4.0": vera.VeraWeights.random(CFG, ("q", "v"), 2, basis_seed=7,
+                                           alpha=4.0),
+      "NaN": vera.VeraWeights(good.lambda_d, dict(
+          good.lambda_b, q=np.full((2, 64), np.nan, np.float32)), 2, 7),
+  }
+  for msg, w in bad.items():
+    with pytest.raises(InvalidAdapterError, match=msg):
+      reg.publish("v", w)
+  with pytest.raises(InvalidAdapterError, match="create it with config="):
+    reg.create_adapter("nocfg", spec=dict(targets=["q"], rank=2,
+                                          variant="vera"),
+                       base_fingerprint="sha256:ab")
+    reg.publish("nocfg", vera.VeraWeights.random(CFG, ("q",), 2))
+  with pytest.raises(InvalidAdapterError, match="only meaningful"):
+    reg.create_adapter("x", spec=dict(targets=["q"], rank=2, basis_seed=3),
+                       base_fingerprint="sha256:ab")
+  assert reg.history("v") == [] and reg.history("nocfg") == []
+  assert reg.publish("v", good).revision == 1
+
+
+# ------------------------------------------------------------ serving
+
+
+def test_engine_serves_base_lora_and_vera_mixed_like_alone(tmp_path):
+  from mintjax.serve.engine import Engine, EngineConfig  # pylint: disable=g-import-not-at-top
+  from mintjax.serve.residency import weights_nbytes  # pylint: disable=g-import-not-at-top
+  from mintjax.store.registry import Registry  # pylint: disable=g-import-not-at-top
+  base = random_base(CFG, seed=0, std=0.3)  # peaked logits: no greedy ties
+  reg = Registry.open(tmp_path / "reg")
+  names = []
+  for i in range(6):
+    vspec = dict(targets=["q", "v"], rank=2 + i % 3, variant="vera",
+                 basis_seed=i % 2)
+    reg.create_adapter(f"v{i}", spec=vspec, base_fingerprint=base.fingerprint,
+                       config=CFG)
+    reg.publish(f"v{i}", vera.VeraWeights.random(
+        CFG, ("q", "v"), 2 + i % 3, basis_seed=i % 2, seed=i, std=20.0))
+    reg.create_adapter(f"l{i}", spec=dict(targets=["q", "v"], rank=4),
+                       base_fingerprint=base.fingerprint)
+    reg.publish(f"l{i}", AdapterWeights.random(CFG, ("q", "v"), 4, seed=50 + i,
+                                               std=0.3))
+    names += [f"v{i}", f"l{i}"]
+  eng = Engine(base, reg, EngineConfig(
+      num_slots=3, max_batch=4, max_len=32, steps_per_call=4,
+      prefill_batch=2, targets=("q", "v"), max_rank=4))
+  rng = np.random.default_rng(0)
+  reqs = [dict(prompt=[int(t) for t in rng.integers(3, 259, 5 + i % 7)],
+               adapter=None if i % 5 == 0 else names[i % len(names)],
+               max_new_tokens=5, ignore_eos=True) for i in range(24)]
+  batched = eng.generate(reqs)
+  assert eng.stats()["residency"]["device"]["evictions"] > 0
+  for req, got in zip(reqs, batched):
+    alone = eng.generate([req])[0]
+    assert got.error is None and got.tokens == alone.tokens, req
+  # VeRA adapters really change the output (vs the base on the same prompt).
+  p = reqs[1]["prompt"]
+  v_out = eng.generate([dict(prompt=p, adapter="v0", max_new_tokens=5,
+                             ignore_eos=True)])[0].tokens
+  b_out = eng.generate([dict(prompt=p, max_new_tokens=5,
+                             ignore_eos=True)])[0].tokens
+  assert v_out != b_out
+  assert eng.stats()["backend_compiles_since_warmup"] == 0
+  # ...and equal the plain model run on the jit-materialised VeRA bank.
+  w0 = reg.load("v0")[1]
+  vbank = vera.vera_bank_from_weights(CFG, AdapterSpec(
+      targets=("q", "v"), max_rank=4, num_slots=2, variant="vera",
+      basis_seed=0), {1: w0}).materialize()
+  seq = list(p)
+  for _ in range(5):
+    logits = llama.jit_forward(base.params, vbank, np.array([1], np.int32),
+                               np.array([seq], np.int32), config=CFG)
+    seq.append(int(np.argmax(logits[0, -1])))
+  assert seq[len(p):] == v_out
+  # The host cache holds (and counts) the stored vectors, not the factors.
+  cached = eng.residency.host.get("v0@1", count=False)
+  assert isinstance(cached, vera.VeraWeights)
+  assert weights_nbytes(cached) == AdapterSpec(
+      targets=("q", "v"), max_rank=2, variant="vera").stored_bytes(CFG)

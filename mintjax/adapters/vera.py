@@ -207,14 +207,23 @@ class VeraWeights:
       raise AdapterError(f"alpha must be finite, got {self.alpha}")
     return self
 
-  def to_lora(self, config: ModelConfig) -> AdapterWeights:
-    """The equivalent LoRA factors (validates first); see the module doc."""
-    self.validate(config)
+  def to_lora(self, config) -> AdapterWeights:
+    """The equivalent LoRA factors (validates first); see the module doc.
+
+    Args:
+      config: the base `ModelConfig`, or anything with `.shapes` {t: (L,
+        d_in, d_out)} (the registry's `RowLayout`, which has no config).
+    """
+    if isinstance(config, ModelConfig):
+      self.validate(config)
+      shapes = {t: (config.num_layers, *config.projection_shape(t))
+                for t in self.targets}
+    else:
+      shapes = config.shapes
     a, b = {}, {}
     for t in self.targets:
-      d_in, d_out = config.projection_shape(t)
-      a_ldr, b_lro = basis_factors(int(self.basis_seed), t, config.num_layers,
-                                   d_in, d_out, int(self.rank))
+      a_ldr, b_lro = basis_factors(int(self.basis_seed), t, *shapes[t],
+                                   int(self.rank))
       ld = np.asarray(self.lambda_d[t], np.float32)
       lb = np.asarray(self.lambda_b[t], np.float32)
       a[t] = a_ldr * ld[:, None, :]
@@ -235,19 +244,20 @@ class VeraWeights:
 
   @classmethod
   def random(cls, config: ModelConfig, targets, rank: int,
-             basis_seed: int = 0, seed: int = 0, alpha: float | None = None
-             ) -> "VeraWeights":
+             basis_seed: int = 0, seed: int = 0, alpha: float | None = None,
+             std: float = 0.5) -> "VeraWeights":
     """Random non-zero vectors that visibly change the output (tests, demos).
 
-    lambda_b is large enough that the update is comparable to
-    `AdapterWeights.random`'s.
+    lambda_d ~ U(0.5, 1.5), lambda_b ~ N(0, std^2). The basis entries are
+    ~1/sqrt(3 d), so a delta comparable to a LoRA adapter's needs std of
+    order sqrt(d_in * d_out / r) / 10 or more.
     """
     rng = np.random.default_rng(seed)
     targets = _check_targets(targets)
     ld = {t: rng.uniform(0.5, 1.5, (config.num_layers, rank)
                          ).astype(np.float32) for t in targets}
     lb = {t: (rng.standard_normal((config.num_layers,
-                                   config.projection_shape(t)[1])) * 0.5
+                                   config.projection_shape(t)[1])) * std
               ).astype(np.float32) for t in targets}
     return cls(ld, lb, rank=rank, basis_seed=basis_seed, alpha=alpha)
 

@@ -9,6 +9,12 @@ between the tiers and counts hits, misses, loads, evictions and load time.
 
 Policy: least recently used at both tiers; a slot used by a running request
 (refcount > 0) or pinned is never evicted; pinned host entries stay cached.
+
+VeRA adapters (`mintjax.adapters.vera.VeraWeights`) stay in their stored
+form in the host cache, which counts their stored (vector) bytes, so many
+more of them fit a budget; they are materialised to LoRA factors only when
+written into a device slot (`bank.pad_weights`), where they take a slot like
+any LoRA adapter.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import jax
 
 from mintjax.adapters import bank as bank_lib
 from mintjax.adapters.spec import AdapterSpec, AdapterWeights
+from mintjax.adapters.vera import VeraWeights
 from mintjax.config import ModelConfig
 
 
@@ -34,8 +41,8 @@ class AdapterSource(Protocol):
   """What the engine needs from an adapter registry.
 
   `resolve` returns an object with `.adapter_id`, `.revision`, `.ref` and
-  `.base_fingerprint`; `load_many` returns `[(revision, AdapterWeights)]` in
-  the order of `refs` and raises when any ref is unknown or was trained on a
+  `.base_fingerprint`; `load_many` returns `[(revision, weights)]` in
+  the order of `refs` (weights: `AdapterWeights` or `VeraWeights`) and raises when any ref is unknown or was trained on a
   different base. `mintjax.store.registry.Registry` satisfies this.
   """
 
@@ -150,7 +157,10 @@ class TierStats:
     return d
 
 
-def weights_nbytes(weights: AdapterWeights) -> int:
+def weights_nbytes(weights: AdapterWeights | VeraWeights) -> int:
+  """Host bytes of an adapter as cached (VeRA: its vectors, not materialised)."""
+  if isinstance(weights, VeraWeights):
+    return weights.nbytes
   return sum(int(x.nbytes) for x in weights.lora_a.values()) + sum(
       int(x.nbytes) for x in weights.lora_b.values())
 

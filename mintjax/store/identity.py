@@ -2,7 +2,8 @@
 
 Owns `check_name` (ids and tags: letters, digits, '-', '_', '.', never a
 path), `parse_ref` ('alice', 'alice@3', 'alice:prod'), `AdapterInfo` (an
-adapter's fixed spec: targets, rank, alpha rule, variant, dtype) and
+adapter's fixed spec: targets, rank, alpha rule, variant, dtype, VeRA basis
+seed), `check_weights` (publish-time checks of weights against it) and
 `build_provenance` (what every revision records about where it came from:
 base and data fingerprints, training config, code version, steps, seed,
 host). Used
@@ -66,8 +67,10 @@ class AdapterInfo:
     rank: LoRA rank r (rows are stored at exactly this rank).
     alpha: LoRA alpha; scale = alpha / r (or alpha / sqrt(r) with rsLoRA).
     use_rslora: rank-stabilised scale rule.
-    variant: adapter family ('lora').
+    variant: adapter family ('lora' or 'vera').
     dtype: stored dtype ('float32', 'bfloat16', 'float16').
+    basis_seed: VeRA only (default 0): seed of the shared frozen basis; None
+      for LoRA. Part of the shape class: rows store only the vectors.
   """
 
   targets: tuple[str, ...]
@@ -76,11 +79,19 @@ class AdapterInfo:
   use_rslora: bool = False
   variant: str = "lora"
   dtype: str = "float32"
+  basis_seed: int | None = None
 
   def __post_init__(self):
+    if self.variant == "vera" and self.basis_seed is None:
+      object.__setattr__(self, "basis_seed", 0)
+    if self.variant != "vera" and self.basis_seed is not None:
+      raise InvalidAdapterError(
+          f"invalid adapter spec: basis_seed={self.basis_seed!r} is only "
+          f"meaningful for variant 'vera', got variant {self.variant!r}")
     try:
       spec = AdapterSpec(targets=tuple(self.targets), max_rank=int(self.rank),
-                         dtype=self.dtype, variant=self.variant)
+                         dtype=self.dtype, variant=self.variant,
+                         basis_seed=self.basis_seed or 0)
     except (AdapterError, TypeError, ValueError) as e:
       raise InvalidAdapterError(f"invalid adapter spec: {e}") from None
     object.__setattr__(self, "targets", spec.targets)
@@ -91,6 +102,10 @@ class AdapterInfo:
           f"{self.alpha!r}")
     object.__setattr__(self, "alpha", float(self.alpha))
     object.__setattr__(self, "use_rslora", bool(self.use_rslora))
+    if self.variant == "vera" and self.use_rslora:
+      raise InvalidAdapterError(
+          "invalid adapter spec: VeRA adapters use scale alpha / r; "
+          "use_rslora must be False")
 
   @property
   def scale(self) -> float:
@@ -99,6 +114,8 @@ class AdapterInfo:
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
     d["targets"] = list(self.targets)
+    if d["basis_seed"] is None:  # LoRA specs keep their original JSON.
+      del d["basis_seed"]
     return d
 
   @classmethod
@@ -108,7 +125,9 @@ class AdapterInfo:
       return spec
     if isinstance(spec, AdapterSpec):
       return cls(spec.targets, spec.max_rank, float(spec.max_rank),
-                 variant=spec.variant, dtype=spec.dtype)
+                 variant=spec.variant, dtype=spec.dtype,
+                 basis_seed=spec.basis_seed if spec.variant == "vera" else
+                 None)
     if isinstance(spec, Mapping):
       d = dict(spec)
       if "rank" not in d and "max_rank" in d:
@@ -119,7 +138,7 @@ class AdapterInfo:
       if unknown:
         raise InvalidAdapterError(
             f"invalid adapter spec: unknown keys {sorted(unknown)}; expected "
-            "targets, rank, alpha, use_rslora, variant, dtype")
+            "targets, rank, alpha, use_rslora, variant, dtype, basis_seed")
       try:
         return cls(**d)
       except TypeError as e:
@@ -127,6 +146,44 @@ class AdapterInfo:
     raise InvalidAdapterError(
         f"invalid adapter spec of type {type(spec).__name__}; pass an "
         "AdapterInfo, an AdapterSpec or a dict with targets and rank")
+
+
+def check_weights(adapter_id: str, info: AdapterInfo, weights) -> None:
+  """Checks weights against the adapter's fixed spec (before any write).
+
+  LoRA adapters take `AdapterWeights`; VeRA adapters take `VeraWeights`
+  whose basis seed, rank, targets and alpha match the spec.
+
+  Raises:
+    InvalidAdapterError: saying what differs and how to fix it.
+  """
+  want = "VeraWeights" if info.variant == "vera" else "AdapterWeights"
+  if getattr(weights, "variant", None) != info.variant or type(
+      weights).__name__ != want:
+    raise InvalidAdapterError(
+        f"weights for {adapter_id!r} must be {want} (the adapter's variant "
+        f"is {info.variant!r}), got {type(weights).__name__}")
+  if info.variant == "vera":
+    if weights.basis_seed != info.basis_seed or set(
+        weights.lambda_d) != set(info.targets):
+      raise InvalidAdapterError(
+          f"VeRA weights for {adapter_id!r} have basis_seed "
+          f"{weights.basis_seed}, targets {sorted(weights.lambda_d)}; the "
+          f"adapter was created with basis_seed {info.basis_seed}, targets "
+          f"{list(info.targets)}. The vectors only mean something on their "
+          "own basis: publish to an adapter created with that spec")
+  if weights.rank != info.rank:
+    raise InvalidAdapterError(
+        f"weights for {adapter_id!r} have rank {weights.rank}, the adapter "
+        f"was created with rank {info.rank}; create a new adapter for a "
+        "different rank")
+  if (not isinstance(weights.alpha, (int, float)) or
+      float(weights.alpha) != info.alpha or
+      bool(weights.use_rslora) != info.use_rslora):
+    raise InvalidAdapterError(
+        f"weights for {adapter_id!r} have alpha={weights.alpha} use_rslora="
+        f"{weights.use_rslora}, the adapter was created with alpha="
+        f"{info.alpha} use_rslora={info.use_rslora}; they must match")
 
 
 @functools.lru_cache(maxsize=1)

@@ -48,7 +48,8 @@ import safetensors.numpy
 
 from mintjax.adapters.spec import ALL_TARGETS, AdapterWeights, lora_scale
 from mintjax.store.errors import InvalidAdapterError
-from mintjax.store.registry import AdapterInfo, Registry, Revision
+from mintjax.store.registry import AdapterInfo, Registry, Revision, parse_ref
+from mintjax.store.weights import RowLayout
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -287,9 +288,19 @@ def import_peft(reg: Registry, folder: str, adapter_id: str, *,
 
 
 def export_peft(reg: Registry, ref: str, folder: str) -> Revision:
-  """Writes revision `ref` as a PEFT LoRA folder that `PeftModel` loads."""
+  """Writes revision `ref` as a PEFT LoRA folder that `PeftModel` loads.
+
+  A VeRA adapter is written as its materialised (equivalent) LoRA factors.
+  """
+  rec = reg.adapter(parse_ref(ref)[0])
+  info = AdapterInfo.from_any(rec["spec"])
+  if info.variant == "vera":
+    rev, w = reg.load(ref)
+    w = w.to_lora(RowLayout.from_dict(rec["layout"]))
+    info = AdapterInfo(info.targets, info.rank, info.alpha, dtype=info.dtype)
+    write_peft(folder, info, w.lora_a, w.lora_b, rev.meta)
+    return rev
   rev, lora_a, lora_b = reg.read_raw(ref)
-  info = AdapterInfo.from_any(reg.adapter(rev.adapter_id)["spec"])
   write_peft(folder, info, lora_a, lora_b, rev.meta)
   return rev
 

@@ -34,6 +34,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from mintjax.adapters.spec import ALL_TARGETS, AdapterWeights
+from mintjax.adapters.vera import VeraWeights
 from mintjax.config import ModelConfig
 from mintjax.store import catalog as catalog_lib
 from mintjax.store.catalog import Catalog, Revision
@@ -41,8 +42,8 @@ from mintjax.store.errors import (BaseMismatchError, InvalidAdapterError,
                                   RegistryError, StoreCorruptionError,
                                   UnknownRefError)
 from mintjax.store.identity import (AdapterInfo, build_provenance,
-                                    check_meta, check_name, hostname,
-                                    parse_ref)
+                                    check_meta, check_name, check_weights,
+                                    hostname, parse_ref)
 from mintjax.store.weights import RowLayout, WeightsStore, row_sha256
 
 __all__ = ["Registry", "Revision", "AdapterInfo", "parse_ref"]
@@ -132,8 +133,7 @@ class Registry:
         raise InvalidAdapterError(
             f"shapes name targets {sorted(shapes)}, the spec has "
             f"{list(info.targets)}")
-      layout = RowLayout(info.targets, {t: tuple(shapes[t]) for t in
-                                        info.targets}, info.rank, info.dtype)
+      layout = RowLayout.for_info(info, shapes)
     existing = self.catalog.adapter(adapter_id)
     if existing is not None:
       if (exist_ok and existing["spec"] == info.to_dict() and
@@ -179,8 +179,7 @@ class Registry:
                 for t in info.targets}
     layout_json = key = None
     if shapes is not None:
-      layout = RowLayout(info.targets, {t: tuple(shapes[t]) for t in
-                                        info.targets}, info.rank, info.dtype)
+      layout = RowLayout.for_info(info, shapes)
       layout_json = json.dumps(layout.to_dict(), sort_keys=True)
       key = layout.class_key(base_fingerprint)
     spec_json = json.dumps(info.to_dict(), sort_keys=True)
@@ -282,23 +281,12 @@ class Registry:
     """Validates one publish item; raises before anything is written."""
     rec = self.adapter(adapter_id)
     info = _info_of(rec)
-    if not isinstance(weights, AdapterWeights):
-      raise InvalidAdapterError(
-          f"weights for {adapter_id!r} must be AdapterWeights, got "
-          f"{type(weights).__name__}")
-    if weights.rank != info.rank:
-      raise InvalidAdapterError(
-          f"weights for {adapter_id!r} have rank {weights.rank}, the adapter "
-          f"was created with rank {info.rank}; create a new adapter for a "
-          "different rank")
-    if (not isinstance(weights.alpha, (int, float)) or
-        float(weights.alpha) != info.alpha or
-        bool(weights.use_rslora) != info.use_rslora):
-      raise InvalidAdapterError(
-          f"weights for {adapter_id!r} have alpha={weights.alpha} use_rslora="
-          f"{weights.use_rslora}, the adapter was created with alpha="
-          f"{info.alpha} use_rslora={info.use_rslora}; they must match")
+    check_weights(adapter_id, info, weights)
     layout_new = rec["layout"] is None
+    if layout_new and info.variant == "vera":
+      raise InvalidAdapterError(
+          f"VeRA adapter {adapter_id!r} has no recorded shapes (its vectors "
+          "do not determine d_in); create it with config= or shapes=")
     if layout_new:
       shapes = {}
       for t in info.targets:
@@ -312,10 +300,12 @@ class Registry:
               f"lora_a[{t!r}] {a} / lora_b[{t!r}] {b} must be [L, d_in, r] / "
               "[L, r, d_out]")
         shapes[t] = (a[0], a[1], b[2])
-      layout = RowLayout(info.targets, shapes, info.rank, info.dtype)
+      layout = RowLayout.for_info(info, shapes)
     else:
       layout = _layout_of(rec)
-    row = layout.pack(weights.lora_a, weights.lora_b)
+    row = layout.pack(*((weights.lambda_d, weights.lambda_b) if
+                        info.variant == "vera" else
+                        (weights.lora_a, weights.lora_b)))
     if parent is not None and (not isinstance(parent, int) or parent < 1):
       raise InvalidAdapterError(
           f"parent must be a revision number >= 1 or None, got {parent!r}")
@@ -375,7 +365,7 @@ class Registry:
     raise UnknownRefError(f"{ref!r} names no revision")
 
   def _weights(self, rev: Revision, spec_json: str, layout_json: str,
-               row: np.ndarray) -> AdapterWeights:
+               row: np.ndarray) -> AdapterWeights | VeraWeights:
     info = _info_json(spec_json)
     layout = _layout_json(layout_json)
     if self.verify_on_load and row_sha256(row) != rev.sha256:
@@ -383,6 +373,8 @@ class Registry:
           f"{rev.ref}: stored bytes hash to {row_sha256(row)[:19]}, the "
           f"catalog recorded {rev.sha256[:19]}; run `mint verify`")
     a, b = layout.unpack(row)
+    if info.variant == "vera":  # Only the vectors: materialised by consumers.
+      return VeraWeights(a, b, info.rank, info.basis_seed, info.alpha)
     for t, f in (rev.meta.get("b_scale") or {}).items():
       f = np.asarray(f, np.float64)
       if not np.all(f == 1.0):
@@ -406,7 +398,12 @@ class Registry:
 
   def load_many(self, refs: Sequence[str], expect_base: str | None = None
                 ) -> list[tuple[Revision, AdapterWeights]]:
-    """Resolves many refs and reads all their rows in one batched read."""
+    """Resolves many refs and reads all their rows in one batched read.
+
+    LoRA revisions come back as `AdapterWeights`, VeRA revisions as the
+    stored `VeraWeights`; `.to_lora(config)` gives LoRA factors for both, and
+    the bank (`pad_weights`) materialises VeRA when writing a slot.
+    """
     found = self._resolve_many(list(refs))
     for rev, _, _ in found:
       self._check_base(rev, expect_base)
@@ -512,7 +509,9 @@ class Registry:
       (delta / max(norm_a, norm_b))}, over all layers. A target one side
       lacks counts as a zero delta; shapes must agree.
     """
-    (ra, wa), (rb, wb) = self.load_many([ref_a, ref_b])
+    (ra, wa), (rb, wb) = [(r, w if isinstance(w, AdapterWeights) else
+                           w.to_lora(_layout_of(self.adapter(r.adapter_id))))
+                          for r, w in self.load_many([ref_a, ref_b])]
     out = {}
     for t in ALL_TARGETS:
       if t not in wa.lora_a and t not in wb.lora_a:

@@ -10,6 +10,12 @@ shapes, rank and dtype), shaped `[rows, row_len]`:
   row = concat over targets t (canonical order) of
         A[t].ravel()  (A[t]: [L, d_in, r])  then  B[t].ravel()  (B[t]: [L, r, d_out])
 
+A VeRA row (variant 'vera') holds only the per-user scaling vectors,
+  row = concat over t of lambda_d[t].ravel() ([L, r]) then lambda_b[t].ravel()
+  ([L, d_out]),
+since the frozen basis is regenerated from the shape class's `basis_seed`
+(`mintjax.adapters.vera`); its rows are L * (r + d_out) per target.
+
 Each row is one inner chunk `[1, row_len]`; inner chunks are grouped into
 shard files of `rows_per_shard` rows by the zarr3 `sharding_indexed` codec,
 so a million adapters are thousands of files, not millions. A missing chunk
@@ -63,12 +69,16 @@ class RowLayout:
     shapes: target -> (L, d_in, d_out).
     rank: LoRA rank r of every row in the class.
     dtype: element dtype name.
+    variant: 'lora' (A/B factors) or 'vera' (scaling vectors only).
+    basis_seed: the VeRA basis seed (None for LoRA).
   """
 
   targets: tuple[str, ...]
   shapes: Mapping[str, tuple[int, int, int]]
   rank: int
   dtype: str = "float32"
+  variant: str = "lora"
+  basis_seed: int | None = None
 
   def __post_init__(self):
     if self.dtype not in DTYPES:
@@ -81,6 +91,26 @@ class RowLayout:
           f"{ALL_TARGETS} and match the shape keys {sorted(self.shapes)}")
     object.__setattr__(self, "shapes", {
         t: tuple(int(x) for x in self.shapes[t]) for t in self.targets})
+    if self.variant not in ("lora", "vera"):
+      raise InvalidAdapterError(f"unknown row layout variant {self.variant!r}")
+
+  @classmethod
+  def for_info(cls, info, shapes: Mapping) -> "RowLayout":
+    """The layout of an adapter's `AdapterInfo` with {t: (L, d_in, d_out)}."""
+    return cls(info.targets, {t: tuple(shapes[t]) for t in info.targets},
+               info.rank, info.dtype, info.variant, info.basis_seed)
+
+  @property
+  def names(self) -> tuple[str, str]:
+    """Names of a row's two tensors per target (for errors)."""
+    return (("lambda_d", "lambda_b") if self.variant == "vera" else
+            ("lora_a", "lora_b"))
+
+  def _shapes_of(self, t: str) -> tuple[tuple, tuple]:
+    l, d_in, d_out = self.shapes[t]
+    if self.variant == "vera":
+      return (l, self.rank), (l, d_out)
+    return (l, d_in, self.rank), (l, self.rank, d_out)
 
   @property
   def np_dtype(self) -> np.dtype:
@@ -88,24 +118,27 @@ class RowLayout:
 
   @property
   def row_len(self) -> int:
-    r = self.rank
-    return sum(l * r * (d_in + d_out)
-               for l, d_in, d_out in self.shapes.values())
+    return sum(math.prod(a) + math.prod(b)
+               for a, b in (self._shapes_of(t) for t in self.targets))
 
   @property
   def row_bytes(self) -> int:
     return self.row_len * self.np_dtype.itemsize
 
   def to_dict(self) -> dict:
-    return dict(targets=list(self.targets),
-                shapes={t: list(s) for t, s in self.shapes.items()},
-                rank=self.rank, dtype=self.dtype)
+    d = dict(targets=list(self.targets),
+             shapes={t: list(s) for t, s in self.shapes.items()},
+             rank=self.rank, dtype=self.dtype)
+    if self.variant != "lora":  # LoRA layouts (and class keys) unchanged.
+      d.update(variant=self.variant, basis_seed=self.basis_seed)
+    return d
 
   @classmethod
   def from_dict(cls, d: Mapping) -> "RowLayout":
     return cls(tuple(d["targets"]), {t: tuple(s) for t, s in
                                      d["shapes"].items()},
-               int(d["rank"]), d["dtype"])
+               int(d["rank"]), d["dtype"], d.get("variant", "lora"),
+               d.get("basis_seed"))
 
   def class_key(self, base_fingerprint: str) -> str:
     """Name of the array family: a hash of base + layout (path-safe)."""
@@ -114,7 +147,7 @@ class RowLayout:
 
   def pack(self, lora_a: Mapping[str, np.ndarray],
            lora_b: Mapping[str, np.ndarray]) -> np.ndarray:
-    """Flattens A/B factors into one row: [row_len] of `dtype`.
+    """Flattens A/B factors (VeRA: lambda_d/lambda_b) into one [row_len] row.
 
     Raises:
       InvalidAdapterError: a target missing or extra, a shape not matching the
@@ -127,9 +160,8 @@ class RowLayout:
           f"{list(self.targets)}")
     parts = []
     for t in self.targets:
-      l, d_in, d_out = self.shapes[t]
-      for name, arr, want in (("lora_a", lora_a[t], (l, d_in, self.rank)),
-                              ("lora_b", lora_b[t], (l, self.rank, d_out))):
+      for name, arr, want in zip(self.names, (lora_a[t], lora_b[t]),
+                                 self._shapes_of(t)):
         arr = np.asarray(arr)
         if tuple(arr.shape) != want:
           raise InvalidAdapterError(
@@ -152,9 +184,7 @@ class RowLayout:
     """(target, is_b, start, stop, shape) of every factor in a row."""
     segs, pos = [], 0
     for t in self.targets:
-      l, d_in, d_out = self.shapes[t]
-      for is_b, shape in ((False, (l, d_in, self.rank)),
-                          (True, (l, self.rank, d_out))):
+      for is_b, shape in zip((False, True), self._shapes_of(t)):
         n = math.prod(shape)
         segs.append((t, is_b, pos, pos + n, shape))
         pos += n
@@ -162,7 +192,7 @@ class RowLayout:
 
   def unpack(self, row: np.ndarray) -> tuple[dict, dict]:
     """Inverse of `pack` (views of `row`): ({t: [L, d_in, r]}, {t: [L, r,
-    d_out]})."""
+    d_out]}); VeRA: ({t: [L, r]}, {t: [L, d_out]})."""
     a, b = {}, {}
     for t, is_b, start, stop, shape in self._segments:
       (b if is_b else a)[t] = row[start:stop].reshape(shape)
