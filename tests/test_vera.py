@@ -365,3 +365,39 @@ def test_engine_serves_base_lora_and_vera_mixed_like_alone(tmp_path):
   assert isinstance(cached, vera.VeraWeights)
   assert weights_nbytes(cached) == AdapterSpec(
       targets=("q", "v"), max_rank=2, variant="vera").stored_bytes(CFG)
+
+
+# ------------------------------------------------------- the training run
+
+
+def test_training_run_trains_resumes_and_publishes_vera_vectors(tmp_path):
+  import os  # pylint: disable=g-import-not-at-top
+  from configs import smollm2_personal  # pylint: disable=g-import-not-at-top
+  from mintjax.eval.personal_data import write_personal_data  # pylint: disable=g-import-not-at-top
+  from mintjax.store.registry import Registry  # pylint: disable=g-import-not-at-top
+  from mintjax.train import loop  # pylint: disable=g-import-not-at-top
+  paths = write_personal_data(str(tmp_path / "data"), num_users=4, seed=3)
+  c = smollm2_personal.get_config("tiny")
+  c.train_data = os.path.dirname(paths["train"])
+  c.heldout_data = os.path.dirname(paths["heldout"])
+  c.registry = str(tmp_path / "registry")
+  c.num_slots, c.batch_size, c.steps_per_cohort = 4, 8, 4
+  c.checkpoint_every, c.log_every, c.lora_impl = 2, 2, "gather"
+  c.lora.variant, c.lora.basis_seed, c.lora.rank = "vera", 3, 4
+  c.optimizer.learning_rate = 1e-2
+  work = str(tmp_path / "work")
+  # Killed mid-cohort 1, then resumed from the VeraBank checkpoint.
+  assert loop.train_and_publish(c, work, stop_after_steps=6)["stopped"]
+  res = loop.train_and_publish(c, work)
+  assert res["steps"] == 2 and list(res["published"]) == ["user0003"]
+  reg = Registry.open(c.registry)
+  users = sorted(a["id"] for a in reg.list_adapters())
+  assert len(users) == 4
+  for u in users:
+    rec = reg.adapter(u)
+    assert rec["spec"]["variant"] == "vera" and rec["spec"]["basis_seed"] == 3
+    rev, w = reg.load(u)
+    assert isinstance(w, vera.VeraWeights) and w.basis_seed == 3
+    assert np.abs(w.lambda_b["q"]).max() > 0  # trained away from the init
+    assert rev.provenance["evaluation"]["heldout_loss"] > 0
+    assert len(reg.history(u)) == 1

@@ -22,7 +22,9 @@ import socket
 import subprocess
 from typing import Any, Mapping
 
-from mintjax.adapters.spec import AdapterError, AdapterSpec, lora_scale
+from mintjax.adapters.spec import (AdapterError, AdapterSpec,
+                                   AdapterWeights, lora_scale)
+from mintjax.adapters.vera import VeraWeights
 from mintjax.store.errors import BaseMismatchError, InvalidAdapterError
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -157,12 +159,11 @@ def check_weights(adapter_id: str, info: AdapterInfo, weights) -> None:
   Raises:
     InvalidAdapterError: saying what differs and how to fix it.
   """
-  want = "VeraWeights" if info.variant == "vera" else "AdapterWeights"
-  if getattr(weights, "variant", None) != info.variant or type(
-      weights).__name__ != want:
+  want = VeraWeights if info.variant == "vera" else AdapterWeights
+  if not isinstance(weights, want):
     raise InvalidAdapterError(
-        f"weights for {adapter_id!r} must be {want} (the adapter's variant "
-        f"is {info.variant!r}), got {type(weights).__name__}")
+        f"weights for {adapter_id!r} must be {want.__name__} (the adapter's "
+        f"variant is {info.variant!r}), got {type(weights).__name__}")
   if info.variant == "vera":
     if weights.basis_seed != info.basis_seed or set(
         weights.lambda_d) != set(info.targets):

@@ -5,7 +5,10 @@ for the cohort currently in the bank, with checks), `init_adapter` (a new
 user's adapter initialised like PEFT: A random, B zero, so a fresh adapter is
 exactly the base model) and `cohort_bank` (the host-built bank holding one
 cohort, placed with the step's shardings). Loading the next cohort replaces
-array values only; the compiled step is reused.
+array values only; the compiled step is reused. For `AdapterSpec(variant=
+'vera')` a new adapter is initialised per the VeRA paper (lambda_b = 0,
+lambda_d = 0.1: again exactly the base model), the cohort bank is a
+`VeraBank`, and `read_adapter` reads a slot back as `VeraWeights`.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from typing import Mapping, Sequence
 import jax
 import numpy as np
 
-from mintjax.adapters.bank import AdapterBank, bank_from_weights
+from mintjax.adapters.bank import AdapterBank, bank_from_weights, read_slot
 from mintjax.adapters.spec import AdapterSpec, AdapterWeights
+from mintjax.adapters.vera import (VeraBank, VeraWeights, read_vera_slot,
+                                   vera_bank_from_weights)
 from mintjax.config import ModelConfig
 
 
@@ -110,9 +115,28 @@ def init_adapter(config: ModelConfig, targets: Sequence[str], rank: int,
                         use_rslora=use_rslora)
 
 
+def init_for_spec(config: ModelConfig, spec: AdapterSpec, rank: int,
+                  alpha: float, user: str, seed: int, use_rslora: bool = False
+                  ) -> AdapterWeights | VeraWeights:
+  """A fresh adapter of the spec's variant (see `init_adapter`)."""
+  if spec.variant == "vera":
+    return VeraWeights.init(config, spec.targets, rank, spec.basis_seed,
+                            alpha=alpha)
+  return init_adapter(config, spec.targets, rank, alpha, user, seed,
+                      use_rslora)
+
+
+def read_adapter(spec: AdapterSpec, bank, slot: int, alpha: float,
+                 use_rslora: bool = False) -> AdapterWeights | VeraWeights:
+  """One slot of a (host) cohort bank as the weights the registry stores."""
+  if isinstance(bank, VeraBank):
+    return read_vera_slot(bank, slot, spec.basis_seed, alpha=alpha)
+  return read_slot(bank, slot, alpha=alpha, use_rslora=use_rslora)
+
+
 def cohort_bank(config: ModelConfig, spec: AdapterSpec, slot_map: SlotMap,
-                weights_of_user: Mapping[str, AdapterWeights],
-                shardings=None) -> AdapterBank:
+                weights_of_user: Mapping[str, AdapterWeights | VeraWeights],
+                shardings=None) -> AdapterBank | VeraBank:
   """The bank holding one cohort's adapters (empty slots are null).
 
   Args:
@@ -125,7 +149,9 @@ def cohort_bank(config: ModelConfig, spec: AdapterSpec, slot_map: SlotMap,
   missing = [u for u in slot_map.users if u not in weights_of_user]
   if missing:
     raise SlotMapError(f"no initial weights for users {missing}")
-  bank = bank_from_weights(config, spec, {
+  build = vera_bank_from_weights if spec.variant == "vera" else (
+      bank_from_weights)
+  bank = build(config, spec, {
       slot_map.slot(u): weights_of_user[u] for u in slot_map.users})
   if shardings is not None:
     host = jax.tree.map(np.asarray, bank)

@@ -33,7 +33,6 @@ import ml_collections
 import numpy as np
 
 from mintjax import sharding
-from mintjax.adapters.bank import read_slot
 from mintjax.adapters.spec import AdapterSpec
 from mintjax.config import ModelConfig
 from mintjax.eval.evaluate import evaluate_jobs
@@ -42,7 +41,9 @@ from mintjax.store.errors import BaseMismatchError
 from mintjax.train import data as data_lib
 from mintjax.train import optimizer as opt_lib
 from mintjax.train.checkpoint import TrainCheckpointer
-from mintjax.train.cohort import SlotMap, cohort_bank, init_adapter, plan_cohorts
+from mintjax.adapters.vera import VeraBank
+from mintjax.train.cohort import (SlotMap, cohort_bank, init_for_spec,
+                                  plan_cohorts, read_adapter)
 from mintjax.train.step import Batch, StepConfig, make_train_step
 
 RANDOM_VARIANTS = {
@@ -115,8 +116,11 @@ def make_spec(cfg) -> AdapterSpec:
   targets = cfg.lora.targets
   if isinstance(targets, str):
     targets = tuple(t.strip() for t in targets.split(",") if t.strip())
+  # lora.variant 'vera' trains VeRA vectors on a frozen basis instead.
   return AdapterSpec(targets=tuple(targets), max_rank=int(cfg.lora.rank),
-                     num_slots=int(cfg.num_slots))
+                     num_slots=int(cfg.num_slots),
+                     variant=str(cfg.lora.get("variant", "lora")),
+                     basis_seed=int(cfg.lora.get("basis_seed", 0)))
 
 
 def make_opt_config(cfg) -> opt_lib.OptimizerConfig:
@@ -216,8 +220,8 @@ def train_and_publish(cfg: ml_collections.ConfigDict, workdir: str,
   latest = ckpt.latest_step()
   resume = None
   if latest is not None:
-    empty = {u: init_adapter(base.config, spec.targets, int(cfg.lora.rank),
-                             float(cfg.lora.alpha), u, 0)
+    empty = {u: init_for_spec(base.config, spec, int(cfg.lora.rank),
+                              float(cfg.lora.alpha), u, 0)
              for u in cohorts[0]}
     like_bank = cohort_bank(base.config, spec, SlotMap.for_cohort(
         cohorts[0], spec.num_slots), empty, bank_sh)
@@ -247,12 +251,13 @@ def train_and_publish(cfg: ml_collections.ConfigDict, workdir: str,
           raise
         except Exception:  # pylint: disable=broad-except  # no revision yet
           rev = None
-      if rev is not None and w.rank == spec.max_rank:
+      if (rev is not None and w.rank == spec.max_rank and
+          w.variant == spec.variant):
         init[u], parents[u] = w, rev.revision
       else:
-        init[u] = init_adapter(base.config, spec.targets, int(cfg.lora.rank),
-                               float(cfg.lora.alpha), u, int(cfg.seed),
-                               bool(cfg.lora.use_rslora))
+        init[u] = init_for_spec(base.config, spec, int(cfg.lora.rank),
+                                float(cfg.lora.alpha), u, int(cfg.seed),
+                                bool(cfg.lora.use_rslora))
     if resume is not None and c == start_cohort:
       bank, opt, meta = resume
       if SlotMap.from_json(meta["slot_map"]) != slot_map:
@@ -325,18 +330,22 @@ def _publish_cohort(cfg, registry, base, spec, host_bank, slot_map, parents,
           if heldout_ex.get(u)]
   jobs += [(("base", u), 0, heldout_ex[u]) for u in users
            if heldout_ex.get(u)]
-  results = evaluate_jobs(base, host_bank, jobs,
+  eval_bank = (host_bank.materialize() if isinstance(host_bank, VeraBank)
+               else host_bank)
+  results = evaluate_jobs(base, eval_bank, jobs,
                           int(cfg.get("eval_batch_size", 16)),
                           cfg.lora_impl) if jobs else {}
   items = []
   for u in users:
     registry.create_adapter(u, spec=dict(
         targets=list(spec.targets), rank=int(cfg.lora.rank),
-        alpha=float(cfg.lora.alpha), use_rslora=bool(cfg.lora.use_rslora)),
+        alpha=float(cfg.lora.alpha), use_rslora=bool(cfg.lora.use_rslora),
+        variant=spec.variant, **({"basis_seed": spec.basis_seed}
+                                 if spec.variant == "vera" else {})),
                             base_fingerprint=base.fingerprint, owner=u,
                             exist_ok=True, config=base.config)
-    w = read_slot(host_bank, slot_map.slot(u), alpha=float(cfg.lora.alpha),
-                  use_rslora=bool(cfg.lora.use_rslora))
+    w = read_adapter(spec, host_bank, slot_map.slot(u),  # VeRA: vectors
+                     float(cfg.lora.alpha), bool(cfg.lora.use_rslora))
     ev = None
     if u in results:
       r, b = results[u], results[("base", u)]
