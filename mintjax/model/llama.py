@@ -216,13 +216,24 @@ def forward(params: dict, bank: AdapterBank | None, adapter_idx_b,
   (x, kv), _ = jax.lax.scan(
       body, (x, kv0), (params["layers"], jnp.arange(c.num_layers)))
   hidden = rms_norm(x, params["final_norm"], c.rms_norm_eps)
-  head = params["embed"].T if c.tie_word_embeddings else params["lm_head"]
-  logits = jnp.einsum("btd,dv->btv", hidden, head.astype(hidden.dtype),
-                      preferred_element_type=jnp.float32)
+  logits = lm_head(params, hidden, config=c)
   new_cache = KVCache(*kv) if cache is not None else None
   if return_hidden:
     return logits, new_cache, hidden
   return logits, new_cache
+
+
+def lm_head(params: dict, hidden_btd, *, config: ModelConfig):
+  """Logits [B, T, V] float32 from final (normed) hidden states [B, T, D].
+
+  Callers that need only some positions (prefill's last token, completion
+  tokens in training) take `return_hidden=True`, select positions, and call
+  this; XLA then drops the unused full-width head from `forward`.
+  """
+  head = (params["embed"].T if config.tie_word_embeddings
+          else params["lm_head"])
+  return jnp.einsum("btd,dv->btv", hidden_btd, head.astype(hidden_btd.dtype),
+                    preferred_element_type=jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "lora_impl"))

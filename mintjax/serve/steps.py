@@ -94,14 +94,16 @@ def _prefill(params, bank, cache: KVCache, tokens_pt, lengths_p, rows_p,
     scratch = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                            cache_shapes(config, p, t, cache.k.dtype.name))
     pos_pt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (p, t))
-    logits_ptv, scratch = llama.forward(
+    _, scratch, hidden_ptd = llama.forward(
         params, bank, adapter_idx_p, tokens_pt, pos_pt, config=config,
-        cache=scratch, lora_impl=lora_impl)
+        cache=scratch, lora_impl=lora_impl, return_hidden=True)
   # mode='drop' turns padding rows (index B) into no-ops.
   put = lambda buf, new: buf.at[:, rows_p, :t].set(new, mode="drop")
   cache = KVCache(put(cache.k, scratch.k), put(cache.v, scratch.v))
-  last_pv = jnp.take_along_axis(
-      logits_ptv, (lengths_p - 1)[:, None, None], axis=1)[:, 0]
+  # The LM head runs on each prompt's last position only (not all T).
+  last_p1d = jnp.take_along_axis(
+      hidden_ptd, (lengths_p - 1)[:, None, None], axis=1)
+  last_pv = llama.lm_head(params, last_p1d, config=config)[:, 0]
   token_p, logprob_p = sampling_lib.sample(last_pv, rows, lengths_p)
   return cache, token_p, logprob_p
 
