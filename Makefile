@@ -29,3 +29,21 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(VPY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+# Optional: the Hugging Face parity interpreter (torch 2.13.0 CPU, transformers,
+# peft) used only to regenerate tests/fixtures/parity and for the PEFT columns
+# of the benchmarks. torch==2.13.0's CPU wheel is for Python 3.11.
+PARITY_PY ?= $(shell for p in python3.11 $$HOME/.pyenv/versions/3.11*/bin/python3.11; do \
+        $$p -c '' >/dev/null 2>&1 && echo $$p && break; done)
+
+.PHONY: parity-venv parity-fixtures
+parity-venv: .venv-parity/.installed
+
+.venv-parity/.installed:
+	@test -x .venv-parity/bin/python || $(PARITY_PY) -m venv .venv-parity
+	.venv-parity/bin/python -m pip install -q torch==2.13.0
+	.venv-parity/bin/python -m pip install -q transformers peft safetensors numpy gguf accelerate
+	@touch .venv-parity/.installed
+
+parity-fixtures: .venv-parity/.installed
+	.venv-parity/bin/python tools/make_parity_fixtures.py

@@ -8,7 +8,7 @@ Measured in one run, side by side, and printed as a markdown table:
     seven projections, and the same engine with every request on the base
     (goal: step-time ratio <= 1.10);
   * end-to-end tokens/s of the same mixed batch against transformers + PEFT
-    `generate(adapter_names=...)`, run in /work/parity-venv in a subprocess
+    `generate(adapter_names=...)`, run in the parity interpreter (`make parity-venv`) in a subprocess
     (torch is never imported here; goal >= 5x);
   * churn: many adapters through the slots, throughput and hit rates;
   * prefill time per prompt token and peak host memory (max RSS).
@@ -29,8 +29,8 @@ import numpy as np
 from mintjax.adapters.spec import ALL_TARGETS, AdapterWeights
 from mintjax.serve.engine import Engine, EngineConfig
 from mintjax.serve.residency import InMemoryAdapters
+from tools.parity_env import parity_python
 
-PARITY_PYTHON = "/work/parity-venv/bin/python"
 
 # Runs inside the parity venv: transformers + PEFT mixed-batch generate.
 _HF_SCRIPT = r"""
@@ -161,10 +161,11 @@ def main():
          for k in ("hits", "misses", "loads", "evictions", "load_seconds")}
   host = {k: st1["host"][k] - st0["host"][k] for k in ("hits", "misses")}
 
-  hf, hf_note = None, "not run (no /work/parity-venv, or --no_hf)"
-  if not args.no_hf and os.path.exists(PARITY_PYTHON):
+  hf, hf_note = None, "not run (no parity interpreter: `make parity-venv`; or --no_hf)"
+  parity_py = parity_python()
+  if not args.no_hf and parity_py is not None:
     proc = subprocess.run(
-        [PARITY_PYTHON, "-c", _HF_SCRIPT, str(default_gguf_path()),
+        [parity_py, "-c", _HF_SCRIPT, str(default_gguf_path()),
          str(batch), str(prompt_len), str(new_tokens), str(rank),
          str(os.cpu_count() or 1)],
         capture_output=True, text=True, check=False)

@@ -8,7 +8,7 @@ tokens per user):
   multi       one compiled step training U adapters (adapter_idx = 1..U)
   sequential  U single-user steps (batch of that user's row), same program
   shared      one step training one adapter over all U rows
-and, when /work/parity-venv has torch + peft, PEFT training the same U
+and, when the parity interpreter (`make parity-venv`) has torch + peft, PEFT training the same U
 adapters one after another (AdamW, same rows) in a subprocess. Prints a
 markdown table of speed-ups, overhead and peak memory.
 """
@@ -34,9 +34,9 @@ from mintjax.model.base import random_base
 from mintjax.train import optimizer as opt_lib
 from mintjax.train.cohort import SlotMap, cohort_bank, init_adapter
 from mintjax.train.loop import RANDOM_VARIANTS
+from tools.parity_env import parity_python
 from mintjax.train.step import Batch, StepConfig, log_memory_analysis, make_train_step
 
-PARITY_PY = "/work/parity-venv/bin/python"
 TARGETS = ("q", "k", "v", "o")
 
 
@@ -142,14 +142,15 @@ print(json.dumps({"peft_s": time.perf_counter() - t0}))
 
 
 def bench_peft(variant, rank, tokens):
-  if not os.path.exists(PARITY_PY):
+  parity_py = parity_python()
+  if parity_py is None:
     return None
   cfg = RANDOM_VARIANTS[variant].to_dict()
   arg = json.dumps(dict(cfg=cfg, rank=rank, tokens=tokens.tolist()))
   with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
     f.write(_PEFT_SCRIPT)
   try:
-    out = subprocess.run([PARITY_PY, f.name, arg], capture_output=True,
+    out = subprocess.run([parity_py, f.name, arg], capture_output=True,
                          text=True, timeout=1200)
   finally:
     os.unlink(f.name)

@@ -8,8 +8,8 @@ mintjax tests then load these folders without torch and compare.
 
 Run it with the parity venv, never the mintjax venv:
 
-  /work/parity-venv/bin/python tools/make_parity_fixtures.py
-  /work/parity-venv/bin/python tools/make_parity_fixtures.py --skip_smollm2
+  .venv-parity/bin/python tools/make_parity_fixtures.py
+  .venv-parity/bin/python tools/make_parity_fixtures.py --skip_smollm2
 
 It deliberately imports neither mintjax nor jax. See
 tests/fixtures/parity/README.md for what every file holds.
