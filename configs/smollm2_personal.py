@@ -3,6 +3,11 @@
 Variants (`--config=configs/smollm2_personal.py:<variant>`):
   tiny     a random 2-layer model with the byte tokenizer (tests, CI).
   smollm2  SmolLM2-135M-Instruct from the bundled GGUF file.
+  demo     SmolLM2 tuned for `make demo` (mintjax.eval.demo): short raw
+           prompts in one 12-token bucket, the LM head on a 6-token
+           completion window, no remat, few steps at a high learning rate,
+           so 64 users train in a few minutes on a 2-core CPU.
+  demo_tiny  the same recipe on the random tiny model (`--quick`, tests).
 Override any field, e.g. `--config.lora.rank=4 --config.train_data=...`.
 """
 
@@ -33,6 +38,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   c.lora_impl = "auto"
   c.remat = False
+  c.loss_window = 0      # 0: LM head on every position; W: only on W
+                         # positions from each row's first completion target
   c.continue_from_registry = True
   c.checkpoint_every = 10
   c.keep_checkpoints = 2
@@ -52,7 +59,35 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.optimizer.learning_rate = 2e-3
     c.steps_per_cohort = 60
     c.remat = True
+  elif variant in ("demo", "demo_tiny"):
+    if variant == "demo":
+      from mintjax.model.smollm2 import default_gguf_path  # pylint: disable=g-import-not-at-top
+      c.base = str(default_gguf_path())
+    c.prompt_style = "raw"
+    c.max_length = 16
+    c.buckets = (12, 16)
+    c.loss_window = 6
+    c.lora.rank = 4
+    c.lora.alpha = 8.0
+    c.lora.targets = "q,k,v,o"
+    # Measured on 8 users x 3 facts: 30 steps at 3e-3 reach 100% held-out
+    # exact match; 20 steps reach 75%; 1e-2 diverges for some users.
+    c.optimizer.learning_rate = 3e-3
+    c.steps_per_cohort = 30
+    c.remat = False
+    c.checkpoint_every = 1000  # one checkpoint at the cohort's end
+    c.log_every = 5
+    c.eval_batch_size = 32
+    if variant == "demo_tiny":
+      # The byte tokenizer spends one token per character.
+      c.max_length = 48
+      c.buckets = (48,)
+      c.loss_window = 12
+      # A random base's std-0.02 tied head cannot produce peaked logits, so
+      # no adapter on it gets exact answers: this variant checks the
+      # plumbing (train, publish, serve), not the accuracy.
+      c.steps_per_cohort = 20
   else:
-    raise ValueError(f"unknown variant {variant!r}; choose 'tiny' or "
-                     "'smollm2'")
+    raise ValueError(f"unknown variant {variant!r}; choose 'tiny', "
+                     "'smollm2', 'demo' or 'demo_tiny'")
   return c

@@ -140,6 +140,22 @@ class _Metrics:
         f.write(json.dumps(record, sort_keys=True) + "\n")
 
 
+def _check_loss_window(examples, window: int) -> None:
+  """Refuses examples whose completion does not fit the loss window."""
+  worst = None
+  for exs in examples.values():
+    for e in exs:
+      span = len(e.tokens) - 1 - max(e.prompt_len - 1, 0)
+      if span > window and (worst is None or span > worst[0]):
+        worst = (span, e.source)
+  if worst is not None:
+    raise data_lib.DataError(
+        f"{worst[1]}: the completion (with eos) is {worst[0]} tokens but "
+        f"loss_window={window} positions get the LM head; raise "
+        f"loss_window to at least {worst[0]} or set it to 0 (head on every "
+        "position). Nothing was trained.")
+
+
 def _already_published(registry, users, run_fp: str, cohort: int) -> bool:
   for u in users:
     try:
@@ -167,7 +183,9 @@ def train_and_publish(cfg: ml_collections.ConfigDict, workdir: str,
 
   Returns:
     {'published': {user: ref}, 'steps': steps run now, 'evals': {user:
-    {...}}, 'stopped': bool}.
+    {...}}, 'stopped': bool, 'timing': {'step_seconds', 'steps',
+    'completion_tokens', 'input_tokens' of the steps after each cohort's
+    first, and 'first_step_seconds' (includes compilation)}}.
   """
   from mintjax.store.registry import Registry  # pylint: disable=g-import-not-at-top
   os.makedirs(workdir, exist_ok=True)
@@ -187,6 +205,9 @@ def train_and_publish(cfg: ml_collections.ConfigDict, workdir: str,
                                     cfg.overflow, cfg.prompt_style)
   heldout_ex = data_lib.load_examples(heldout, base.tokenizer, max_length,
                                       "truncate", cfg.prompt_style)
+  loss_window = int(cfg.get("loss_window", 0))
+  if loss_window:
+    _check_loss_window(examples, loss_window)
   data_fps = {u: data_lib.data_fingerprint(r) for u, r in records.items()}
   run_fp = _run_fingerprint(cfg, base.fingerprint, data_fps)
   registry = Registry.open(cfg.registry)
@@ -208,7 +229,8 @@ def train_and_publish(cfg: ml_collections.ConfigDict, workdir: str,
   # --- mesh and the compiled step -----------------------------------------
   mesh = sharding.make_mesh(**dict(cfg.mesh))
   step_fn = make_train_step(base.config, spec, opt_cfg, mesh, StepConfig(
-      lora_impl=cfg.lora_impl, remat=bool(cfg.remat)))
+      lora_impl=cfg.lora_impl, remat=bool(cfg.remat),
+      loss_window=loss_window))
   params_sh, bank_sh, opt_sh = step_fn.state_shardings
   params = _place(base.params, params_sh)
   base_host = base if jax.process_count() == 1 else BaseModel(
@@ -232,6 +254,10 @@ def train_and_publish(cfg: ml_collections.ConfigDict, workdir: str,
                  latest, resume[2]["cohort"], resume[2]["step_in_cohort"])
   start_cohort = resume[2]["cohort"] if resume else 0
   published, evals, steps_run = {}, {}, 0
+  # Steady-state throughput: the first step of each cohort (which compiles
+  # on the first cohort) is left out.
+  timing = dict(step_seconds=0.0, steps=0, completion_tokens=0,
+                input_tokens=0, first_step_seconds=0.0)
   pc, pi = jax.process_count(), jax.process_index()
 
   for c in range(start_cohort, len(cohorts)):
@@ -281,7 +307,17 @@ def train_and_publish(cfg: ml_collections.ConfigDict, workdir: str,
       local = next(it)
       batch = Batch(**{k: jax.make_array_from_process_local_data(
           getattr(step_fn.batch_sharding, k), v) for k, v in local.items()})
+      t_step = time.perf_counter()
       bank, opt, m = step_fn(params, bank, opt, batch)
+      jax.block_until_ready(m["loss"])
+      t_step = time.perf_counter() - t_step
+      if s == start_step:
+        timing["first_step_seconds"] += t_step
+      else:
+        timing["step_seconds"] += t_step
+        timing["steps"] += 1
+        timing["completion_tokens"] += int(local["loss_mask"].sum()) * pc
+        timing["input_tokens"] += int((local["segment_ids"] > 0).sum()) * pc
       steps_run += 1
       gstep = c * steps + s + 1
       tokens_seen += int(local["loss_mask"].sum()) * pc
@@ -305,7 +341,7 @@ def train_and_publish(cfg: ml_collections.ConfigDict, workdir: str,
       if stop_after_steps is not None and steps_run >= stop_after_steps:
         ckpt.close()
         return dict(published=published, steps=steps_run, evals=evals,
-                    stopped=True)
+                    stopped=True, timing=timing)
     del last_log
     ckpt.wait()
     # --- evaluate and publish the cohort (process 0) ----------------------
@@ -318,7 +354,7 @@ def train_and_publish(cfg: ml_collections.ConfigDict, workdir: str,
         u: evals.get(u) for u in users}))
   ckpt.close()
   return dict(published=published, steps=steps_run, evals=evals,
-              stopped=False)
+              stopped=False, timing=timing)
 
 
 def _publish_cohort(cfg, registry, base, spec, host_bank, slot_map, parents,

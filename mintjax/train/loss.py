@@ -1,7 +1,9 @@
 """The multi-tenant training loss: next-token cross-entropy, mean per user.
 
 Owns `token_cross_entropy`, `per_slot_loss` (token losses reduced to one mean
-per adapter slot) and `multi_tenant_loss` (their sum over the slots present).
+per adapter slot), `multi_tenant_loss` (their sum over the slots present) and
+`completion_window` (the static per-row window of completion positions, so
+the LM head is applied only where a loss is taken).
 
 Why the sum over slots of per-slot means: each slot's loss is the weighted
 mean over its own completion tokens, so a user with long examples does not
@@ -56,6 +58,42 @@ def per_slot_loss(token_loss_bt, loss_mask_bt, weight_b, adapter_idx_b,
   present_s = tok_s > 0
   loss_s = jnp.where(present_s, sum_s / jnp.where(present_s, tok_s, 1.0), 0.0)
   return loss_s, tok_s, present_s
+
+
+def completion_window(hidden_btd, targets_bt, loss_mask_bt, width: int):
+  """Cuts each row down to a `width`-long window starting at its completion.
+
+  Personal-data examples are a prompt followed by a short completion, and the
+  loss is taken only on completion targets; the 49152-wide LM head of a
+  model like SmolLM2 is ~20% of a step's FLOPs when applied at every
+  position. With a static window the head runs on B x width positions
+  instead of B x T, and the program shape does not depend on the data.
+
+  Args:
+    hidden_btd: [B, T, D] final normed hidden states.
+    targets_bt: [B, T] int32 next-token targets.
+    loss_mask_bt: [B, T] 1.0 on trained targets.
+    width: W, the static window length (W <= T).
+
+  Returns:
+    (hidden_bwd [B, W, D], targets_bw [B, W], mask_bw [B, W], dropped_b [B]
+    float32: mask weight outside the window, which must be 0; the train loop
+    checks every example fits before any step and the step reports it).
+  """
+  t = hidden_btd.shape[1]
+  if not 0 < width <= t:
+    raise ValueError(f"completion window {width} must be in [1, T={t}]")
+  # The first trained target of each row (0 for rows with no mask).
+  start_b = jnp.argmax(loss_mask_bt > 0, axis=1)
+  # Keep the window inside the row: a window that would run past T starts
+  # earlier instead (the extra leading positions carry mask 0 or are kept).
+  start_b = jnp.minimum(start_b, t - width)
+  idx_bw = start_b[:, None] + jnp.arange(width)[None, :]
+  hidden_bwd = jnp.take_along_axis(hidden_btd, idx_bw[..., None], axis=1)
+  targets_bw = jnp.take_along_axis(targets_bt, idx_bw, axis=1)
+  mask_bw = jnp.take_along_axis(loss_mask_bt, idx_bw, axis=1)
+  dropped_b = jnp.sum(loss_mask_bt, axis=1) - jnp.sum(mask_bw, axis=1)
+  return hidden_bwd, targets_bw, mask_bw, dropped_b
 
 
 def multi_tenant_loss(logits_btv, targets_bt, loss_mask_bt, weight_b,

@@ -72,10 +72,16 @@ class StepConfig:
   Attributes:
     lora_impl: gather-LoRA implementation ('auto' picks per backend).
     remat: rematerialise each layer in the backward pass.
+    loss_window: 0 applies the LM head at every position; W > 0 applies it
+      only to a W-long window starting at each row's first completion
+      target (see `loss.completion_window`). Every example's completion
+      (plus eos) must fit in W; `train_and_publish` checks that before any
+      step and the step reports any overflow as 'dropped_tokens'.
   """
 
   lora_impl: str = "auto"
   remat: bool = False
+  loss_window: int = 0
 
 
 def train_step(base_params: dict, bank: AdapterBank,
@@ -87,20 +93,34 @@ def train_step(base_params: dict, bank: AdapterBank,
   Returns:
     (new bank, new optimizer state, metrics) where metrics holds 'loss'
     (mean over present slots of per-slot loss), 'loss_s' [S], 'tokens_s' [S],
-    'present_s' [S], 'grad_norm' [S], 'lr' [S], 'count' [S].
+    'present_s' [S], 'grad_norm' [S], 'lr' [S], 'count' [S] and
+    'dropped_tokens' (weighted completion targets outside the loss window;
+    0 unless the window is too short).
   """
   num_slots = bank.num_slots
   base_params = jax.lax.stop_gradient(base_params)
 
   def loss_fn(trainable):
     b = opt_lib.forward_bank(bank, trainable)  # VeRA: materialised here.
-    logits_btv, _ = llama.forward(
+    logits_btv, _, hidden_btd = llama.forward(
         base_params, b, batch.adapter_idx, batch.tokens, batch.positions,
         config=config, segment_ids_bt=batch.segment_ids,
-        lora_impl=step_cfg.lora_impl, remat=step_cfg.remat)
-    return loss_lib.multi_tenant_loss(
-        logits_btv, batch.targets, batch.loss_mask, batch.weight,
-        batch.adapter_idx, num_slots)
+        lora_impl=step_cfg.lora_impl, remat=step_cfg.remat,
+        return_hidden=True)
+    targets_bt, mask_bt = batch.targets, batch.loss_mask
+    dropped = jnp.zeros((), jnp.float32)
+    if step_cfg.loss_window and step_cfg.loss_window < batch.tokens.shape[1]:
+      # The full-width logits above are then unused and XLA drops them; the
+      # head runs on the window only.
+      hidden_bwd, targets_bt, mask_bt, dropped_b = loss_lib.completion_window(
+          hidden_btd, targets_bt, mask_bt, step_cfg.loss_window)
+      logits_btv = llama.lm_head(base_params, hidden_bwd, config=config)
+      dropped = jnp.sum(dropped_b * batch.weight)
+    loss, aux = loss_lib.multi_tenant_loss(
+        logits_btv, targets_bt, mask_bt, batch.weight, batch.adapter_idx,
+        num_slots)
+    aux["dropped_tokens"] = dropped
+    return loss, aux
 
   trainable = opt_lib.trainable_params(bank)
   (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
@@ -113,7 +133,8 @@ def train_step(base_params: dict, bank: AdapterBank,
   metrics = dict(
       loss=jnp.sum(jnp.where(present_s, aux["loss_s"], 0.0)) / n_present,
       loss_s=aux["loss_s"], tokens_s=aux["tokens_s"], present_s=present_s,
-      count=new_state.count, **opt_metrics)
+      count=new_state.count, dropped_tokens=aux["dropped_tokens"],
+      **opt_metrics)
   return new_bank, new_state, metrics
 
 
