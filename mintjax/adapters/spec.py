@@ -127,6 +127,23 @@ class AdapterSpec:
     return cls(**d)
 
 
+def check_fits_spec(targets, rank, spec: "AdapterSpec | None") -> None:
+  """Raises AdapterError unless rank > 0 and (targets, rank) fit `spec`."""
+  if not isinstance(rank, (int, np.integer)) or rank <= 0:
+    raise AdapterError(f"rank must be a positive int, got {rank!r}")
+  if spec is None:
+    return
+  extra = set(targets) - set(spec.targets)
+  if extra:
+    raise AdapterError(
+        f"adapter targets {sorted(extra)} are not in the bank's targets "
+        f"{spec.targets}; use a bank spec that includes them")
+  if rank > spec.max_rank:
+    raise AdapterError(
+        f"adapter rank {rank} exceeds the bank's max_rank {spec.max_rank}; "
+        "raise max_rank or use a smaller adapter")
+
+
 @dataclasses.dataclass(frozen=True)
 class AdapterWeights:
   """One adapter's weights on the host, unpadded.
@@ -176,18 +193,7 @@ class AdapterWeights:
           f"lora_a targets {sorted(self.lora_a)} differ from lora_b targets "
           f"{sorted(self.lora_b)}")
     targets = self.targets
-    if self.rank <= 0:
-      raise AdapterError(f"rank must be positive, got {self.rank}")
-    if spec is not None:
-      extra = set(targets) - set(spec.targets)
-      if extra:
-        raise AdapterError(
-            f"adapter targets {sorted(extra)} are not in the bank's targets "
-            f"{spec.targets}; use a bank spec that includes them")
-      if self.rank > spec.max_rank:
-        raise AdapterError(
-            f"adapter rank {self.rank} exceeds the bank's max_rank "
-            f"{spec.max_rank}; raise max_rank or use a smaller adapter")
+    check_fits_spec(targets, self.rank, spec)
     for t in targets:
       d_in, d_out = config.projection_shape(t)
       want_a = (config.num_layers, d_in, self.rank)

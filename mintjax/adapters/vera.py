@@ -51,6 +51,7 @@ import numpy as np
 from mintjax.adapters.bank import AdapterBank
 from mintjax.adapters.bank import _IN_AXIS, _OUT_AXIS  # pylint: disable=protected-access
 from mintjax.adapters.spec import (AdapterError, AdapterSpec, AdapterWeights,
+                                   check_fits_spec,
                                    _check_targets, lora_scale)
 from mintjax.config import ModelConfig
 
@@ -173,18 +174,8 @@ class VeraWeights:
           f"lambda_d targets {sorted(self.lambda_d)} differ from lambda_b "
           f"targets {sorted(self.lambda_b)}")
     targets = self.targets
-    if not isinstance(self.rank, (int, np.integer)) or self.rank <= 0:
-      raise AdapterError(f"rank must be a positive int, got {self.rank!r}")
+    check_fits_spec(targets, self.rank, spec)
     if spec is not None:
-      extra = set(targets) - set(spec.targets)
-      if extra:
-        raise AdapterError(
-            f"adapter targets {sorted(extra)} are not in the bank's targets "
-            f"{spec.targets}; use a bank spec that includes them")
-      if self.rank > spec.max_rank:
-        raise AdapterError(
-            f"adapter rank {self.rank} exceeds the bank's max_rank "
-            f"{spec.max_rank}; raise max_rank or use a smaller adapter")
       if spec.variant == "vera" and spec.basis_seed != self.basis_seed:
         raise AdapterError(
             f"VeRA adapter uses basis_seed {self.basis_seed}, the bank's "
