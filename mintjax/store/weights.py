@@ -2,7 +2,10 @@
 
 Owns `RowLayout` (how one adapter's A/B factors flatten into one row and
 back), `kvstore_spec` (local path, `file://`, `gs://`, `s3://` or a
-tensorstore spec dict) and `WeightsStore` (open, grow, write, batched read).
+tensorstore spec dict), `ShardFileReader` (reads rows of local uncompressed
+arrays with `pread`, bypassing tensorstore's per-read overhead and extra
+copy; everything else reads through tensorstore) and `WeightsStore` (open,
+grow, write, batched read). Writes always go through tensorstore.
 
 Layout. One zarr3 array per *shape class* (same base, targets, per-target
 shapes, rank and dtype), shaped `[rows, row_len]`:
