@@ -445,7 +445,7 @@ def run_demo(workdir: str = "demo_out", num_users: int = 64,
       train_completion_tokens_per_s=timing["completion_tokens"] / secs,
       train_first_step_seconds=timing["first_step_seconds"],
       decode_tokens_per_s=served["decode_tokens_per_s"],
-      residency_hit_rates=served["hit_rates"],
+      residency_hit_rates=served["hit_rates"], residency=served["residency"],
       serve_compilations_after_warmup=served["compilations_since_warmup"],
       revisions_per_user=revisions, published=trained["published"],
       answers=served["answers"], stage_seconds=progress.stage_seconds,
@@ -461,7 +461,15 @@ def run_demo(workdir: str = "demo_out", num_users: int = 64,
 def format_summary(s: dict) -> list[str]:
   """The printed summary table."""
   acc = s["heldout_accuracy"]
-  hits = ", ".join(f"{k} {v:.0%}" for k, v in s["residency_hit_rates"].items())
+  res = s.get("residency", {})
+  tiers = []
+  for tier in ("device", "host"):
+    t = res.get(tier, {})
+    looked = t.get("hits", 0) + t.get("misses", 0)
+    tiers.append(f"{tier} {s['residency_hit_rates'].get(tier, 0.0):.0%} of "
+                 f"{looked} lookups")
+  hits = ", ".join(tiers) + (f"; {res.get('store', {}).get('loads', 0)} "
+                             "loads from the store")
   stages = ", ".join(f"{k} {v:.0f}s" for k, v in s["stage_seconds"].items())
   return [
       "",
