@@ -44,8 +44,11 @@ AXES = ("down", "up", "out")
 # SmolLM2-135M train step costs ~1-2 s at 8 rows of 16 tokens there.
 FULL = dict(
     base="smollm2", users=8, steps=30, batch_size=8, eval_every=10,
-    learning_rate=5e-3, ranks=(1, 4, 16), up_arms=("r1-qv", "r16-all7"),
-    vera_rank=256, vera_learning_rate=2e-2, decode_distinct=(1, 4, 16, 64),
+    # 5e-3 diverged for rank 16 (alpha = 2r) within 30 steps; 2e-3 did not.
+    learning_rate=2e-3, ranks=(1, 2, 4, 8, 16),
+    up_arms=("r1-qv", "r16-all7"),
+    # VeRA trains vectors only and did not learn in 30 steps at 2e-2.
+    vera_rank=256, vera_learning_rate=5e-2, decode_distinct=(1, 4, 16, 64),
     decode_batch=64, decode_new_tokens=8, decode_repeats=1,
     catalog_sizes=(10**3, 10**4, 10**5, 10**6), train_users=(1, 4, 16, 64),
     train_batch=64)
@@ -165,6 +168,8 @@ def main(argv=None) -> dict:
                   "needs an explicit folder so it never overwrites docs)")
   ap.add_argument("--doc", default=None,
                   help="markdown report (default <out_dir>/../SCALING.md)")
+  ap.add_argument("--learning_rate", type=float, default=None,
+                  help="override the LoRA arms' learning rate")
   ap.add_argument("--report", action="store_true",
                   help="only rebuild the plots and markdown from the JSON")
   args = ap.parse_args(argv)
@@ -183,6 +188,8 @@ def main(argv=None) -> dict:
     scaling_report.write_all(out_dir, doc)
     return {}
   p = dict(QUICK if args.quick else FULL)
+  if args.learning_rate is not None:
+    p["learning_rate"] = args.learning_rate
   command = "python -m tools.scaling " + " ".join(
       sys.argv[1:] if argv is None else argv)
   info = machine_info(command.strip())

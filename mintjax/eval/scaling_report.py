@@ -4,7 +4,8 @@ Owns the files `tools/scaling.py` writes: `<out_dir>/<axis>.json` (the
 measured numbers plus machine, command and date), one PNG per axis
 (`scale_down.png`, `scale_up.png`, `scale_out.png`; matplotlib with the Agg
 backend, each figure stamped with machine, command and date) and the
-markdown report, rebuilt from whichever axes' JSON files exist. Nothing here
+markdown report, rebuilt from whichever axes' JSON files exist plus an
+optional hand-written `<out_dir>/notes.md`. Nothing here
 measures anything: every number comes from the JSON files.
 """
 
@@ -118,6 +119,7 @@ def plot_out(data: Mapping, path: str) -> None:
   axes[0].axhline(base["decode_tok_s"], color="0.5", ls="--",
                   label="all rows on base")
   axes[0].set_xscale("log", base=2)
+  axes[0].set_ylim(bottom=0)
   axes[0].set_xlabel(f"distinct adapters in a batch of {base['batch']}")
   axes[0].set_ylabel("decode tokens/s")
   axes[0].set_title("decode throughput")
@@ -139,6 +141,7 @@ def plot_out(data: Mapping, path: str) -> None:
   axes[2].plot([r["users"] for r in tr], [r["tokens_per_s"] for r in tr],
                "o-")
   axes[2].set_xscale("log", base=2)
+  axes[2].set_ylim(bottom=0)
   axes[2].set_xlabel(f"users (adapters) per step of {tr[0]['batch']} rows")
   axes[2].set_ylabel("train tokens/s")
   axes[2].set_title("multi-tenant training")
@@ -204,6 +207,16 @@ def section_down(data: Mapping) -> list[str]:
         f"{best['adapter_bytes']:,} bytes per user "
         f"({ref['adapter_bytes'] / best['adapter_bytes']:.0f}x smaller), "
         f"held-out EM {best['heldout_em']:.3f}.")
+  top = max(data["rows"], key=lambda r: r["heldout_em"])
+  level = 0.95 * top["heldout_em"]
+  ok = [r for r in data["rows"] if r["heldout_em"] >= level - 1e-9]
+  if top["arm"] != data["reference"] and ok:
+    small = min(ok, key=lambda r: r["adapter_bytes"])
+    out += ["", f"Against the best arm instead ({top['arm']}, held-out EM "
+            f"{top['heldout_em']:.3f} -> threshold {level:.3f}), the "
+            f"smallest adapter reaching 95% is **{small['arm']}** "
+            f"({small['adapter_bytes']:,} bytes per user, held-out EM "
+            f"{small['heldout_em']:.3f})."]
   if data.get("vera") == "pending":
     out.append("")
     out.append("The VeRA-style variant (`AdapterSpec(variant=\"vera\")`) was "
@@ -290,6 +303,11 @@ def write_all(out_dir: str, doc_path: str) -> str:
       continue
     plot(data, os.path.join(out_dir, PNG[axis]))
     lines += [l.replace("](scaling/", f"]({rel}/") for l in section(data)]
+  # Hand-written reading of the numbers (kept across reruns) goes last.
+  notes = os.path.join(out_dir, "notes.md")
+  if os.path.isfile(notes):
+    with open(notes, encoding="utf-8") as f:
+      lines += ["## Reading the numbers", "", f.read().strip(), ""]
   with open(doc_path, "w", encoding="utf-8") as f:
     f.write("\n".join(lines).rstrip() + "\n")
   return doc_path
