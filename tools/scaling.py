@@ -49,7 +49,7 @@ FULL = dict(
     up_arms=("r1-qv", "r16-all7"),
     # VeRA trains vectors only and did not learn in 30 steps at 2e-2.
     vera_rank=256, vera_learning_rate=5e-2, decode_distinct=(1, 4, 16, 64),
-    decode_batch=64, decode_new_tokens=8, decode_repeats=1,
+    decode_batch=64, decode_new_tokens=8, decode_repeats=2,
     catalog_sizes=(10**3, 10**4, 10**5, 10**6), train_users=(1, 4, 16, 64),
     train_batch=64)
 QUICK = dict(

@@ -210,8 +210,9 @@ def section_down(data: Mapping) -> list[str]:
   top = max(data["rows"], key=lambda r: r["heldout_em"])
   level = 0.95 * top["heldout_em"]
   ok = [r for r in data["rows"] if r["heldout_em"] >= level - 1e-9]
-  if top["arm"] != data["reference"] and ok:
-    small = min(ok, key=lambda r: r["adapter_bytes"])
+  small = min(ok, key=lambda r: r["adapter_bytes"]) if ok else None
+  if top["arm"] != data["reference"] and small and (
+      small["arm"] != data["smallest_95"]):
     out += ["", f"Against the best arm instead ({top['arm']}, held-out EM "
             f"{top['heldout_em']:.3f} -> threshold {level:.3f}), the "
             f"smallest adapter reaching 95% is **{small['arm']}** "
