@@ -290,3 +290,20 @@ def test_sharded_engine_on_a_mesh_matches_unsharded(base, source, engine):
   assert meshed.stats()["backend_compiles_since_warmup"] == 0
   assert meshed.cache.k.sharding.spec == steps_lib.cache_sharding(
       CFG, 8, 32, mesh).k.spec
+
+
+def test_committed_base_params_do_not_recompile_after_warmup(base, source):
+  # Orbax restores committed arrays; the engine must still compile each step
+  # once (a committed/uncommitted mix used to add a program after warm-up).
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  committed = dataclasses.replace(
+      base, params=jax.device_put(base.params, jax.devices()[0]))
+  eng = Engine(committed, source, EngineConfig(
+      num_slots=3, max_batch=4, max_len=48, steps_per_call=4,
+      prefill_batch=2, min_bucket=16, max_rank=8))
+  compiles = steps_lib.backend_compiles()
+  reqs = [dict(prompt="hi there", adapter=f"user{i}", max_new_tokens=3)
+          for i in range(4)]
+  assert all(r.error is None for r in eng.generate(reqs))
+  assert eng.compilations_since_warmup() == 0
+  assert steps_lib.backend_compiles() == compiles

@@ -207,6 +207,15 @@ class Engine:
       bank_sh = sharding.logical_sharding(
           bank_lib.bank_logical_axes(spec), bank_lib.bank_shapes(mc, spec),
           mesh)
+      cache_sh = steps_lib.cache_sharding(mc, config.max_batch,
+                                          config.max_len, mesh)
+    else:
+      # Commit params, bank and cache to one device: a step's compiled
+      # program is keyed on whether each argument is committed, and Orbax
+      # restores committed arrays while fresh ones are not, so a mix would
+      # compile a second program once the (committed) written bank arrives.
+      bank_sh = cache_sh = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      params = jax.device_put(params, bank_sh)
     self.params = params
     bank = bank_lib.init_bank(mc, spec, sharding=bank_sh)
     self.residency = (Residency(source, base.fingerprint, mc, spec, bank,
@@ -214,8 +223,7 @@ class Engine:
                       if source is not None else None)
     self._bank = bank
     self.cache = init_cache(mc, config.max_batch, config.max_len,
-                            sharding=steps_lib.cache_sharding(
-                                mc, config.max_batch, config.max_len, mesh))
+                            sharding=cache_sh)
     self.fns = steps_lib.make_step_fns(
         mc, batch=config.max_batch, max_len=config.max_len,
         steps_per_call=config.steps_per_call, lora_impl=config.lora_impl,
