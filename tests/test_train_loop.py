@@ -79,6 +79,12 @@ def test_second_run_continues_from_latest_revision(tmp_path):
   reg = Registry.open(c.registry)
   rev = reg.resolve("user0000")
   assert rev.revision == 2 and rev.parent == 1
+  # A run whose rank differs from the stored adapters is refused instead of
+  # silently restarting the users from scratch.
+  c.seed, c.lora.rank = 2, c.lora.rank * 2
+  with pytest.raises(ValueError, match="continue_from_registry=False"):
+    loop.train_and_publish(c, str(tmp_path / "w3"))
+  assert len(Registry.open(c.registry).history("user0000")) == 2
 
 
 def test_base_mismatch_refused_before_training(tmp_path):

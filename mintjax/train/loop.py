@@ -37,7 +37,7 @@ from mintjax.adapters.spec import AdapterSpec
 from mintjax.config import ModelConfig
 from mintjax.eval.evaluate import evaluate_jobs
 from mintjax.model.base import BaseModel, random_base
-from mintjax.store.errors import BaseMismatchError
+from mintjax.store.errors import BaseMismatchError, UnknownRefError
 from mintjax.train import data as data_lib
 from mintjax.train import optimizer as opt_lib
 from mintjax.train.checkpoint import TrainCheckpointer
@@ -273,12 +273,17 @@ def train_and_publish(cfg: ml_collections.ConfigDict, workdir: str,
       if cfg.continue_from_registry:
         try:
           rev, w = registry.load(u, expect_base=base.fingerprint)
-        except BaseMismatchError:
-          raise
-        except Exception:  # pylint: disable=broad-except  # no revision yet
+        except UnknownRefError:  # a new user: no revision yet
           rev = None
-      if (rev is not None and w.rank == spec.max_rank and
-          w.variant == spec.variant):
+      if rev is not None and (w.rank != spec.max_rank or
+                              w.variant != spec.variant):
+        # Starting over silently would discard the user's trained adapter.
+        raise ValueError(
+            f"{rev.ref} is a {w.variant} adapter of rank {w.rank}, but this "
+            f"run trains {spec.variant} rank {spec.max_rank}; set "
+            "lora.rank/lora.variant to match it, or "
+            "continue_from_registry=False to start the user from scratch")
+      if rev is not None:
         init[u], parents[u] = w, rev.revision
       else:
         init[u] = init_for_spec(base.config, spec, int(cfg.lora.rank),
