@@ -77,9 +77,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.optimizer.learning_rate = 5e-3
     c.optimizer.warmup_steps = 3
     c.optimizer.schedule = "cosine"
-    c.optimizer.decay_steps = 27
+    c.optimizer.decay_steps = 37
     c.optimizer.min_lr_ratio = 0.05
-    c.steps_per_cohort = 30
+    # 30 steps left 1-3 of 64 users at 0% held-out; 40 steps cost ~45 s more.
+    c.steps_per_cohort = 40
     c.remat = False
     c.checkpoint_every = 1000  # one checkpoint at the cohort's end
     c.log_every = 5
