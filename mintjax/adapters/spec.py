@@ -127,6 +127,18 @@ class AdapterSpec:
     return cls(**d)
 
 
+def check_factor(name: str, arr, want: tuple[int, ...], config: ModelConfig,
+                 rank: int) -> None:
+  """Raises AdapterError unless `arr` has shape `want` and is all finite."""
+  if tuple(np.shape(arr)) != tuple(want):
+    raise AdapterError(
+        f"{name} has shape {tuple(np.shape(arr))}, expected {tuple(want)} "
+        f"for {config.architecture} with {config.num_layers} layers and rank "
+        f"{rank}")
+  if not np.all(np.isfinite(np.asarray(arr, dtype=np.float32))):
+    raise AdapterError(f"{name} contains NaN or Inf values; refusing to use it")
+
+
 def check_fits_spec(targets, rank, spec: "AdapterSpec | None") -> None:
   """Raises AdapterError unless rank > 0 and (targets, rank) fit `spec`."""
   if not isinstance(rank, (int, np.integer)) or rank <= 0:
@@ -200,14 +212,7 @@ class AdapterWeights:
       want_b = (config.num_layers, self.rank, d_out)
       for name, arr, want in (("lora_a", self.lora_a[t], want_a),
                               ("lora_b", self.lora_b[t], want_b)):
-        if tuple(arr.shape) != want:
-          raise AdapterError(
-              f"{name}[{t!r}] has shape {tuple(arr.shape)}, expected {want} "
-              f"for {config.architecture} with {config.num_layers} layers and "
-              f"rank {self.rank}")
-        if not np.all(np.isfinite(np.asarray(arr, dtype=np.float32))):
-          raise AdapterError(
-              f"{name}[{t!r}] contains NaN or Inf values; refusing to use it")
+        check_factor(f"{name}[{t!r}]", arr, want, config, self.rank)
     if not math.isfinite(self.alpha):
       raise AdapterError(f"alpha must be finite, got {self.alpha}")
     return self

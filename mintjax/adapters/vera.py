@@ -51,7 +51,7 @@ import numpy as np
 from mintjax.adapters.bank import AdapterBank
 from mintjax.adapters.bank import _IN_AXIS, _OUT_AXIS  # pylint: disable=protected-access
 from mintjax.adapters.spec import (AdapterError, AdapterSpec, AdapterWeights,
-                                   check_fits_spec,
+                                   check_factor, check_fits_spec,
                                    _check_targets, lora_scale)
 from mintjax.config import ModelConfig
 
@@ -186,14 +186,7 @@ class VeraWeights:
       for name, arr, want in (
           ("lambda_d", self.lambda_d[t], (config.num_layers, self.rank)),
           ("lambda_b", self.lambda_b[t], (config.num_layers, d_out))):
-        if tuple(np.shape(arr)) != want:
-          raise AdapterError(
-              f"{name}[{t!r}] has shape {tuple(np.shape(arr))}, expected "
-              f"{want} for {config.architecture} with {config.num_layers} "
-              f"layers and rank {self.rank}")
-        if not np.all(np.isfinite(np.asarray(arr, dtype=np.float32))):
-          raise AdapterError(
-              f"{name}[{t!r}] contains NaN or Inf values; refusing to use it")
+        check_factor(f"{name}[{t!r}]", arr, want, config, self.rank)
     if not math.isfinite(self.alpha):
       raise AdapterError(f"alpha must be finite, got {self.alpha}")
     return self
