@@ -25,7 +25,6 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mintjax import sharding
@@ -39,18 +38,6 @@ from mintjax.train.step import Batch, StepConfig, log_memory_analysis, make_trai
 
 TARGETS = ("q", "k", "v", "o")
 
-
-def _batch(tokens_bt, slots):
-  b, t = tokens_bt.shape[0], tokens_bt.shape[1] - 1
-  mask = np.zeros((b, t), np.float32)
-  mask[:, t // 2:] = 1
-  return Batch(tokens=jnp.asarray(tokens_bt[:, :-1]),
-               targets=jnp.asarray(tokens_bt[:, 1:]), loss_mask=jnp.asarray(
-                   mask), positions=jnp.broadcast_to(
-                       jnp.arange(t, dtype=jnp.int32), (b, t)),
-               segment_ids=jnp.ones((b, t), jnp.int32),
-               adapter_idx=jnp.asarray(slots, jnp.int32),
-               weight=jnp.ones((b,), jnp.float32))
 
 
 def _time(fn, reps):
@@ -78,9 +65,9 @@ def bench_one(variant: str, users: int, seq_len: int, rank: int, reps: int,
   state["opt"] = opt_lib.init_opt_state(state["bank"])
   tokens = np.random.default_rng(0).integers(
       3, min(cfg.vocab_size, 250), (users, seq_len + 1)).astype(np.int32)
-  multi_b = _batch(tokens, np.arange(1, users + 1))
-  shared_b = _batch(tokens, np.ones(users))
-  single_bs = [_batch(tokens[i:i + 1], [i + 1]) for i in range(users)]
+  multi_b = Batch.from_token_rows(tokens, np.arange(1, users + 1))
+  shared_b = Batch.from_token_rows(tokens, np.ones(users))
+  single_bs = [Batch.from_token_rows(tokens[i:i + 1], [i + 1]) for i in range(users)]
 
   def run(b):
     state["bank"], state["opt"], m = step(base.params, state["bank"],

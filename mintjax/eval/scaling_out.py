@@ -22,7 +22,6 @@ import time
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mintjax.adapters.spec import AdapterSpec, AdapterWeights
@@ -181,19 +180,6 @@ def registry_vs_catalog(root: str, sizes: Sequence[int], *,
   return rows
 
 
-def _batch_rows(tokens_bt: np.ndarray, slots: np.ndarray) -> Batch:
-  b, t = tokens_bt.shape[0], tokens_bt.shape[1] - 1
-  mask = np.zeros((b, t), np.float32)
-  mask[:, t // 2:] = 1.0  # train on the second half, like a completion
-  return Batch(tokens=jnp.asarray(tokens_bt[:, :-1]),
-               targets=jnp.asarray(tokens_bt[:, 1:]),
-               loss_mask=jnp.asarray(mask),
-               positions=jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32),
-                                          (b, t)),
-               segment_ids=jnp.ones((b, t), jnp.int32),
-               adapter_idx=jnp.asarray(slots, jnp.int32),
-               weight=jnp.ones((b,), jnp.float32))
-
 
 def train_vs_users(base: BaseModel, users: Sequence[int], *, batch: int,
                    seq_len: int = 16, rank: int = 8, targets=("q", "v"),
@@ -224,7 +210,7 @@ def train_vs_users(base: BaseModel, users: Sequence[int], *, batch: int,
   state["opt"] = opt_lib.init_opt_state(state["bank"])
   tokens = np.random.default_rng(0).integers(
       3, cfg.vocab_size - 1, (batch, seq_len + 1)).astype(np.int32)
-  batches = {u: _batch_rows(tokens, 1 + np.arange(batch) % u) for u in users}
+  batches = {u: Batch.from_token_rows(tokens, 1 + np.arange(batch) % u) for u in users}
 
   def run(u):
     t0 = time.perf_counter()

@@ -22,6 +22,7 @@ from typing import Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mintjax import sharding
 from mintjax.adapters.bank import AdapterBank
@@ -57,6 +58,30 @@ class Batch:
   @property
   def shape(self) -> tuple[int, int]:
     return tuple(self.tokens.shape)
+
+  @classmethod
+  def from_token_rows(cls, tokens_bt1, adapter_idx_b) -> "Batch":
+    """A batch of unpacked rows whose second half is the trained completion.
+
+    Benchmarks, the scaling study and tests use it on synthetic tokens.
+
+    Args:
+      tokens_bt1: [B, T + 1] int token rows (inputs are [:, :-1], targets
+        [:, 1:]).
+      adapter_idx_b: [B] slot of each row.
+    """
+    tokens_bt1 = np.asarray(tokens_bt1)
+    b, t = tokens_bt1.shape[0], tokens_bt1.shape[1] - 1
+    mask_bt = np.zeros((b, t), np.float32)
+    mask_bt[:, t // 2:] = 1.0
+    return cls(tokens=jnp.asarray(tokens_bt1[:, :-1], jnp.int32),
+               targets=jnp.asarray(tokens_bt1[:, 1:], jnp.int32),
+               loss_mask=jnp.asarray(mask_bt),
+               positions=jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32),
+                                          (b, t)),
+               segment_ids=jnp.ones((b, t), jnp.int32),
+               adapter_idx=jnp.asarray(adapter_idx_b, jnp.int32),
+               weight=jnp.ones((b,), jnp.float32))
 
 
 def batch_logical_axes() -> Batch:
