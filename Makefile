@@ -47,3 +47,25 @@ parity-venv: .venv-parity/.installed
 
 parity-fixtures: .venv-parity/.installed
 	.venv-parity/bin/python tools/make_parity_fixtures.py
+
+# Optional: a second venv with jax[tpu] (libtpu, ~640 MB) for deviceless TPU
+# compiles (jax.experimental.topologies). Kept apart so the main .venv stays
+# libtpu-free: libtpu warns about a missing TPU on every start-up. jax is
+# pinned to the main venv's version so both compile with the same JAX.
+TPU_VENV := .venv-tpu
+TPU_VPY := $(TPU_VENV)/bin/python
+TPU_STAMP := $(TPU_VENV)/.installed
+JAX_VERSION = $(shell $(VPY) -c 'import jax; print(jax.__version__)')
+
+.PHONY: tpu-venv test-tpu
+tpu-venv: $(TPU_STAMP)
+
+$(TPU_STAMP): pyproject.toml $(STAMP)
+	@test -x $(TPU_VPY) || $(PY) -m venv $(TPU_VENV)
+	$(TPU_VPY) -m pip install -q --upgrade pip
+	$(TPU_VPY) -m pip install -q -e '.[test,tpu]' 'jax[tpu]==$(JAX_VERSION)'
+	@touch $(TPU_STAMP)
+
+# Deviceless TPU compiles (the `tpu` marker); runs on a CPU-only machine.
+test-tpu: $(TPU_STAMP)
+	$(TPU_VPY) -m pytest -q -m tpu $(PYTEST_ARGS)
