@@ -11,8 +11,11 @@ adapter residency tiers (`mintjax.serve.residency`) and continuous batching
 
 Base and adapted requests share one batch (the base is bank slot 0). Every
 device call serves the whole batch; Python runs once per call, not per
-token. The engine is synchronous and single-threaded: a server puts a queue
-in front of `stream` (requests join between device calls).
+token. The engine is synchronous and single-threaded. Its step-wise API
+(`submit`, `step`, `cancel`) is what `stream` is built on and what a service
+loop drives: requests submitted between two `step` calls join the running
+batch at the next one (`mintjax.serve.service.EngineService` runs that loop
+in a thread for concurrent callers).
 """
 
 from __future__ import annotations
@@ -146,7 +149,8 @@ class GenerationResult:
     tokens: generated token ids (including a final stop token).
     text: decoded text, cut before the first stop string.
     logprobs: per generated token, its log-probability under the model.
-    finish_reason: 'stop', 'length', 'max_len' or 'error'.
+    finish_reason: 'stop', 'length', 'max_len', 'error' or 'cancelled'
+      (`Engine.cancel`; `error` then says why).
     adapter: the ref as requested (None = base).
     revision: the resolved 'id@revision' (None = base).
     prompt_tokens: prompt length.
@@ -236,6 +240,8 @@ class Engine:
                        active_b=np.zeros(b, bool),
                        adapter_idx_b=np.zeros(b, np.int32))
     self._rows = sampling_lib.empty_rows(b)
+    # Finish events of requests refused at submit, returned by the next step.
+    self._pending: list[TokenEvent] = []
     self._counters = dict(requests=0, errors=0, generated_tokens=0,
                           decode_calls=0, decode_tokens=0, decode_seconds=0.0,
                           prefill_calls=0, prefill_tokens=0,
@@ -365,41 +371,94 @@ class Engine:
   def stream(self, requests: Iterable[GenerationRequest | Mapping]
              ) -> Iterator[TokenEvent]:
     """Yields each token as it is produced, then each request's result."""
-    if not self.scheduler.idle:
+    if not self.idle:
       raise RuntimeError("the engine is already serving; finish that stream "
                          "before starting another")
     for i, r in enumerate(requests):
-      seq = self._prepare(i, r)
-      self._counters["requests"] += 1
-      if seq.done:
-        yield self._finish(seq)
-      else:
-        self.scheduler.submit(seq)
+      self.submit(r, index=i)
     try:
-      while not self.scheduler.idle:
-        for seq in self.scheduler.prefetch():
-          yield self._finish(seq)
-        admitted, failed = self.scheduler.admit()
-        for seq in failed:
-          yield self._finish(seq)
-        yield from self._prefill(admitted)
-        if self._state["active_b"].any():
-          yield from self._decode()
+      while not self.idle:
+        yield from self.step()
     finally:
       # A consumer that stops early (or an error) must not leave rows or
       # slot references behind: the next stream starts from an idle engine.
-      leftover = list(self.scheduler.queue) + self.scheduler.running
-      self.scheduler.queue.clear()
-      for seq in leftover:
-        self.scheduler.finish(seq)
-      self._state["active_b"][:] = False
+      self.cancel_all()
       if self.residency is not None:
         self.residency.flush_stats()
 
+  @property
+  def idle(self) -> bool:
+    """No request is queued, running or waiting to report its refusal."""
+    return self.scheduler.idle and not self._pending
+
+  def submit(self, request: GenerationRequest | Mapping, index: int) -> bool:
+    """Queues one request; it joins the batch at the next `step`.
+
+    Args:
+      request: the request.
+      index: the caller's key for it (unique among unfinished requests);
+        every `TokenEvent` of the request carries it.
+
+    Returns:
+      True when queued; False when refused (its error result is returned by
+      the next `step`).
+    """
+    seq = self._prepare(index, request)
+    self._counters["requests"] += 1
+    if seq.done:
+      self._pending.append(self._finish(seq))
+      return False
+    self.scheduler.submit(seq)
+    return True
+
+  def step(self) -> list[TokenEvent]:
+    """One round of serving: prefetch, admit, prefill the new, decode all.
+
+    Returns:
+      the tokens produced and the results of requests that finished, in
+      order (empty when idle).
+    """
+    events, self._pending = self._pending, []
+    for seq in self.scheduler.prefetch():
+      events.append(self._finish(seq))
+    admitted, failed = self.scheduler.admit()
+    events.extend(self._finish(seq) for seq in failed)
+    events.extend(self._prefill(admitted))
+    if self._state["active_b"].any():
+      events.extend(self._decode())
+    return events
+
+  def cancel(self, index: int, reason: str = "cancelled") -> TokenEvent | None:
+    """Ends a queued or running request now and frees its row and slot.
+
+    Returns:
+      its result event (finish_reason 'cancelled', `error` = reason), or
+      None when no unfinished request has this index.
+    """
+    seq = next((s for s in self.scheduler.queue if s.index == index), None)
+    if seq is not None:
+      self.scheduler.queue.remove(seq)
+    else:
+      seq = next((s for s in self.scheduler.rows
+                  if s is not None and s.index == index), None)
+    if seq is None:
+      return None
+    seq.finish_reason, seq.error = "cancelled", reason
+    return self._finish(seq)
+
+  def cancel_all(self) -> None:
+    """Drops every queued, running and refused request without results."""
+    leftover = list(self.scheduler.queue) + self.scheduler.running
+    self.scheduler.queue.clear()
+    for seq in leftover:
+      self.scheduler.finish(seq)
+    self._pending.clear()
+    self._state["active_b"][:] = False
+
   def _finish(self, seq: Sequence) -> TokenEvent:
-    self.scheduler.finish(seq)
-    if seq.row >= 0:
+    if seq.row >= 0:  # read before `finish` forgets the row
       self._state["active_b"][seq.row] = False
+    self.scheduler.finish(seq)
     if seq.finish_reason == "error":
       self._counters["errors"] += 1
     result = GenerationResult(
