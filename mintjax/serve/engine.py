@@ -350,6 +350,15 @@ class Engine:
           "retrain the adapter")
     return key
 
+  def resolve(self, ref: str) -> str:
+    """The 'id@revision' an adapter ref names.
+
+    Raises:
+      LookupError: no such adapter, revision or tag.
+      RequestError: no adapter source, or the adapter is for another base.
+    """
+    return self._resolve(ref)
+
   def pin(self, ref: str) -> int:
     """Keeps an adapter resident in a device slot; returns the slot."""
     return self.residency.pin(self._resolve(ref))
