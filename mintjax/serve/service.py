@@ -184,6 +184,9 @@ class EngineService:
     self._closing = False
     self._stop = False
     self._snapshot: dict[str, Any] = {}
+    # Finished requests by outcome (engine thread writes, under _cv).
+    self._outcomes = dict(completed=0, refused=0, cancelled=0, timed_out=0,
+                          failed=0)
     self.last_error: str | None = None
     self._thread = threading.Thread(target=self._run, name="mintjax-engine",
                                     daemon=True)
@@ -262,7 +265,8 @@ class EngineService:
   def snapshot(self) -> dict[str, Any]:
     """Queue depth, batch occupancy and engine stats after the last step."""
     with self._cv:
-      return dict(self._snapshot, queue_depth=self._inflight - self._running,
+      return dict(self._snapshot, outcomes=dict(self._outcomes),
+                  queue_depth=self._inflight - self._running,
                   inflight=self._inflight, running=self._running,
                   closing=self._closing, last_error=self.last_error)
 
@@ -398,7 +402,7 @@ class EngineService:
       by_key.setdefault(ev.index, []).append(ev)
     now = time.monotonic()
     per_loop: dict[asyncio.AbstractEventLoop, list] = {}
-    finished = 0
+    finished: list[RequestHandle] = []
     for key, evs in by_key.items():
       h = self._live.get(key)
       if h is None:
@@ -408,7 +412,7 @@ class EngineService:
       if evs[-1].result is not None:
         h.finished_at, h.result = now, evs[-1].result
         del self._live[key]
-        finished += 1
+        finished.append(h)
       if h._loop is None:  # pylint: disable=protected-access
         h._q.put(evs)  # pylint: disable=protected-access
       else:
@@ -420,7 +424,9 @@ class EngineService:
         pass
     if finished:
       with self._cv:
-        self._inflight -= finished
+        self._inflight -= len(finished)
+        for h in finished:
+          self._outcomes[_outcome(h)] += 1
         self._cv.notify_all()
 
   def _publish(self) -> None:
@@ -429,6 +435,15 @@ class EngineService:
     with self._cv:
       self._running = running
       self._snapshot = dict(stats=stats, max_batch=self.engine.config.max_batch)
+
+
+def _outcome(h: RequestHandle) -> str:
+  if h.refused:
+    return "refused"
+  if h.timed_out:
+    return "timed_out"
+  return {"cancelled": "cancelled", "error": "failed"}.get(
+      h.result.finish_reason, "completed")
 
 
 def _refusal(h: RequestHandle, e: BaseException,

@@ -1,0 +1,1 @@
+"""Applications built on the mintjax library (the library never imports them)."""
