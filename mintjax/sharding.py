@@ -1,6 +1,7 @@
 """Device mesh, logical axis rules and the shardings derived from them.
 
-Owns the one table (`DEFAULT_RULES`) mapping logical axis names (carried by
+Owns the one table (`DEFAULT_RULES`, plus the named variants in
+`RULE_SETS`) mapping logical axis names (carried by
 every base parameter, adapter-bank tensor, cache and activation) to the mesh
 axes `data`, `fsdp`, `tensor`; mesh construction; and the helpers that turn
 logical axes into `NamedSharding`s (`logical_sharding`, `shard_tree`) and
@@ -44,6 +45,23 @@ DEFAULT_RULES: dict[str, Any] = {
     "cache_len": None,
     "kv_heads_n": "tensor",
     "head_dim": None,
+}
+
+# Large adapter banks. With "slot" replicated every chip holds every adapter:
+# 1,024 rank-16 adapters on Llama-3.1-8B's seven projections are 86 GB in
+# bf16, more than a v5e-8's 8 x 16 GiB, and the deviceless TPU compile of the
+# decode step fails with CompileTimeHbmOom (docs/SCALE_UP.md). Splitting the
+# slot axis over fsdp and tensor spreads the bank over every chip of those
+# axes (the factor dims are then left whole, since a mesh axis shards one
+# dim of an array); a row's gather reads its adapter where it lives and XLA
+# all-reduces the [B, d, R] result, which is small next to the bank.
+SLOT_SHARDED_RULES: dict[str, Any] = {**DEFAULT_RULES,
+                                      "slot": ("fsdp", "tensor")}
+
+# Named rule sets, selectable by configs and the AOT tool (`mintjax.aot`).
+RULE_SETS: dict[str, dict[str, Any]] = {
+    "default": DEFAULT_RULES,
+    "slot_sharded": SLOT_SHARDED_RULES,
 }
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar(

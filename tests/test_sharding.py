@@ -126,3 +126,67 @@ def test_sharded_forward_and_decode_equal_single_device():
   assert len(got_logits.sharding.device_set) == 8
   np.testing.assert_allclose(got_logits, want_logits, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(got_cache.k, want_cache.k, rtol=1e-5, atol=1e-5)
+
+
+# The large-bank rule set: the slot axis takes fsdp and tensor, so the
+# factor widths those axes would shard are left whole.
+GOLDEN_BANK_SLOT_SHARDED = {
+    ".lora_a['down']": P(("fsdp", "tensor"), None, None, None),
+    ".lora_a['o']": P(("fsdp", "tensor"), None, None, None),
+    ".lora_a['q']": P(("fsdp", "tensor"), None, None, None),
+    ".lora_a['v']": P(("fsdp", "tensor"), None, None, None),
+    ".lora_b['down']": P(("fsdp", "tensor"), None, None, None),
+    ".lora_b['o']": P(("fsdp", "tensor"), None, None, None),
+    ".lora_b['q']": P(("fsdp", "tensor"), None, None, None),
+    ".lora_b['v']": P(("fsdp", "tensor"), None, None, None),
+    ".rank": P(("fsdp", "tensor")),
+    ".scale": P(("fsdp", "tensor")),
+}
+
+
+def test_golden_slot_sharded_bank_specs_and_params_unchanged():
+  mesh = _mesh()
+  rules = sharding.RULE_SETS["slot_sharded"]
+  got = _specs(sharding.logical_sharding(
+      bank_lib.bank_logical_axes(SPEC), bank_lib.bank_shapes(CFG, SPEC), mesh,
+      rules))
+  assert got == GOLDEN_BANK_SLOT_SHARDED
+  got = _specs(sharding.logical_sharding(
+      llama.param_logical_axes(CFG), llama.param_shapes(CFG), mesh, rules))
+  assert got == GOLDEN_PARAMS
+
+
+def test_slot_sharded_bank_forward_equals_single_device_and_writes_reuse():
+  """Rows gather adapters living on other chips; one program for any slot."""
+  mesh = _mesh()
+  rules = sharding.RULE_SETS["slot_sharded"]
+  spec = SPEC.replace(num_slots=8)
+  params = llama.init_params(CFG, seed=0)
+  weights = {1: AdapterWeights.random(CFG, spec.targets, rank=4, seed=1,
+                                      std=0.05),
+             6: AdapterWeights.random(CFG, ("q", "v"), rank=2, seed=2,
+                                      std=0.05)}
+  bank = bank_lib.bank_from_weights(CFG, spec, weights)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 6)),
+                       jnp.int32)
+  idx = jnp.asarray([0, 1, 6, 1, 0, 6, 6, 1], jnp.int32)
+  fwd = lambda p, b, i, t: llama.forward(p, b, i, t, config=CFG,
+                                         lora_impl="gather")[0]
+  want = jax.jit(fwd)(params, bank, idx, tokens)
+
+  b_sh = sharding.logical_sharding(bank_lib.bank_logical_axes(spec),
+                                   bank_lib.bank_shapes(CFG, spec), mesh,
+                                   rules)
+  p_sh = sharding.logical_sharding(llama.param_logical_axes(CFG),
+                                   llama.param_shapes(CFG), mesh, rules)
+  sharded = bank_lib.init_bank(CFG, spec, sharding=b_sh)
+  assert sharded.lora_a["q"].sharding.spec[0] == ("fsdp", "tensor")
+  # pylint: disable=protected-access
+  sharded = bank_lib.write_slot(sharded, 1, weights[1], CFG, spec)
+  programs = bank_lib._write_slot._cache_size()
+  sharded = bank_lib.write_slot(sharded, 6, weights[6], CFG, spec)
+  assert bank_lib._write_slot._cache_size() == programs  # no recompile
+  assert sharded.lora_a["q"].sharding == b_sh.lora_a["q"]
+  with sharding.use_mesh_rules(mesh, rules):
+    got = jax.jit(fwd)(jax.device_put(params, p_sh), sharded, idx, tokens)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

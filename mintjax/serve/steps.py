@@ -76,7 +76,8 @@ class StepFns:
 
 def _prefill(params, bank, cache: KVCache, tokens_pt, lengths_p, rows_p,
              adapter_idx_p, rows: sampling_lib.RowSampling, *,
-             config: ModelConfig, lora_impl: str, mesh: Mesh | None):
+             config: ModelConfig, lora_impl: str, mesh: Mesh | None,
+             rules=None):
   """Prefills P right-padded prompts into rows `rows_p` of the cache.
 
   Args:
@@ -90,7 +91,7 @@ def _prefill(params, bank, cache: KVCache, tokens_pt, lengths_p, rows_p,
     (cache, token_p [P] int32 first generated token, logprob_p [P] float32).
   """
   p, t = tokens_pt.shape
-  with _rules(mesh):
+  with _rules(mesh, rules):
     scratch = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                            cache_shapes(config, p, t, cache.k.dtype.name))
     pos_pt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (p, t))
@@ -110,7 +111,7 @@ def _prefill(params, bank, cache: KVCache, tokens_pt, lengths_p, rows_p,
 
 def _decode(params, bank, cache: KVCache, state: DecodeState,
             rows: sampling_lib.RowSampling, *, config: ModelConfig,
-            lora_impl: str, steps: int, mesh: Mesh | None):
+            lora_impl: str, steps: int, mesh: Mesh | None, rules=None):
   """Up to `steps` decode steps for every active row.
 
   Returns:
@@ -126,7 +127,7 @@ def _decode(params, bank, cache: KVCache, state: DecodeState,
 
   def body(carry):
     i, cache, st, toks, lps, valid = carry
-    with _rules(mesh):
+    with _rules(mesh, rules):
       logits_b1v, cache = llama.forward(
           params, bank, st.adapter_idx_b, st.token_b[:, None],
           st.pos_b[:, None], config=config, cache=cache, lora_impl=lora_impl)
@@ -152,25 +153,27 @@ def _decode(params, bank, cache: KVCache, state: DecodeState,
   return cache, state, toks, lps, valid
 
 
-def _rules(mesh: Mesh | None):
+def _rules(mesh: Mesh | None, rules=None):
   if mesh is None:
     return contextlib.nullcontext()
-  return sharding.use_mesh_rules(mesh)
+  return sharding.use_mesh_rules(mesh, rules)
 
 
 def cache_sharding(config: ModelConfig, batch: int, max_len: int,
-                   mesh: Mesh | None, dtype: str | None = None):
+                   mesh: Mesh | None, dtype: str | None = None, *,
+                   rules=None):
   """The serving cache's shardings on `mesh` (None without a mesh)."""
   if mesh is None:
     return None
   return sharding.logical_sharding(
-      cache_logical_axes(), cache_shapes(config, batch, max_len, dtype), mesh)
+      cache_logical_axes(), cache_shapes(config, batch, max_len, dtype), mesh,
+      rules)
 
 
 def make_step_fns(config: ModelConfig, *, batch: int, max_len: int,
                   steps_per_call: int, lora_impl: str = "auto",
                   mesh: Mesh | None = None,
-                  cache_dtype: str | None = None) -> StepFns:
+                  cache_dtype: str | None = None, rules=None) -> StepFns:
   """Builds the jitted prefill and decode steps for one engine.
 
   Prefill is one jitted function; it compiles once per (prefill rows,
@@ -186,21 +189,26 @@ def make_step_fns(config: ModelConfig, *, batch: int, max_len: int,
     mesh: optional device mesh; parameters, bank and cache are expected to
       be placed by their logical axes already.
     cache_dtype: KV cache dtype (default: the model dtype).
+    rules: logical-axis rules for the activation constraints and the cache
+      (default `sharding.DEFAULT_RULES`); params, bank and cache must be
+      placed with the same rules.
   """
   if steps_per_call < 1:
     raise ValueError(f"steps_per_call must be >= 1, got {steps_per_call}")
   prefill_kw, decode_kw = {}, {}
   if mesh is not None:
-    c_sh = cache_sharding(config, batch, max_len, mesh, cache_dtype)
+    c_sh = cache_sharding(config, batch, max_len, mesh, cache_dtype,
+                          rules=rules)
     rep = sharding.replicated(mesh)
     prefill_kw = dict(out_shardings=(c_sh, rep, rep))
     decode_kw = dict(out_shardings=(c_sh, rep, rep, rep, rep))
   prefill = jax.jit(
-      lambda *a: _prefill(*a, config=config, lora_impl=lora_impl, mesh=mesh),
+      lambda *a: _prefill(*a, config=config, lora_impl=lora_impl, mesh=mesh,
+                          rules=rules),
       donate_argnums=(2,), **prefill_kw)
   decode = jax.jit(
       lambda *a: _decode(*a, config=config, lora_impl=lora_impl,
-                         steps=steps_per_call, mesh=mesh),
+                         steps=steps_per_call, mesh=mesh, rules=rules),
       donate_argnums=(2,), **decode_kw)
   return StepFns(prefill=prefill, decode=decode, steps_per_call=steps_per_call)
 
