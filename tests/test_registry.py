@@ -4,6 +4,7 @@ and a corpus of bad inputs that must raise clear errors and change nothing."""
 import hashlib
 import math
 import os
+import time
 
 import ml_dtypes
 import numpy as np
@@ -11,7 +12,8 @@ import pytest
 
 from mintjax.adapters.spec import AdapterSpec, AdapterWeights
 from mintjax.config import ModelConfig
-from mintjax.store.errors import (BaseMismatchError, InvalidAdapterError,
+from mintjax.store.errors import (BaseMismatchError, CatalogError,
+                                  InvalidAdapterError, LeaseExpiredError,
                                   RegistryError, StoreCorruptionError,
                                   UnknownRefError)
 from mintjax.store.registry import Registry, Revision
@@ -127,36 +129,77 @@ def test_diff_norms(reg):
   assert d["q"]["delta"] > 0 and d["v"]["rel"] > 0
 
 
-def test_gc_reclaims_dead_reservation_and_reuses_row(reg):
-  reg.publish("alice", _w(0))
-  rec = reg.adapter("alice")
-  # Simulate a publisher that reserved a row and died before committing.
-  with reg.catalog.write() as db:
-    rows, _, _ = reg.catalog.allocate_rows(db, rec["array_key"],
-                                           rec["layout"], 1)
-    db.execute("UPDATE pending SET pid=?", (2 ** 22 + 12345,))
-  assert reg.gc()["reclaimed_rows"] == 1
-  assert not reg.catalog.pending()
-  r2 = reg.publish("alice", _w(1))
-  assert r2.row == rows[0]
-  assert reg.verify()["ok"]
-
-
-def test_verify_detects_corruption(reg):
+def test_gc_reclaims_only_expired_reservations_and_never_reuses_shards(reg):
   r1 = reg.publish("alice", _w(0))
-  reg.publish("alice", _w(1))
-  arr = reg.store.open_array(r1.array_key, RowLayout.from_dict(
-      reg.adapter("alice")["layout"]))
-  row = arr[r1.row].read().result()
-  row[0] += 1.0
-  arr[r1.row].write(row).result()
+  rec = reg.adapter("alice")
+  layout = RowLayout.from_dict(rec["layout"])
+  # A publisher that reserved a shard, wrote part of it and died.
+  rps = reg.catalog.arrays()[0][2]
+  res = reg.catalog.reserve_shards(
+      array_key=rec["array_key"], layout_json=rec["layout_json"],
+      rows_per_shard=rps, num_shards=1, lease_s=0.5)
+  reg.store.write_rows(rec["array_key"], layout, res.first_row,
+                       np.ones((2, layout.row_len), np.float32))
+  assert res.first_shard in reg.store.shard_files(rec["array_key"])
+  live = reg.gc()  # Lease not expired: a live publisher keeps everything.
+  assert live["reclaimed_reservations"] == 0 and live["live_reservations"] == 1
+  assert res.first_shard in reg.store.shard_files(rec["array_key"])
+  time.sleep(0.6)
+  done = reg.gc()
+  assert done["reclaimed_reservations"] == 1 and done["deleted_files"] >= 1
+  assert not reg.catalog.reservations()
+  assert reg.store.shard_files(rec["array_key"]) == {r1.row // rps}
+  # The dead publisher can no longer commit anything (fencing).
+  with pytest.raises(LeaseExpiredError, match="reclaimed by `gc`"):
+    reg.catalog.commit_revisions(res.token, [])
+  r2 = reg.publish("alice", _w(1))
+  assert r2.row // rps > res.first_shard  # Shard numbers are never reused.
+  assert reg.verify()["ok"] and _same(reg.load("alice@1")[1], _w(0))
+
+
+def test_verify_lists_every_bad_ref_and_loads_check_crc(reg):
+  revs = [reg.publish("alice", _w(s)) for s in range(4)]
+  layout = RowLayout.from_dict(reg.adapter("alice")["layout"])
+  paths = [reg.store.shard_location(r.array_key, layout, r.row) for r in revs]
+  assert len(set(paths)) == 4  # One single publish, one write-once file.
+  with open(paths[0], "r+b") as f:  # Flip one data byte of alice@1.
+    b = f.read(1)
+    f.seek(0)
+    f.write(bytes([b[0] ^ 0x01]))
+  os.remove(paths[2])  # Lose alice@3's shard entirely.
   report = reg.verify()
-  assert not report["ok"] and report["bad"] == ["alice@1"]
-  checked = Registry.open(os.path.dirname(reg.catalog.path),
-                          verify_on_load=True)
-  with pytest.raises(StoreCorruptionError, match="run `mint verify`"):
-    checked.load("alice@1")
-  assert checked.load("alice@2")[0].revision == 2
+  assert not report["ok"] and report["bad"] == ["alice@1", "alice@3"]
+  assert paths[2] in report["problems"]["alice@3"]
+  with pytest.raises(StoreCorruptionError) as e:
+    reg.load("alice@1")
+  assert "alice@1" in str(e.value) and paths[0] in str(e.value)
+  assert "crc32c" in str(e.value)
+  with pytest.raises(StoreCorruptionError, match="missing") as e:
+    reg.load_many(["alice@2", "alice@3"])
+  assert "alice@3" in str(e.value) and paths[2] in str(e.value)
+  assert _same(reg.load("alice@2")[1], _w(1))
+  # The explicit opt-out (benchmarks) skips the checksum, not the
+  # missing-file check: a lost shard never reads as zeros.
+  raw = Registry.open(os.path.dirname(reg.catalog.path),
+                      verify_checksums=False)
+  assert not _same(raw.load("alice@1")[1], _w(0))
+  with pytest.raises(StoreCorruptionError, match="missing"):
+    raw.load("alice@3")
+
+
+def test_zstd_missing_and_damaged_rows_raise(tmp_path):
+  reg = Registry.open(str(tmp_path / "z"), compression="zstd")
+  reg.create_adapter("z", spec=dict(targets=("q", "v"), rank=2, alpha=4.0),
+                     base_fingerprint=BASE)
+  r1, r2 = reg.publish("z", _w(0)), reg.publish("z", _w(1))
+  layout = RowLayout.from_dict(reg.adapter("z")["layout"])
+  os.remove(reg.store.shard_location(r1.array_key, layout, r1.row))
+  report = reg.verify()
+  assert report["bad"] == ["z@1"]
+  with pytest.raises(StoreCorruptionError, match="z@1"):
+    reg.load("z@1")
+  assert _same(reg.load("z@2")[1], _w(1))
+  del r2
 
 
 def test_bfloat16_rows_and_zstd(tmp_path):
@@ -193,7 +236,7 @@ def test_publish_many_is_one_batch(reg):
 def _snapshot(reg, root):
   tables = {t: reg.catalog.query(f"SELECT * FROM {t}") for t in (
       "adapters", "revisions", "evals", "tags", "tag_events", "residency",
-      "arrays", "pending", "free_rows")}
+      "arrays", "reservations")}
   files = {}
   for d, _, fs in os.walk(os.path.join(root, "arrays")):
     for f in fs:
@@ -376,16 +419,63 @@ def test_store_location_specs(tmp_path):
   assert not os.path.exists(tmp_path / "arrays")
 
 
-def test_fresh_process_publishes_after_array_grew(tmp_path):
+def test_fresh_process_publishes_into_a_new_shard(tmp_path):
   root = str(tmp_path / "reg")
   first = Registry.open(root)
   first.create_adapter("g", spec=dict(targets=("q",), rank=1, alpha=1.0),
                        base_fingerprint=BASE)
   w = _w(0, targets=("q",), rank=1, alpha=1.0)
-  first.publish_many([("g", w)] * 4200)  # Beyond the first shard's rows.
-  arr = first.store._arrays[first.resolve("g").array_key]
-  assert arr.shape[0] > 4096
+  revs = first.publish_many([("g", w)] * 4200)  # Two shards of 4096 rows.
+  key = revs[0].array_key
+  assert first.store.shard_files(key) == {0, 1}
+  zarr = os.path.join(root, "arrays", key, "zarr.json")
+  before = open(zarr, "rb").read()
   second = Registry.open(root)  # A new store handle, as in a new process.
   rev = second.publish("g", _w(1, targets=("q",), rank=1, alpha=1.0))
-  assert rev.revision == 4201 and rev.row == 4200
+  # Shard 1 is partly empty but written once: a new publish takes shard 2.
+  assert rev.revision == 4201 and rev.row == 2 * 4096
+  assert first.store.shard_files(key) == {0, 1, 2}
+  assert open(zarr, "rb").read() == before  # Metadata is written once.
   assert _same(first.load("g")[1], _w(1, targets=("q",), rank=1, alpha=1.0))
+  assert first.verify()["ok"]
+
+
+def test_ids_tags_and_revisions_are_strict_ascii(reg):
+  reg.publish("alice", _w(0))
+  for bad in ("alice\n", "alice\n@1", "al\u00efce"):
+    with pytest.raises(InvalidAdapterError):
+      reg.resolve(bad)
+  with pytest.raises(InvalidAdapterError, match="revisions are numbered"):
+    reg.resolve("alice@\u0661")  # Arabic-Indic digit one.
+  with pytest.raises(InvalidAdapterError, match="invalid tag"):
+    reg.tag("alice@1", "prod\n")
+  with pytest.raises(InvalidAdapterError, match="invalid adapter id"):
+    reg.create_adapter("bob\n", spec=_SPEC, base_fingerprint=BASE)
+  assert reg.tags("alice") == {} and reg.catalog.adapter("bob\n") is None
+
+
+def test_load_returns_a_named_tuple(reg):
+  r1 = reg.publish("alice", _w(0))
+  loaded = reg.load("alice")
+  assert loaded.revision == r1 and _same(loaded.weights, _w(0))
+  rev, w = loaded
+  assert rev == r1 and w is loaded.weights
+
+
+def test_old_schema_catalog_is_refused_unchanged(tmp_path):
+  import sqlite3
+  path = tmp_path / "old"
+  path.mkdir()
+  db = sqlite3.connect(path / "catalog.sqlite")
+  db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+  db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+  db.commit()
+  db.close()
+  before = open(path / "catalog.sqlite", "rb").read()
+  with pytest.raises(CatalogError, match="schema version 1.*export-peft"):
+    Registry.open(str(path))
+  assert open(path / "catalog.sqlite", "rb").read() == before
+  (tmp_path / "junk").mkdir()
+  (tmp_path / "junk" / "catalog.sqlite").write_bytes(b"not a database" * 99)
+  with pytest.raises(CatalogError, match="not a readable mintjax catalog"):
+    Registry.open(str(tmp_path / "junk"))

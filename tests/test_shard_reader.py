@@ -1,9 +1,10 @@
 """Tests of the direct shard-file read path (`weights.ShardFileReader`).
 
 Checks that pread-based loads return exactly what tensorstore reads, that
-unwritten rows read as zeros like tensorstore's fill value, that damaged
-shard files raise `StoreCorruptionError` instead of returning wrong bytes,
-and that arrays outside the direct format (zstd) keep the tensorstore path.
+unwritten rows and missing shard files are reported (never read as zeros),
+that damaged shard files raise `StoreCorruptionError` instead of returning
+wrong bytes, and that arrays outside the direct format (zstd) keep the
+tensorstore path.
 """
 
 import os
@@ -46,11 +47,17 @@ def test_direct_reads_match_tensorstore_and_weights(tmp_path):
   rev, layout, arr = _array(reg, ids[0])
   reader = reg.store._readers[rev.array_key]
   assert isinstance(reader, ShardFileReader)
-  # Rows across several shards, plus rows never written (zeros).
-  rows = np.arange(0, arr.shape[0], 3, dtype=np.int64)
-  np.testing.assert_array_equal(reader.read(rows),
+  rows = np.arange(0, 40, 3, dtype=np.int64)
+  errors = {}
+  np.testing.assert_array_equal(reader.read(rows, errors),
                                 arr.oindex[rows].read().result())
-  assert not reader.read(np.array([arr.shape[0] - 1], np.int64)).any()
+  assert not errors
+  # A row of a written shard that was never written, and a row of a shard
+  # that does not exist: both reported, neither read as zeros.
+  rps = reader.rows_per_shard
+  reader.read(np.array([40, 5 * rps], np.int64), errors)
+  assert "never written" in errors[0][1] and "missing" in errors[1][1]
+  assert errors[1][0].endswith("/c/5/0")
   loaded = reg.load_many(ids[::-1] + ids[:2])
   for (r, w), aid in zip(loaded, ids[::-1] + ids[:2]):
     k = ids.index(aid)
@@ -66,8 +73,8 @@ def test_damaged_index_raises_and_keeps_catalog(tmp_path):
   reg, ids = _registry(tmp_path / "r", 4)
   rev, _, _ = _array(reg, ids[1])
   before = reg.catalog.counts()
-  path = os.path.join(reg.store._readers[rev.array_key].directory, "c", "0",
-                      "0")
+  path = reg.store.shard_location(rev.array_key, _array(reg, ids[1])[1],
+                                 rev.row)
   with open(path, "r+b") as f:  # Flip one byte of the shard index.
     f.seek(-10, os.SEEK_END)
     b = f.read(1)

@@ -2,7 +2,9 @@
 
 Owns the exception hierarchy every caller of `mintjax.store` catches. Each
 error message says what was expected, what was found and how to fix it; every
-operation that raises one leaves the catalog and the weights store unchanged.
+operation that raises one leaves the catalog and the weights store unchanged
+(a refused publish may leave unreferenced shard files, which `gc` deletes
+once their reservation's lease has expired; no reader ever sees them).
 """
 
 from __future__ import annotations
@@ -28,4 +30,14 @@ class BaseMismatchError(RegistryError):
 
 
 class StoreCorruptionError(RegistryError):
-  """Stored bytes no longer hash to the recorded sha256 (run `verify`)."""
+  """Stored bytes are missing or fail their recorded checksum (run `verify`)."""
+
+
+class CatalogError(RegistryError):
+  """The catalog database could not be read or written (busy, damaged, or of
+  another schema version); the message names the database and the fix."""
+
+
+class LeaseExpiredError(RegistryError):
+  """A publish outlived its reservation's lease, so `gc` may have reclaimed
+  its shards; nothing of it became visible. Publish again."""

@@ -27,8 +27,12 @@ from mintjax.adapters.spec import (AdapterError, AdapterSpec,
 from mintjax.adapters.vera import VeraWeights
 from mintjax.store.errors import BaseMismatchError, InvalidAdapterError
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_REF_RE = re.compile(r"^(?P<id>[^@:]+)(?:@(?P<rev>[^@:]*)|:(?P<tag>[^@:]*))?$")
+# \Z, not $: '$' also matches before a trailing newline, so 'alice\n' would
+# pass. re.ASCII: only ASCII letters and digits are name characters.
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z", re.ASCII)
+_REF_RE = re.compile(
+    r"(?P<id>[^@:]+)(?:@(?P<rev>[^@:]*)|:(?P<tag>[^@:]*))?\Z")
+_REV_RE = re.compile(r"[0-9]{1,18}\Z", re.ASCII)
 
 
 def check_name(name: Any, what: str = "adapter id") -> str:
@@ -51,7 +55,8 @@ def parse_ref(ref: str) -> tuple[str, int | None, str | None]:
   aid = check_name(m.group("id"))
   rev, tag = m.group("rev"), m.group("tag")
   if rev is not None:
-    if not rev.isdigit() or int(rev) < 1:
+    # Only ASCII digits: str.isdigit() also accepts e.g. Arabic-Indic '٣'.
+    if not _REV_RE.match(rev) or int(rev) < 1:
       raise InvalidAdapterError(
           f"invalid revision in {ref!r}: revisions are numbered 1, 2, 3...")
     return aid, int(rev), None

@@ -1,11 +1,12 @@
-"""The weights store: adapter factors as rows of sharded tensorstore arrays.
+"""The weights store: adapter factors as rows of write-once shard files.
 
 Owns `RowLayout` (how one adapter's A/B factors flatten into one row and
 back), `kvstore_spec` (local path, `file://`, `gs://`, `s3://` or a
 tensorstore spec dict), `ShardFileReader` (reads rows of local uncompressed
 arrays with `pread`, bypassing tensorstore's per-read overhead and extra
-copy; everything else reads through tensorstore) and `WeightsStore` (open,
-grow, write, batched read). Writes always go through tensorstore.
+copy; everything else reads through tensorstore), the row checksums
+(`row_crc32c`, `row_sha256`) and `WeightsStore` (create, write, batched
+read, list and delete shards). Writes always go through tensorstore.
 
 Layout. One zarr3 array per *shape class* (same base, targets, per-target
 shapes, rank and dtype), shaped `[rows, row_len]`:
@@ -20,16 +21,20 @@ since the frozen basis is regenerated from the shape class's `basis_seed`
 (`mintjax.adapters.vera`); its rows are L * (r + d_out) per target.
 
 Each row is one inner chunk `[1, row_len]`; inner chunks are grouped into
-shard files of `rows_per_shard` rows by the zarr3 `sharding_indexed` codec,
-so a million adapters are thousands of files, not millions. A missing chunk
-reads as zeros, which is why a row is only trusted once the catalog
-references it with a matching sha256 (see `mintjax.store.registry`).
+shard files of `rows_per_shard` rows by the zarr3 `sharding_indexed` codec
+(`c/<shard>/0`), so a million adapters published in bulk are hundreds of
+files, not millions.
 
-Growing is `resize(expand_only=True)`; the registry calls it while it holds
-the catalog's write lock, so concurrent publishers never race on metadata.
-Shard files are rewritten whole by tensorstore (write to a temporary file,
-then atomic rename), so a crash mid-write leaves the previous shard contents,
-and with them every committed row, intact.
+Write-once. Each shard file is written exactly once, by the one publish
+that reserved it in the catalog, and never rewritten: shard numbers come
+from a counter that only grows. A key written once cannot be damaged by a
+later write, so the file kvstore's stale `<key>.__lock` of a killed writer
+(whose trailing bytes would corrupt a *rewritten* shard) is harmless, and on
+object stores (s3/gcs) an atomic PUT per shard is all the store relies on.
+The array is created once with a fixed extent of `_MAX_SHARDS` shards, so
+its metadata (`zarr.json`) is written once too, never resized. Reads of a
+chunk that was never written raise (`fill_missing_data_reads` off), so a
+missing shard never reads as zeros.
 """
 
 from __future__ import annotations
@@ -40,38 +45,40 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 from typing import Mapping, Sequence
 
+import google_crc32c
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 import numpy as np
 import tensorstore as ts
 
 from mintjax.adapters.spec import ALL_TARGETS
-from mintjax.store.errors import (InvalidAdapterError, RegistryError,
-                                  StoreCorruptionError)
+from mintjax.store.errors import InvalidAdapterError, RegistryError
+from mintjax.store.shard_reader import (ShardFileReader,
+                                        direct_rows_per_shard)
 
-try:  # The direct shard reader checks index checksums with it.
-  import google_crc32c
-except ImportError:  # Without it every read goes through tensorstore.
-  google_crc32c = None
+__all__ = ["RowLayout", "WeightsStore", "ShardFileReader",
+           "direct_rows_per_shard", "kvstore_spec", "rows_per_shard_for",
+           "row_crc32c", "row_sha256"]
 
 DTYPES = ("float32", "bfloat16", "float16")
 # Shard files aim at this many bytes: big enough that a million small
-# adapters are ~1,000 files, small enough that rewriting one shard on a
-# single publish stays a few milliseconds.
+# adapters published in bulk are ~500 files, small enough that one shard is
+# one quick write (and one atomic PUT on an object store).
 _TARGET_SHARD_BYTES = 4 << 20
 _MAX_ROWS_PER_SHARD = 4096
+# Every array is created with room for this many shards and never resized:
+# its zarr.json is written once. Shard numbers are never reused, so this is
+# the number of publishes an array can take (2^32; rows stay < 2^44).
+_MAX_SHARDS = 1 << 32
 # A small cache keeps shard indexes (16 bytes per row) in memory, so reading a
 # row costs one ranged read instead of two; rows themselves mostly miss it.
 # Arrays of big rows (one row per shard) skip it: caching a multi-megabyte
 # row costs an extra copy and is never hit by random loads.
 CONTEXT_SPEC = {"cache_pool": {"total_bytes_limit": 32 << 20}}
 _CACHED_ROW_BYTES = 1 << 20
-# zarr3 sharding marks an inner chunk that was never written with this
-# (offset, nbytes) pair; it reads as the fill value (zeros).
-_MISSING = 2**64 - 1
-_FADVISE = hasattr(os, "posix_fadvise")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,12 +220,25 @@ class RowLayout:
     return a, b
 
 
-def row_sha256(row: np.ndarray) -> str:
-  """sha256 of a row's little-endian bytes, as 'sha256:<hex>'."""
+def _le_bytes(row: np.ndarray) -> np.ndarray:
+  """The row as a read-only little-endian contiguous array (for hashing)."""
   row = np.ascontiguousarray(row)
   if row.dtype.byteorder == ">":
     row = row.byteswap().view(row.dtype.newbyteorder("<"))
-  return "sha256:" + hashlib.sha256(row.tobytes()).hexdigest()
+  view = row.view()
+  view.flags.writeable = False  # google_crc32c wants a read-only buffer.
+  return view
+
+
+def row_sha256(row: np.ndarray) -> str:
+  """sha256 of a row's little-endian bytes, as 'sha256:<hex>'."""
+  return "sha256:" + hashlib.sha256(_le_bytes(row)).hexdigest()
+
+
+def row_crc32c(row: np.ndarray) -> int:
+  """crc32c of a row's little-endian bytes (checked on every load; ~6 GB/s,
+  4x cheaper than sha256)."""
+  return google_crc32c.value(_le_bytes(row))
 
 
 def kvstore_spec(location) -> dict:
@@ -254,141 +274,9 @@ def rows_per_shard_for(row_bytes: int) -> int:
   return min(_MAX_ROWS_PER_SHARD, 1 << (n.bit_length() - 1))
 
 
-def direct_rows_per_shard(metadata: Mapping, layout: RowLayout) -> int | None:
-  """Rows per shard if `ShardFileReader` can read this array, else None.
-
-  Only the exact format `WeightsStore` creates without compression
-  qualifies: little-endian rows of the layout's dtype, one row per inner
-  chunk, index of little-endian (offset, nbytes) pairs plus crc32c at the
-  end of each shard, default '/'-separated chunk keys. Anything else (zstd,
-  arrays written by other tools) keeps the tensorstore read path.
-  """
-  little = {"name": "bytes", "configuration": {"endian": "little"}}
-  try:
-    grid = metadata["chunk_grid"]["configuration"]["chunk_shape"]
-    (codec,) = metadata["codecs"]
-    conf = codec["configuration"]
-    key_enc = metadata.get("chunk_key_encoding", {"name": "default"})
-    ok = (metadata.get("zarr_format") == 3 and
-          metadata["data_type"] == layout.dtype and
-          list(metadata["shape"][1:]) == [layout.row_len] and
-          len(grid) == 2 and grid[1] == layout.row_len and
-          codec["name"] == "sharding_indexed" and
-          conf["chunk_shape"] == [1, layout.row_len] and
-          conf["codecs"] == [little] and
-          conf["index_codecs"] == [little, {"name": "crc32c"}] and
-          conf.get("index_location", "end") == "end" and
-          key_enc.get("name") == "default" and
-          key_enc.get("configuration", {}).get("separator", "/") == "/" and
-          metadata.get("fill_value") in (0, 0.0))
-  except (KeyError, TypeError, ValueError):
-    return None
-  return int(grid[0]) if ok else None
-
-
-class ShardFileReader:
-  """Reads rows of uncompressed local shard files with `pread`.
-
-  Why not tensorstore: for a local file it costs ~200 us fixed per read and
-  copies every row twice (into its chunk buffer, then into the output
-  array). A shard file is the inner chunks followed by an index of
-  `rows_per_shard` (offset, nbytes) uint64 pairs and the index's crc32c, so
-  one `pread` of the index and one `preadv` per row straight into the output
-  buffer read exactly the row's bytes, once.
-
-  Consistency: each shard is opened once and its index and rows are read
-  through that one descriptor. Tensorstore replaces shard files by rename,
-  so the descriptor always sees one complete version of the shard, never a
-  mix. The index is re-read (and its crc32c checked) on every call rather
-  than cached, so a shard rewritten by another process is never read through
-  a stale index.
-  """
-
-  def __init__(self, directory: str, rows_per_shard: int, layout: RowLayout):
-    self.directory = directory
-    self.rows_per_shard = rows_per_shard
-    self.row_len = layout.row_len
-    self.row_bytes = layout.row_bytes
-    self.dtype = layout.np_dtype
-    self._index_bytes = 16 * rows_per_shard + 4
-
-  def _corrupt(self, path: str, what: str) -> StoreCorruptionError:
-    return StoreCorruptionError(
-        f"shard file {path} is damaged: {what}; run `python -m tools.mint "
-        "verify` and restore the store from a backup (the catalog still "
-        "records every row's sha256)")
-
-  def _index(self, fd: int, path: str) -> tuple[np.ndarray, int]:
-    """The shard's [rows_per_shard, 2] (offset, nbytes) index, data size."""
-    size = os.fstat(fd).st_size
-    n = self._index_bytes
-    if size < n:
-      raise self._corrupt(path, f"{size} bytes, shorter than its {n}-byte "
-                          "index")
-    raw = os.pread(fd, n, size - n)
-    if len(raw) != n:
-      raise self._corrupt(path, "the index could not be read whole")
-    if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
-      raise self._corrupt(path, "its index fails its crc32c checksum")
-    return (np.frombuffer(raw, "<u8", 2 * self.rows_per_shard).reshape(
-        self.rows_per_shard, 2), size - n)
-
-  def read(self, rows: np.ndarray) -> np.ndarray:
-    """Rows `rows` (sorted, unique int64) as one [len(rows), row_len] block."""
-    out = np.empty((len(rows), self.row_len), self.dtype)
-    rps = self.rows_per_shard
-    shards = rows // rps
-    # Start of each run of rows sharing a shard (rows are sorted).
-    starts = np.flatnonzero(np.diff(shards, prepend=-1)).tolist()
-    starts.append(len(rows))
-    row_list = rows.tolist()
-    plan, fds = [], []  # plan: (output row, fd, offset); fds to close.
-    try:
-      for k in range(len(starts) - 1):
-        lo, hi = starts[k], starts[k + 1]
-        shard = row_list[lo] // rps
-        path = f"{self.directory}/c/{shard}/0"
-        try:
-          fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:  # A shard never written reads as zeros.
-          out[lo:hi] = 0
-          continue
-        fds.append(fd)
-        index, data_end = self._index(fd, path)
-        for j in range(lo, hi):
-          offset, nbytes = index[row_list[j] - shard * rps].tolist()
-          if offset == _MISSING and nbytes == _MISSING:
-            out[j] = 0
-            continue
-          if nbytes != self.row_bytes or offset + nbytes > data_end:
-            raise self._corrupt(
-                path, f"row {row_list[j]} is recorded as {nbytes} bytes at "
-                f"offset {offset}, expected {self.row_bytes} bytes inside "
-                f"the first {data_end}")
-          plan.append((j, fd, offset, path))
-      if len(plan) > 1 and _FADVISE:
-        # Rows not in the page cache: let the kernel fetch them all at once
-        # (the disk serves them in parallel) before the reads below wait on
-        # each in turn.
-        for _, fd, offset, _ in plan:
-          os.posix_fadvise(fd, offset, self.row_bytes,
-                           os.POSIX_FADV_WILLNEED)
-      for j, fd, offset, path in plan:
-        buf = memoryview(out[j]).cast("B")
-        done = 0
-        while done < self.row_bytes:  # preadv may return fewer bytes.
-          got = os.preadv(fd, [buf[done:]], offset + done)
-          if got <= 0:
-            raise self._corrupt(path, f"row {row_list[j]} is truncated")
-          done += got
-    finally:
-      for fd in fds:
-        os.close(fd)
-    return out
-
-
 class WeightsStore:
-  """Sharded zarr3 arrays under one kvstore root, one per shape class."""
+  """Write-once sharded zarr3 arrays under one kvstore root, one per shape
+  class (see the module docstring)."""
 
   def __init__(self, root, compression: str | None = None):
     """Args:
@@ -404,8 +292,8 @@ class WeightsStore:
     # Per array: a ShardFileReader when its rows can be read with pread
     # (local, uncompressed), else None (tensorstore reads).
     self._readers: dict[str, ShardFileReader | None] = {}
-    self._direct = (self.root.get("driver") == "file" and
-                    google_crc32c is not None and sys.byteorder == "little")
+    self._local = self.root.get("driver") == "file"
+    self._direct = self._local and sys.byteorder == "little"
     self._context = ts.Context(CONTEXT_SPEC)
     self._big_context = ts.Context()
 
@@ -414,18 +302,22 @@ class WeightsStore:
     kv["path"] = kv.get("path", "") + f"arrays/{key}/"
     return kv
 
-  def _spec(self, key: str, layout: RowLayout, capacity: int) -> dict:
+  def _dir(self, key: str) -> str:
+    """Local directory of an array (file kvstore only)."""
+    return self._kvstore(key)["path"].rstrip("/")
+
+  def _spec(self, key: str, layout: RowLayout) -> dict:
     rows_per_shard = rows_per_shard_for(layout.row_bytes)
     inner = [{"name": "bytes", "configuration": {"endian": "little"}}]
     if self.compression == "zstd":
       inner.append({"name": "zstd", "configuration": {"level": 3}})
-    dtype = layout.dtype
     return {
         "driver": "zarr3",
         "kvstore": self._kvstore(key),
+        "fill_missing_data_reads": False,
         "metadata": {
-            "shape": [capacity, layout.row_len],
-            "data_type": dtype,
+            "shape": [_MAX_SHARDS * rows_per_shard, layout.row_len],
+            "data_type": layout.dtype,
             "chunk_grid": {"name": "regular", "configuration": {
                 "chunk_shape": [rows_per_shard, layout.row_len]}},
             "codecs": [{"name": "sharding_indexed", "configuration": {
@@ -439,40 +331,58 @@ class WeightsStore:
         },
     }
 
-  def open_array(self, key: str, layout: RowLayout, create: bool = False,
-                 min_rows: int = 0) -> ts.TensorStore:
-    """The array of a shape class, reopened if it must see >= `min_rows`."""
-    arr = self._arrays.get(key)
-    if arr is not None and arr.shape[0] >= min_rows:
-      return arr
-    context = (self._context if layout.row_bytes < _CACHED_ROW_BYTES else
-               self._big_context)
+  def _context_for(self, layout: RowLayout) -> ts.Context:
+    return (self._context if layout.row_bytes < _CACHED_ROW_BYTES else
+            self._big_context)
+
+  def prepare_array(self, key: str, layout: RowLayout) -> None:
+    """Creates the array if it does not exist yet.
+
+    Must run while no other process can create it: the registry calls it
+    inside the catalog's write transaction that reserves shards. A creator
+    killed mid-write leaves `zarr.json.__lock` without `zarr.json`; it is
+    removed first, because tensorstore would otherwise keep its stale
+    trailing bytes in the new `zarr.json`.
+    """
+    if key in self._arrays:
+      return
     try:
-      # Open whatever exists without asserting a shape: other processes may
-      # have grown the array since it was created.
-      arr = ts.open({"driver": "zarr3", "kvstore": self._kvstore(key)},
-                    open=True, context=context).result()
+      self.open_array(key, layout)
+      return
     except ValueError as e:
-      if not create or "NOT_FOUND" not in str(e):
+      if "NOT_FOUND" not in str(e):
         raise
-      # Only reached under the catalog's write lock (ensure_capacity), so no
-      # other process creates the same array concurrently.
-      cap = max(min_rows, rows_per_shard_for(layout.row_bytes))
-      arr = ts.open(self._spec(key, layout, cap), open=True, create=True,
-                    context=context).result()
+    if self._local:
+      stale = os.path.join(self._dir(key), "zarr.json.__lock")
+      if os.path.exists(stale):
+        os.remove(stale)
+    arr = ts.open(self._spec(key, layout), create=True,
+                  context=self._context_for(layout)).result()
+    self._register(key, layout, arr)
+
+  def open_array(self, key: str, layout: RowLayout) -> ts.TensorStore:
+    """The array of a shape class (created by `prepare_array`)."""
+    arr = self._arrays.get(key)
+    if arr is not None:
+      return arr
+    arr = ts.open({"driver": "zarr3", "kvstore": self._kvstore(key),
+                   "fill_missing_data_reads": False}, open=True,
+                  context=self._context_for(layout)).result()
+    self._register(key, layout, arr)
+    return arr
+
+  def _register(self, key: str, layout: RowLayout, arr) -> None:
     if arr.shape[1] != layout.row_len:
       raise RegistryError(
           f"stored array {key} has rows of {arr.shape[1]} elements, the "
           f"catalog expects {layout.row_len}; the store and catalog disagree")
     self._arrays[key] = arr
-    if key not in self._readers:
-      self._readers[key] = self._reader(key, layout)
-    return arr
+    self._readers[key] = self._reader(key, layout)
 
   def _reader(self, key: str, layout: RowLayout) -> ShardFileReader | None:
     if not self._direct:
       return None
-    directory = self._kvstore(key)["path"].rstrip("/")
+    directory = self._dir(key)
     try:
       with open(os.path.join(directory, "zarr.json")) as f:
         metadata = json.load(f)
@@ -481,46 +391,40 @@ class WeightsStore:
     rps = direct_rows_per_shard(metadata, layout)
     return None if rps is None else ShardFileReader(directory, rps, layout)
 
-  def ensure_capacity(self, key: str, layout: RowLayout, rows: int) -> None:
-    """Grows the array so rows [0, rows) exist (call under the write lock)."""
-    arr = self.open_array(key, layout, create=True)
-    if arr.shape[0] >= rows:
-      return
-    arr = self.open_array(key, layout)  # Another process may have grown it.
-    self._arrays[key] = arr
-    if arr.shape[0] >= rows:
-      return
-    step = rows_per_shard_for(layout.row_bytes)
-    # Grow geometrically in whole shards, so resizes (metadata rewrites) are
-    # rare even when publishing one adapter at a time.
-    new_cap = max(rows, 2 * arr.shape[0])
-    new_cap = -(-new_cap // step) * step
-    self._arrays[key] = arr.resize(
-        exclusive_max=[new_cap, layout.row_len], expand_only=True).result()
+  def shard_location(self, key: str, layout: RowLayout, row: int) -> str:
+    """The shard file holding row `row` of an array (for messages)."""
+    shard = row // rows_per_shard_for(layout.row_bytes)
+    kv = self._kvstore(key)
+    where = (f"{kv['driver']}://{kv.get('bucket', '')}/" if not self._local
+             else "")
+    return f"{where}{kv['path']}c/{shard}/0"
 
-  def write_rows(self, key: str, layout: RowLayout, rows: Sequence[int],
+  def write_rows(self, key: str, layout: RowLayout, first_row: int,
                  data: np.ndarray) -> None:
-    """Writes data[i] ([n, row_len]) to rows[i], issued as one batch."""
-    rows = np.asarray(rows, np.int64)
-    if len(rows) == 0:
-      return
-    arr = self.open_array(key, layout, min_rows=int(rows.max()) + 1)
-    data = np.ascontiguousarray(data, layout.np_dtype)
-    if np.all(np.diff(rows) == 1):
-      arr[int(rows[0]):int(rows[-1]) + 1].write(data).result()
-    else:
-      arr.oindex[rows].write(data).result()
+    """Writes data ([n, row_len]) to rows [first_row, first_row + n).
 
-  def read_rows_many(self, requests: Sequence[tuple[str, RowLayout, int]]
-                     ) -> list[np.ndarray]:
+    The rows must lie in shards reserved by this caller and never written
+    before: each shard file is then written once, whole.
+    """
+    if len(data) == 0:
+      return
+    arr = self.open_array(key, layout)
+    data = np.ascontiguousarray(data, layout.np_dtype)
+    arr[first_row:first_row + len(data)].write(data).result()
+
+  def read_rows_many(self, requests: Sequence[tuple[str, RowLayout, int]],
+                     errors: dict | None = None) -> list[np.ndarray | None]:
     """Reads many rows (possibly of different arrays), all issued at once.
 
     Args:
       requests: (array key, layout, row) per row wanted.
+      errors: filled with {request index: (file, problem)} for rows that
+        are missing or unreadable (their output is None).
 
     Returns:
-      One [row_len] array per request, in order.
+      One [row_len] array per request, in order (None where unreadable).
     """
+    errors = {} if errors is None else errors
     by_key: dict[str, tuple] = {}
     for i, (key, layout, row) in enumerate(requests):
       group = by_key.get(key)
@@ -536,23 +440,88 @@ class WeightsStore:
       else:
         uniq, inverse = np.unique(rows, return_inverse=True)
         inverse = inverse.tolist()
-      arr = self.open_array(key, layout, min_rows=int(uniq[-1]) + 1)
+      try:
+        arr = self.open_array(key, layout)
+      except ValueError as e:
+        for i in idx:
+          errors[i] = (self._kvstore(key)["path"], f"array unreadable: {e}")
+        continue
       reader = self._readers.get(key)
       if reader is not None:
         direct.append((idx, inverse, reader, uniq))
       elif len(uniq) == 1:
-        issued.append((idx, inverse, arr[int(uniq[0]):int(uniq[0]) + 1].read()))
+        issued.append((idx, inverse, key, arr, uniq,
+                       arr[int(uniq[0]):int(uniq[0]) + 1].read()))
       else:
-        issued.append((idx, inverse, arr.oindex[uniq].read()))
+        issued.append((idx, inverse, key, arr, uniq,
+                       arr.oindex[uniq].read()))
+    out: list = [None] * len(requests)
     # Direct reads run while tensorstore's reads are in flight.
-    blocks = [(idx, inverse, reader.read(uniq))
-              for idx, inverse, reader, uniq in direct]
-    blocks += [(idx, inverse, fut.result()) for idx, inverse, fut in issued]
-    out: list[np.ndarray] = [None] * len(requests)  # type: ignore
-    for idx, inverse, block in blocks:
+    for idx, inverse, reader, uniq in direct:
+      bad: dict = {}
+      block = reader.read(uniq, bad)
       for i, j in zip(idx, inverse):
-        out[i] = block[j]
+        if j in bad:
+          errors[i] = bad[j]
+        else:
+          out[i] = block[j]
+    for idx, inverse, key, arr, uniq, fut in issued:
+      try:
+        block, bad = fut.result(), {}
+      except ValueError:  # A chunk is missing or damaged: find which.
+        block, bad = self._read_each(arr, uniq, self._kvstore(key)["path"])
+      for i, j in zip(idx, inverse):
+        if j in bad:
+          errors[i] = bad[j]
+        else:
+          out[i] = block[j]
     return out
 
-  def read_row(self, key: str, layout: RowLayout, row: int) -> np.ndarray:
-    return self.read_rows_many([(key, layout, row)])[0]
+  @staticmethod
+  def _read_each(arr, rows: np.ndarray, path: str
+                 ) -> tuple[np.ndarray, dict]:
+    """Row-by-row tensorstore reads, recording each row's failure."""
+    block = np.zeros((len(rows), arr.shape[1]), arr.dtype.numpy_dtype)
+    bad = {}
+    for j, r in enumerate(rows.tolist()):
+      try:
+        block[j] = arr[r].read().result()
+      except ValueError as e:
+        bad[j] = (path, str(e).splitlines()[0][:300])
+    return block, bad
+
+  def delete_shards(self, key: str, shards: Sequence[int]) -> int:
+    """Deletes shard files (and a killed writer's lock files); returns how
+    many files were removed. Only for shards no revision references."""
+    removed = 0
+    if self._local:
+      for s in shards:
+        d = os.path.join(self._dir(key), "c", str(int(s)))
+        if os.path.isdir(d):
+          removed += len(os.listdir(d))
+          shutil.rmtree(d, ignore_errors=True)
+      return removed
+    kv = ts.KvStore.open(self._kvstore(key), context=self._context).result()
+    for s in shards:
+      name = f"c/{int(s)}/0"
+      if kv.read(name).result().state == "value":
+        kv.write(name, None).result()
+        removed += 1
+    return removed
+
+  def shard_files(self, key: str) -> set[int]:
+    """Shards of an array with any file on disk (data or a lock file)."""
+    if self._local:
+      d = os.path.join(self._dir(key), "c")
+      try:
+        names = os.listdir(d)
+      except FileNotFoundError:
+        return set()
+      return {int(n) for n in names if n.isascii() and n.isdigit()}
+    kv = ts.KvStore.open(self._kvstore(key), context=self._context).result()
+    out = set()
+    for k in kv.list().result():
+      parts = k.decode().split("/")
+      if len(parts) == 3 and parts[0] == "c" and parts[1].isdigit():
+        out.add(int(parts[1]))
+    return out
