@@ -40,8 +40,9 @@ _BASE = flags.DEFINE_string("base", None,
                             "HF base folder to fingerprint (import-peft)")
 _BASE_FP = flags.DEFINE_string("base_fingerprint", None,
                                "base fingerprint (import-peft)")
-_STALE = flags.DEFINE_float("stale_after_s", 3600.0,
-                            "gc: reservations older than this are dead")
+_GRACE = flags.DEFINE_float(
+    "grace_s", 0.0, "gc: reclaim a reservation only this long after its "
+    "lease expired (clock skew between hosts)")
 
 USAGE = ("commands: list | show REF | log ID | tag REF TAG | rollback ID "
          "[--tag --to] | diff REF REF | verify | gc | import-peft DIR --id "
@@ -162,14 +163,17 @@ def run(reg: Registry, args: Sequence[str], as_json: bool = False) -> str:
   elif cmd == "verify":
     need(0, "no arguments")
     data = reg.verify()
-    text = (f"verified {data['checked']} revisions: "
-            f"{'all OK' if data['ok'] else 'CORRUPT: ' + ' '.join(data['bad'])}")
+    text = f"verified {data['checked']} revisions: " + (
+        "all OK" if data["ok"] else f"{len(data['bad'])} CORRUPT\n" +
+        "\n".join(f"  {data['problems'][r]}" for r in data["bad"]))
     out = data, text
   elif cmd == "gc":
     need(0, "no arguments")
-    data = reg.gc(stale_after_s=_STALE.value)
-    out = data, (f"reclaimed {data['reclaimed_rows']} rows from "
-                 f"{data['reclaimed_reservations']} dead publishes")
+    data = reg.gc(grace_s=_GRACE.value)
+    out = data, (f"reclaimed {data['reclaimed_reservations']} expired "
+                 f"reservations ({data['reclaimed_rows']} rows), deleted "
+                 f"{data['deleted_files']} unreferenced shard files; "
+                 f"{data['live_reservations']} live reservations left alone")
   elif cmd == "import-peft":
     need(1, "PEFT_DIR")
     if not _ID.value:
