@@ -3,8 +3,12 @@
   python -m launch.eval --base=random:tiny --registry=REG \
       --heldout=DATA/heldout [--refs=alice,bob@2] [--promote=prod]
 
-Prints a markdown table (each revision vs its parent and the base) and which
-revisions were held back from the tag and why.
+Prints a markdown table (each revision vs its parent and the base, and the
+prompt format used) and which revisions were held back from the tag and why.
+Each revision is scored in the prompt format its provenance records;
+--prompt_style overrides that for every revision (and is recorded with the
+metrics). Promotion refuses degenerate evaluations: see
+mintjax/eval/promotion.py for the rules.
 """
 
 from absl import app
@@ -22,8 +26,13 @@ _REFS = flags.DEFINE_list("refs", [], "Adapter refs (default: all with "
                           "held-out data, latest revision).")
 _PROMOTE = flags.DEFINE_string("promote", None, "Tag to move (e.g. prod).")
 _TOL = flags.DEFINE_float("loss_tolerance", 0.0, "Allowed loss increase.")
-_STYLE = flags.DEFINE_enum("prompt_style", "raw", ["raw", "chat"],
-                           "Prompt formatting used in training.")
+_STYLE = flags.DEFINE_enum(
+    "prompt_style", None, ["raw", "chat"],
+    "Override the prompt format (default: each revision's trained format, "
+    "read from its provenance).")
+_FALLBACK = flags.DEFINE_enum(
+    "fallback_prompt_style", "raw", ["raw", "chat"],
+    "Format for revisions whose provenance records none (warned).")
 _MAXLEN = flags.DEFINE_integer("max_length", 256, "Max tokens per example.")
 distributed.define_flags()
 
@@ -37,7 +46,8 @@ def main(argv):
   out = evaluate_and_promote(
       load_base_source(_BASE.value), Registry.open(_REGISTRY.value),
       _HELDOUT.value, _REFS.value, _PROMOTE.value, _TOL.value,
-      prompt_style=_STYLE.value, max_length=_MAXLEN.value)
+      prompt_style=_STYLE.value, fallback_prompt_style=_FALLBACK.value,
+      max_length=_MAXLEN.value)
   print(out["table"])
   if _PROMOTE.value:
     print(f"promoted to {_PROMOTE.value!r}: {out['promoted'] or 'none'}")

@@ -3,20 +3,31 @@
 Owns `evaluate_jobs` (held-out loss and exact-match of many (adapter slot,
 examples) jobs in shared batches through one compiled forward: different
 rows use different adapters), `evaluate_revisions` (many registry revisions
-at once, each against its parent revision and the base, all in one bank)
-and `promote` (moves a tag only for revisions that do not regress, and says
-which were held back and why).
+at once, each against its parent revision and the base, all in one bank,
+each in the prompt format it was trained with) and `evaluate_and_promote`
+(the `launch/eval.py` entry point; the promotion rules live in
+`mintjax.eval.promotion`).
 
 Exact match is computed by teacher forcing: greedy decoding reproduces the
 completion (including its eos) exactly when the argmax at every completion
-position equals the target, so no decode loop is needed.
+position equals the target, so no decode loop is needed. The argmax at the
+first completion position is exactly greedy decoding's first token, which
+tells whether greedy would answer with an empty completion.
+
+Prompt format: by default every revision is scored in the format its
+provenance records (`mintjax.eval.prompt_format`); an explicit prompt style
+overrides it. Metrics measured in the recorded format are stored as
+'heldout_loss' and 'exact_match' (the names training uses); metrics measured
+in an overridden or guessed format are stored under qualified names such as
+'exact_match[prompt_style=raw,override]', so a number from the wrong format
+never reads as the adapter's score.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
+import logging
 from typing import Mapping, Sequence
 
 import jax
@@ -25,6 +36,8 @@ import numpy as np
 
 from mintjax.adapters.bank import AdapterBank, bank_from_weights
 from mintjax.adapters.spec import AdapterSpec
+from mintjax.eval import prompt_format as pf
+from mintjax.eval.promotion import promote
 from mintjax.model import llama
 from mintjax.model.base import BaseModel
 from mintjax.train import data as data_lib
@@ -40,12 +53,19 @@ class EvalResult:
     exact_match: fraction of examples whose greedy completion is exact.
     num_examples: examples scored.
     tokens: completion tokens scored.
+    empty_outputs: examples whose greedy completion would be empty (eos
+      predicted at the first completion position).
+    distinct_predictions: distinct argmax tokens over all scored positions.
+    distinct_targets: distinct target tokens over all scored positions.
   """
 
   loss: float
   exact_match: float
   num_examples: int
   tokens: int
+  empty_outputs: int = 0
+  distinct_predictions: int = 0
+  distinct_targets: int = 0
 
 
 @functools.partial(jax.jit, static_argnames=("config", "lora_impl"))
@@ -54,10 +74,11 @@ def _score(params, bank, adapter_idx_b, tokens_bt, targets_bt, mask_bt, *,
   logits_btv, _ = llama.forward(params, bank, adapter_idx_b, tokens_bt,
                                 config=config, lora_impl=lora_impl)
   tl_bt = token_cross_entropy(logits_btv, targets_bt)
-  hit_bt = jnp.argmax(logits_btv, axis=-1) == targets_bt
+  pred_bt = jnp.argmax(logits_btv, axis=-1).astype(jnp.int32)
+  hit_bt = pred_bt == targets_bt
   loss_b = jnp.sum(tl_bt * mask_bt, axis=1)
   exact_b = jnp.all(hit_bt | (mask_bt == 0), axis=1)
-  return loss_b, jnp.sum(mask_bt, axis=1), exact_b
+  return loss_b, jnp.sum(mask_bt, axis=1), exact_b, pred_bt
 
 
 def _bucket(n: int) -> int:
@@ -86,6 +107,9 @@ def evaluate_jobs(base: BaseModel, bank: AdapterBank | None,
     raise ValueError(f"evaluation jobs {empty} have no examples")
   sums: dict[object, list[float]] = {key: [0.0, 0.0, 0, 0]
                                      for key, _, _ in jobs}
+  # Greedy-output statistics: [empty answers, predicted ids, target ids].
+  outs = {key: [0, set(), set()] for key, _, _ in jobs}
+  eos = base.tokenizer.eos_id if base.tokenizer is not None else None
   for start in range(0, len(rows), batch_size):
     chunk = rows[start:start + batch_size]
     t = _bucket(max(len(ex.tokens) - 1 for _, _, ex in chunk))
@@ -98,48 +122,74 @@ def evaluate_jobs(base: BaseModel, bank: AdapterBank | None,
       tokens[r, :n], targets[r, :n] = ex.tokens[:-1], ex.tokens[1:]
       mask[r, max(ex.prompt_len - 1, 0):n] = 1.0
       idx[r] = slot
-    loss_b, tok_b, exact_b = jax.device_get(_score(
+    loss_b, tok_b, exact_b, pred_bt = jax.device_get(_score(
         base.params, bank, idx, tokens, targets, mask, config=base.config,
         lora_impl=lora_impl))
-    for r, (key, _, _) in enumerate(chunk):
+    for r, (key, _, ex) in enumerate(chunk):
       s = sums[key]
       s[0] += float(loss_b[r])
       s[1] += float(tok_b[r])
       s[2] += int(exact_b[r])
       s[3] += 1
+      first = max(ex.prompt_len - 1, 0)
+      o = outs[key]
+      o[0] += int(eos is not None and pred_bt[r, first] == eos)
+      o[1].update(pred_bt[r, first:len(ex.tokens) - 1].tolist())
+      o[2].update(targets[r, first:len(ex.tokens) - 1].tolist())
   return {key: EvalResult(loss=s[0] / max(s[1], 1.0),
                           exact_match=s[2] / s[3], num_examples=s[3],
-                          tokens=int(s[1]))
+                          tokens=int(s[1]), empty_outputs=outs[key][0],
+                          distinct_predictions=len(outs[key][1]),
+                          distinct_targets=len(outs[key][2]))
           for key, s in sums.items()}
+
+
+def _metric(name: str, fmt: pf.PromptFormat) -> str:
+  """The registry metric name of `name` measured in format `fmt`."""
+  if fmt.source in ("provenance", "training_config"):
+    return name
+  return f"{name}[prompt_style={fmt.style},{fmt.source}]"
 
 
 def evaluate_revisions(base: BaseModel, registry, refs: Sequence[str],
                        heldout_by_user: Mapping[str, Sequence[Mapping]], *,
-                       max_length: int = 256, prompt_style: str = "raw",
+                       max_length: int = 256, prompt_style: str | None = None,
+                       fallback_prompt_style: str = "raw",
                        batch_size: int = 16, lora_impl: str = "auto",
                        record: bool = True) -> list[dict]:
   """Evaluates many revisions together, each against its parent and the base.
 
   All revisions and their parents are loaded into one bank (slot 0 = base)
-  and scored in shared batches on their adapter's held-out records.
+  and scored in shared batches on their adapter's held-out records. Each
+  revision's records are formatted as the revision was trained (its
+  provenance), and its parent and the base are scored on those same tokens.
 
   Args:
     base: the base model; every revision must have been trained on it.
     registry: a `mintjax.store.registry.Registry`.
     refs: adapter refs ('alice', 'alice@3', 'alice:prod').
     heldout_by_user: adapter id -> held-out records {'prompt', 'completion'}.
-    max_length, prompt_style: tokenization (as in training).
+    max_length: tokens per example (longer ones are truncated).
+    prompt_style: None (each revision's trained format) or an explicit
+      'raw'/'chat' that overrides it for every revision.
+    fallback_prompt_style: style for revisions whose provenance records none
+      (a warning is logged).
     batch_size, lora_impl: batching and gather-LoRA implementation.
-    record: store 'heldout_loss' and 'exact_match' evals of each revision.
+    record: store each revision's loss and exact match in the registry
+      (names qualified by the format when it was not the trained one).
 
   Returns:
     One dict per ref: ref, adapter_id, revision, parent, loss, exact_match,
     parent_loss/parent_exact_match (None without a parent), base_loss,
-    base_exact_match, data_fingerprint.
+    base_exact_match, num_examples, empty_outputs, distinct_predictions,
+    distinct_targets, prompt_style, template_sha256, format_source,
+    trained_prompt_style, trained_template_sha256 (None when unknown),
+    warning (None or why the format is uncertain), data_fingerprint.
 
   Raises:
     BaseMismatchError: a revision was trained on another base.
-    ValueError: an adapter has no held-out records.
+    ValueError: an adapter has no held-out records, or a revision's
+      recorded prompt format is malformed.
   """
   revs = [registry.resolve(r) for r in refs]
   missing = sorted({r.adapter_id for r in revs} - set(heldout_by_user))
@@ -147,6 +197,16 @@ def evaluate_revisions(base: BaseModel, registry, refs: Sequence[str],
     raise ValueError(
         f"no held-out records for adapters {missing}; pass a held-out JSONL "
         "with records for every evaluated adapter")
+  formats = {}  # 'id@rev' -> (format used, trained format, warning)
+  for rev in revs:
+    ref = f"{rev.adapter_id}@{rev.revision}"
+    try:
+      formats[ref] = pf.eval_format(rev.provenance, prompt_style,
+                                    fallback_prompt_style)
+    except ValueError as e:
+      raise ValueError(f"{ref}: {e}") from None
+    if formats[ref][2]:
+      logging.warning("%s: %s", ref, formats[ref][2])
   to_load = []
   for rev in revs:
     to_load.append(f"{rev.adapter_id}@{rev.revision}")
@@ -162,92 +222,75 @@ def evaluate_revisions(base: BaseModel, registry, refs: Sequence[str],
                      num_slots=len(to_load) + 1)
   bank = bank_from_weights(base.config, spec, {
       slot_of[r]: w for r, w in weights.items()})
+  # Examples per (adapter, format): two revisions of one adapter trained in
+  # different formats are each scored in their own.
   examples = {}
-  for aid in {r.adapter_id for r in revs}:
-    examples[aid] = [data_lib.tokenize_record(
-        dict(rec, user=aid), base.tokenizer, max_length, "truncate",
-        prompt_style) for rec in heldout_by_user[aid]]
+  for rev in revs:
+    fmt = formats[f"{rev.adapter_id}@{rev.revision}"][0]
+    key = (rev.adapter_id, fmt.key())
+    if key not in examples:
+      tok = fmt.tokenizer_for(base.tokenizer)
+      examples[key] = [data_lib.tokenize_record(
+          dict(rec, user=rev.adapter_id), tok, max_length, "truncate",
+          fmt.style) for rec in heldout_by_user[rev.adapter_id]]
   jobs = []
   for rev in revs:
     ref = f"{rev.adapter_id}@{rev.revision}"
-    jobs.append((ref, slot_of[ref], examples[rev.adapter_id]))
-    jobs.append((("base", rev.adapter_id), 0, examples[rev.adapter_id]))
+    key = (rev.adapter_id, formats[ref][0].key())
+    jobs.append((ref, slot_of[ref], examples[key]))
+    jobs.append((("base",) + key, 0, examples[key]))
     if rev.parent is not None:
       pref = f"{rev.adapter_id}@{rev.parent}"
-      jobs.append((("parent", ref), slot_of[pref], examples[rev.adapter_id]))
+      jobs.append((("parent", ref), slot_of[pref], examples[key]))
   jobs = list({repr(j[0]): j for j in jobs}.values())
   results = evaluate_jobs(base, bank, jobs, batch_size, lora_impl)
   report = []
   for rev in revs:
     ref = f"{rev.adapter_id}@{rev.revision}"
-    res, b = results[ref], results[("base", rev.adapter_id)]
+    fmt, trained, warning = formats[ref]
+    res = results[ref]
+    b = results[("base", rev.adapter_id, fmt.key())]
     p = results.get(("parent", ref))
     fp = data_lib.data_fingerprint(heldout_by_user[rev.adapter_id])
     if record:
-      registry.record_eval(ref, "heldout_loss", res.loss, fp)
-      registry.record_eval(ref, "exact_match", res.exact_match, fp)
+      registry.record_eval(ref, _metric("heldout_loss", fmt), res.loss, fp)
+      registry.record_eval(ref, _metric("exact_match", fmt), res.exact_match,
+                           fp)
     report.append(dict(
         ref=ref, adapter_id=rev.adapter_id, revision=rev.revision,
         parent=rev.parent, loss=res.loss, exact_match=res.exact_match,
         parent_loss=p.loss if p else None,
         parent_exact_match=p.exact_match if p else None,
         base_loss=b.loss, base_exact_match=b.exact_match,
-        num_examples=res.num_examples, data_fingerprint=fp))
+        num_examples=res.num_examples, empty_outputs=res.empty_outputs,
+        distinct_predictions=res.distinct_predictions,
+        distinct_targets=res.distinct_targets,
+        prompt_style=fmt.style, template_sha256=fmt.template_sha256,
+        prompt_format=fmt.describe(), format_source=fmt.source,
+        trained_prompt_style=trained.style if trained else None,
+        trained_template_sha256=(trained.template_sha256 if trained
+                                 else None),
+        warning=warning, data_fingerprint=fp))
   return report
-
-
-def regression_reason(row: Mapping, loss_tolerance: float = 0.0
-                      ) -> str | None:
-  """Why a report row regresses (None if it does not).
-
-  A revision regresses when its exact-match is below its parent's or the
-  base's, or its held-out loss exceeds theirs by more than `loss_tolerance`.
-  """
-  for name in ("parent", "base"):
-    ref_loss = row.get(f"{name}_loss")
-    ref_em = row.get(f"{name}_exact_match")
-    if ref_loss is None:
-      continue
-    if row["exact_match"] < ref_em:
-      return (f"exact-match {row['exact_match']:.3f} is below the {name}'s "
-              f"{ref_em:.3f}")
-    if not math.isfinite(row["loss"]) or (
-        row["loss"] > ref_loss + loss_tolerance):
-      return (f"held-out loss {row['loss']:.4f} exceeds the {name}'s "
-              f"{ref_loss:.4f} by more than {loss_tolerance}")
-  return None
-
-
-def promote(registry, report: Sequence[Mapping], tag: str = "prod",
-            loss_tolerance: float = 0.0) -> tuple[list[str], dict[str, str]]:
-  """Moves `tag` to every non-regressing revision of the report.
-
-  Returns:
-    (promoted refs, {held-back ref: reason}).
-  """
-  promoted, held = [], {}
-  for row in report:
-    reason = regression_reason(row, loss_tolerance)
-    if reason is None:
-      registry.tag(row["ref"], tag, reason="promote: no regression vs parent "
-                   "and base")
-      promoted.append(row["ref"])
-    else:
-      held[row["ref"]] = reason
-  return promoted, held
 
 
 def format_report(report: Sequence[Mapping], held: Mapping[str, str] = ()
                   ) -> str:
   """A markdown table of a report (plus why revisions were held back)."""
-  lines = ["| ref | loss | exact | parent loss | parent exact | base loss | "
-           "base exact |", "|---|---|---|---|---|---|---|"]
+  lines = ["| ref | format | loss | exact | parent loss | parent exact | "
+           "base loss | base exact |", "|---|---|---|---|---|---|---|---|"]
   fmt = lambda v: "-" if v is None else f"{v:.4f}"
   for r in report:
+    how = f"{r['prompt_format']} ({r['format_source']})"
+    if r["trained_prompt_style"] not in (None, r["prompt_style"]):
+      how += f", trained {r['trained_prompt_style']}"
     lines.append(
-        f"| {r['ref']} | {fmt(r['loss'])} | {fmt(r['exact_match'])} | "
-        f"{fmt(r['parent_loss'])} | {fmt(r['parent_exact_match'])} | "
+        f"| {r['ref']} | {how} | {fmt(r['loss'])} | {fmt(r['exact_match'])} "
+        f"| {fmt(r['parent_loss'])} | {fmt(r['parent_exact_match'])} | "
         f"{fmt(r['base_loss'])} | {fmt(r['base_exact_match'])} |")
+  for r in report:
+    if r["warning"]:
+      lines.append(f"warning {r['ref']}: {r['warning']}")
   for ref, why in dict(held).items():
     lines.append(f"held back {ref}: {why}")
   return "\n".join(lines)
@@ -265,13 +308,13 @@ def evaluate_and_promote(base: BaseModel, registry, heldout_data: str,
     heldout_data: held-out JSONL file or directory (records name their user).
     refs: refs to evaluate; empty means the latest revision of every adapter
       that has held-out records.
-    promote_tag: move this tag to the non-regressing revisions (None: only
-      evaluate).
+    promote_tag: move this tag to the revisions that break no rule of
+      `mintjax.eval.promotion` (None: only evaluate).
     loss_tolerance: allowed held-out loss increase before a regression.
-    **kwargs: passed to `evaluate_revisions`.
+    **kwargs: passed to `evaluate_revisions` (prompt_style, max_length, ...).
 
   Returns:
-    {'report': rows, 'promoted': refs, 'held_back': {ref: reason},
+    {'report': rows, 'promoted': refs, 'held_back': {ref: '<rule>: why'},
     'table': markdown}.
   """
   heldout = data_lib.read_records(heldout_data)
@@ -285,6 +328,7 @@ def evaluate_and_promote(base: BaseModel, registry, heldout_data: str,
   report = evaluate_revisions(base, registry, refs, heldout, **kwargs)
   promoted, held = [], {}
   if promote_tag:
-    promoted, held = promote(registry, report, promote_tag, loss_tolerance)
+    promoted, held = promote(registry, report, promote_tag, loss_tolerance,
+                             record=kwargs.get("record", True))
   return dict(report=report, promoted=promoted, held_back=held,
               table=format_report(report, held))

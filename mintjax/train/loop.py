@@ -36,6 +36,7 @@ from mintjax import sharding
 from mintjax.adapters.spec import AdapterSpec
 from mintjax.config import ModelConfig
 from mintjax.eval.evaluate import evaluate_jobs
+from mintjax.eval import prompt_format
 from mintjax.model.base import BaseModel, random_base
 from mintjax.store.errors import BaseMismatchError, UnknownRefError
 from mintjax.train import data as data_lib
@@ -74,7 +75,7 @@ def load_base_source(source: str, seed: int = 0) -> BaseModel:
     from mintjax.model.hf import load_hf  # pylint: disable=g-import-not-at-top
     return load_hf(source)
   if os.path.isdir(source):
-    from mintjax.store.base_checkpoint import load_base  # pylint: disable=g-import-not-at-top
+    from mintjax.model.checkpoint import load_base  # pylint: disable=g-import-not-at-top
     return load_base(source)
   raise ValueError(
       f"base source {source!r} is not 'random:<variant>', an existing .gguf "
@@ -398,7 +399,8 @@ def _publish_cohort(cfg, registry, base, spec, host_bank, slot_map, parents,
         base_fingerprint=base.fingerprint, data_fingerprint=data_fps[u],
         training_config=cfg.to_dict(), steps=steps, seed=int(cfg.seed),
         num_examples=len(records[u]), run_fingerprint=run_fp, cohort=cohort,
-        evaluation=ev)
+        evaluation=ev, prompt_format=prompt_format.for_training(
+            base.tokenizer, cfg.prompt_style).to_provenance())
     items.append((u, w, json.loads(json.dumps(provenance, default=str)),
                   parents.get(u)))
   revs = registry.publish_many(items)
