@@ -20,7 +20,7 @@ from mintjax import sharding
 from mintjax.model import hf, llama
 from mintjax.model.base import random_base
 from mintjax.config import ModelConfig
-from mintjax.store import base_checkpoint as bc
+from mintjax.model import checkpoint as bc
 from tools import convert
 
 # When one array read fails, Orbax abandons its other pending per-array read

@@ -7,8 +7,8 @@ import os
 import pytest
 
 from mintjax.adapters.spec import ALL_TARGETS
-from mintjax.eval import scaling_adapters as sa
-from mintjax.train.loop import load_base_source
+from mintjax.apps.scaling import adapters as sa
+from mintjax.model.sources import load_base_source
 from tools import scaling
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import smollm2_personal
-from mintjax.eval.personal_data import write_personal_data
+from mintjax.apps.personal_data import write_personal_data
 from mintjax.model.base import random_base
 from mintjax.store.errors import BaseMismatchError
 from mintjax.store.registry import Registry

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from mintjax.eval.personal_data import write_personal_data
+from mintjax.apps.personal_data import write_personal_data
 from mintjax.store.registry import Registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

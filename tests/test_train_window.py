@@ -10,7 +10,7 @@ import pytest
 from configs import smollm2_personal
 from mintjax import sharding
 from mintjax.adapters.spec import AdapterSpec
-from mintjax.eval.personal_data import write_personal_data
+from mintjax.apps.personal_data import write_personal_data
 from mintjax.model.base import random_base
 from mintjax.store.registry import Registry
 from mintjax.train import loop

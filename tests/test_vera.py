@@ -366,7 +366,7 @@ def test_engine_serves_base_lora_and_vera_mixed_like_alone(tmp_path):
 def test_training_run_trains_resumes_and_publishes_vera_vectors(tmp_path):
   import os  # pylint: disable=g-import-not-at-top
   from configs import smollm2_personal  # pylint: disable=g-import-not-at-top
-  from mintjax.eval.personal_data import write_personal_data  # pylint: disable=g-import-not-at-top
+  from mintjax.apps.personal_data import write_personal_data  # pylint: disable=g-import-not-at-top
   from mintjax.store.registry import Registry  # pylint: disable=g-import-not-at-top
   from mintjax.train import loop  # pylint: disable=g-import-not-at-top
   paths = write_personal_data(str(tmp_path / "data"), num_users=4, seed=3)

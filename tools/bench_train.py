@@ -30,14 +30,14 @@ import numpy as np
 from mintjax import sharding
 from mintjax.adapters.spec import AdapterSpec
 from mintjax.model.base import random_base
+from mintjax.model.sources import RANDOM_VARIANTS
 from mintjax.train import optimizer as opt_lib
-from mintjax.train.cohort import SlotMap, cohort_bank, init_adapter
-from mintjax.train.loop import RANDOM_VARIANTS
+from mintjax.train.cohort import cohort_state, init_cohort
+from mintjax.train.step import (Batch, StepConfig, log_memory_analysis,
+                                make_train_step)
 from tools.parity_env import parity_python
-from mintjax.train.step import Batch, StepConfig, log_memory_analysis, make_train_step
 
 TARGETS = ("q", "k", "v", "o")
-
 
 
 def _time(fn, reps):
@@ -59,10 +59,9 @@ def bench_one(variant: str, users: int, seq_len: int, rank: int, reps: int,
   step = make_train_step(cfg, spec, opt_lib.OptimizerConfig(1e-3), mesh,
                          StepConfig(lora_impl=lora_impl))
   names = [f"u{i}" for i in range(users)]
-  smap = SlotMap.for_cohort(names, spec.num_slots)
-  init = {u: init_adapter(cfg, TARGETS, rank, 2.0 * rank, u, 0) for u in names}
-  state = {"bank": cohort_bank(cfg, spec, smap, init)}
-  state["opt"] = opt_lib.init_opt_state(state["bank"])
+  cohort = cohort_state(cfg, spec, names, init_cohort(
+      cfg, spec, names, alpha=2.0 * rank), shardings=step.state_shardings[1:])
+  state = {"bank": cohort.bank, "opt": cohort.opt}
   tokens = np.random.default_rng(0).integers(
       3, min(cfg.vocab_size, 250), (users, seq_len + 1)).astype(np.int32)
   multi_b = Batch.from_token_rows(tokens, np.arange(1, users + 1))

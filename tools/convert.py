@@ -7,7 +7,7 @@ r"""Converts a Hugging Face folder or a GGUF file into a mintjax base checkpoint
 
 Prints the config summary, parameter count, fingerprint and timings. The
 library does the work (`mintjax.model.hf`, `mintjax.model.gguf`,
-`mintjax.store.base_checkpoint`); this file only parses flags.
+`mintjax.model.checkpoint`); this file only parses flags.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def convert(hf: str | None, gguf: str | None, out: str, dtype: str,
   from mintjax.model import hf as hf_io
   from mintjax.model.gguf import load_gguf
   from mintjax.model.smollm2 import default_gguf_path
-  from mintjax.store.base_checkpoint import save_base
+  from mintjax.model.checkpoint import save_base
 
   if hf and gguf:
     raise app.UsageError("pass either --hf or --gguf, not both")

@@ -5,14 +5,14 @@
     .venv/bin/python -m tools.scaling --quick --out_dir=/tmp/s   # tiny smoke
 
 Scale Down  held-out exact match vs adapter bytes for LoRA rank 1..16 on q,v
-            and on all seven projections (+ the VeRA variant when
-            `AdapterSpec(variant="vera")` trains), and the smallest adapter
-            reaching 95% of rank-16's accuracy (`mintjax.eval.scaling_adapters`).
+            and on all seven projections (+ the VeRA variant), and the
+            smallest adapter
+            reaching 95% of rank-16's accuracy (`mintjax.apps.scaling.adapters`).
 Scale Up    the same adapters on the pretrained SmolLM2-135M and on a
             randomly initialised twin: held-out accuracy and steps-to-accuracy.
 Scale Out   decode tokens/s vs distinct adapters per batch, registry
             resolve/load latency vs catalog size, train tokens/s vs users per
-            step (`mintjax.eval.scaling_out`).
+            step (`mintjax.apps.scaling.out`).
 
 Each axis writes `<out_dir>/<axis>.json` (numbers + machine, command, date)
 and a PNG; `docs/SCALING.md` is rebuilt from every JSON present, so a
@@ -34,10 +34,11 @@ import time
 
 import jax
 
-from mintjax.adapters.spec import ALL_TARGETS, VARIANTS
-from mintjax.eval import scaling_adapters as sa
-from mintjax.eval import scaling_out as so
-from mintjax.eval import scaling_report
+from mintjax.adapters.spec import ALL_TARGETS
+from mintjax.apps.scaling import adapters as sa
+from mintjax.apps.scaling import out as so
+from mintjax.apps.scaling import report as scaling_report
+from mintjax.model.sources import load_base_source
 
 AXES = ("down", "up", "out")
 # Sized for a shared 2-core CPU (~30-40 min with other jobs running): the
@@ -76,18 +77,9 @@ def machine_info(command: str) -> dict:
               command=command)
 
 
-def load_base(name: str):
-  if name == "smollm2":
-    from mintjax.model.smollm2 import load_smollm2  # pylint: disable=g-import-not-at-top
-    return load_smollm2()
-  from mintjax.train.loop import load_base_source  # pylint: disable=g-import-not-at-top
-  return load_base_source(name)
-
-
 def arms_for(p: dict) -> list[sa.Arm]:
   arms = [sa.Arm(r, t) for t in (sa.QV, ALL_TARGETS) for r in p["ranks"]]
-  if "vera" in VARIANTS and sa.vera_trainable():
-    arms.append(sa.Arm(p["vera_rank"], sa.QV, "vera"))
+  arms.append(sa.Arm(p["vera_rank"], sa.QV, "vera"))
   return arms
 
 
@@ -194,7 +186,7 @@ def main(argv=None) -> dict:
       sys.argv[1:] if argv is None else argv)
   info = machine_info(command.strip())
   _log(f"loading base {p['base']}")
-  base = load_base(p["base"])
+  base = load_base_source(p["base"])
   workload = (sa.make_workload(base.tokenizer, p["users"])
               if {"down", "up"} & set(only) else None)
   results = {}

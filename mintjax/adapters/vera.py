@@ -246,11 +246,6 @@ class VeraWeights:
     return cls(ld, lb, rank=rank, basis_seed=basis_seed, alpha=alpha)
 
 
-def materialize(weights, config: ModelConfig) -> AdapterWeights:
-  """LoRA factors of any adapter: VeRA materialised, LoRA returned as is."""
-  return weights.to_lora(config)
-
-
 # --------------------------------------------------- the trainer's bank
 
 

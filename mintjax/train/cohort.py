@@ -4,8 +4,11 @@ Owns `plan_cohorts` (users -> fixed-size groups), `SlotMap` (slot <-> user
 for the cohort currently in the bank, with checks), `init_adapter` (a new
 user's adapter initialised like PEFT: A random, B zero, so a fresh adapter is
 exactly the base model) and `cohort_bank` (the host-built bank holding one
-cohort, placed with the step's shardings). Loading the next cohort replaces
-array values only; the compiled step is reused. For `AdapterSpec(variant=
+cohort, placed with the step's shardings). `init_cohort` + `cohort_state`
+are the one way to set a cohort up for training (slot map, bank, optimizer
+state), shared by the training workflow, the scaling study and the
+benchmarks. Loading the next cohort replaces array values only; the compiled
+step is reused. For `AdapterSpec(variant=
 'vera')` a new adapter is initialised per the VeRA paper (lambda_b = 0,
 lambda_d = 0.1: again exactly the base model), the cohort bank is a
 `VeraBank`, and `read_adapter` reads a slot back as `VeraWeights`.
@@ -26,6 +29,7 @@ from mintjax.adapters.spec import AdapterSpec, AdapterWeights
 from mintjax.adapters.vera import (VeraBank, VeraWeights, read_vera_slot,
                                    vera_bank_from_weights)
 from mintjax.config import ModelConfig
+from mintjax.train import optimizer as opt_lib
 
 
 class SlotMapError(KeyError):
@@ -154,9 +158,75 @@ def cohort_bank(config: ModelConfig, spec: AdapterSpec, slot_map: SlotMap,
   bank = build(config, spec, {
       slot_map.slot(u): weights_of_user[u] for u in slot_map.users})
   if shardings is not None:
-    host = jax.tree.map(np.asarray, bank)
-    bank = jax.tree.map(
-        lambda x, s: jax.make_array_from_callback(x.shape, s,
-                                                  lambda idx: x[idx]),
-        host, shardings)
+    bank = place_on_mesh(bank, shardings)
   return bank
+
+
+def place_on_mesh(tree, shardings):
+  """Host arrays -> global arrays laid out by `shardings`.
+
+  Every process must pass the same host values; each one fills only its own
+  shards, so this works unchanged on one host and on many (unlike
+  `jax.device_put`, which needs the whole array on every process).
+  """
+  host = jax.tree.map(np.asarray, tree)
+  return jax.tree.map(
+      lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: x[i]),
+      host, shardings)
+
+
+def zero_opt_state(bank) -> opt_lib.SlotOptState:
+  """Host zeros shaped like the optimizer state of `bank` (any process)."""
+  return jax.tree.map(lambda x: np.zeros(x.shape, x.dtype),
+                      jax.eval_shape(opt_lib.init_opt_state, bank))
+
+
+def init_cohort(config: ModelConfig, spec: AdapterSpec, users: Sequence[str],
+                *, alpha: float | None, seed: int = 0,
+                use_rslora: bool = False
+                ) -> dict[str, AdapterWeights | VeraWeights]:
+  """Fresh adapters of rank `spec.max_rank` for `users` (`init_for_spec`).
+
+  `alpha` None is allowed for VeRA only (its own default, alpha = r).
+  """
+  return {u: init_for_spec(config, spec, spec.max_rank, alpha, u, seed,
+                           use_rslora) for u in users}
+
+
+@dataclasses.dataclass(frozen=True)
+class CohortState:
+  """One cohort set up for training.
+
+  Attributes:
+    slot_map: user <-> slot (slot 0 is the null adapter).
+    bank: `AdapterBank` or `VeraBank` with [S, ...] leaves holding the
+      cohort's adapters (empty slots null).
+    opt: `SlotOptState`, zero moments and counters for every slot.
+  """
+
+  slot_map: SlotMap
+  bank: AdapterBank | VeraBank
+  opt: opt_lib.SlotOptState
+
+
+def cohort_state(config: ModelConfig, spec: AdapterSpec, users: Sequence[str],
+                 weights_of_user: Mapping[str, AdapterWeights | VeraWeights],
+                 *, shardings=None) -> CohortState:
+  """The slot map, bank and fresh optimizer state of one cohort.
+
+  Args:
+    config: base config.
+    spec: bank spec (S = spec.num_slots slots, users take slots 1..).
+    users: the cohort, in slot order.
+    weights_of_user: starting weights of every user (`init_cohort` for new
+      users, registry revisions for known ones).
+    shardings: optional (bank shardings, optimizer shardings), e.g.
+      `TrainStep.state_shardings[1:]`; None leaves host numpy arrays.
+  """
+  slot_map = SlotMap.for_cohort(users, spec.num_slots)
+  bank_sh, opt_sh = shardings if shardings is not None else (None, None)
+  bank = cohort_bank(config, spec, slot_map, weights_of_user, bank_sh)
+  opt = zero_opt_state(bank)
+  if opt_sh is not None:
+    opt = place_on_mesh(opt, opt_sh)
+  return CohortState(slot_map, bank, opt)

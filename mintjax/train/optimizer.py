@@ -23,7 +23,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from mintjax.adapters.bank import AdapterBank, bank_logical_axes
+from mintjax.adapters.bank import AdapterBank, bank_logical_axes, bank_shapes
 from mintjax.adapters.spec import AdapterSpec
 from mintjax.adapters.vera import (VeraBank, vera_bank_logical_axes,
                                    vera_bank_shapes)
@@ -117,7 +117,6 @@ def train_bank_shapes(config, spec: AdapterSpec):
   """Shapes of the trainer's bank for `spec`: AdapterBank or VeraBank."""
   if spec.variant == "vera":
     return vera_bank_shapes(config, spec)
-  from mintjax.adapters.bank import bank_shapes  # pylint: disable=g-import-not-at-top
   return bank_shapes(config, spec)
 
 

@@ -25,14 +25,14 @@ import jax
 import numpy as np
 
 from mintjax.adapters.spec import AdapterSpec, AdapterWeights
+from mintjax.apps.scaling.adapters import mesh_for_batch
 from mintjax.config import ModelConfig
-from mintjax.eval.scaling_adapters import mesh_for_batch
 from mintjax.model.base import BaseModel
 from mintjax.serve.engine import Engine, EngineConfig
 from mintjax.serve.residency import InMemoryAdapters
 from mintjax.store.registry import Registry
 from mintjax.train import optimizer as opt_lib
-from mintjax.train.cohort import SlotMap, cohort_bank, init_adapter
+from mintjax.train.cohort import cohort_state, init_cohort
 from mintjax.train.step import Batch, StepConfig, make_train_step
 
 # The store benchmark's tiny shape class: rank 1 on q, v of a 2-layer,
@@ -180,7 +180,6 @@ def registry_vs_catalog(root: str, sizes: Sequence[int], *,
   return rows
 
 
-
 def train_vs_users(base: BaseModel, users: Sequence[int], *, batch: int,
                    seq_len: int = 16, rank: int = 8, targets=("q", "v"),
                    repeats: int = 3) -> list[dict]:
@@ -204,10 +203,9 @@ def train_vs_users(base: BaseModel, users: Sequence[int], *, batch: int,
   step = make_train_step(cfg, spec, opt_lib.OptimizerConfig(1e-3), mesh,
                          StepConfig())
   names = [f"u{i}" for i in range(most)]
-  smap = SlotMap.for_cohort(names, spec.num_slots)
-  state = {"bank": cohort_bank(cfg, spec, smap, {
-      u: init_adapter(cfg, targets, rank, 2.0 * rank, u, 0) for u in names})}
-  state["opt"] = opt_lib.init_opt_state(state["bank"])
+  cohort = cohort_state(cfg, spec, names, init_cohort(
+      cfg, spec, names, alpha=2.0 * rank), shardings=step.state_shardings[1:])
+  state = {"bank": cohort.bank, "opt": cohort.opt}
   tokens = np.random.default_rng(0).integers(
       3, cfg.vocab_size - 1, (batch, seq_len + 1)).astype(np.int32)
   batches = {u: Batch.from_token_rows(tokens, 1 + np.arange(batch) % u) for u in users}

@@ -2,7 +2,7 @@
 
 Owns `Arm` (one adapter shape class: variant, rank, target projections, its
 stored bytes), `make_workload` (the personal-facts data set of
-`mintjax.eval.personal_data`, tokenized once for a base's tokenizer) and
+`mintjax.apps.personal_data`, tokenized once for a base's tokenizer) and
 `train_arm`, which trains one adapter per user for a fixed number of steps
 through the real compiled multi-tenant train step (`make_train_step`, one
 bank of `num_users + 1` slots, per-slot AdamW) and scores held-out exact match
@@ -23,19 +23,14 @@ import jax
 import numpy as np
 
 from mintjax import sharding
-from mintjax.adapters.spec import ALL_TARGETS, VARIANTS, AdapterSpec
+from mintjax.adapters.spec import ALL_TARGETS, AdapterSpec
+from mintjax.apps.personal_data import make_personal_data
 from mintjax.eval.evaluate import evaluate_jobs
-from mintjax.eval.personal_data import make_personal_data
 from mintjax.model.base import BaseModel, random_base
 from mintjax.train import data as data_lib
 from mintjax.train import optimizer as opt_lib
-from mintjax.train.cohort import SlotMap, cohort_bank, init_adapter
+from mintjax.train.cohort import cohort_state, init_cohort
 from mintjax.train.step import Batch, StepConfig, make_train_step
-
-try:  # The VeRA variant is optional: the sweep marks it pending without it.
-  from mintjax.adapters import vera  # pylint: disable=g-import-not-at-top
-except ImportError:
-  vera = None
 
 QV = ("q", "v")
 
@@ -61,6 +56,11 @@ class Arm:
         "".join(self.targets))
     prefix = "" if self.variant == "lora" else f"{self.variant}-"
     return f"{prefix}r{self.rank}-{t}"
+
+  @property
+  def alpha(self) -> float | None:
+    """LoRA: 2r (scale 2). VeRA: None, its own default (alpha = r)."""
+    return 2.0 * self.rank if self.variant == "lora" else None
 
   def spec(self, num_slots: int) -> AdapterSpec:
     kw = {} if self.variant == "lora" else {"variant": self.variant}
@@ -99,12 +99,6 @@ def make_workload(tokenizer, num_users: int, seed: int = 0,
   tr = data_lib.load_examples(group(train), tokenizer, max_length, "error")
   ho = data_lib.load_examples(group(heldout), tokenizer, max_length, "error")
   return Workload(tuple(sorted(tr)), tr, ho, len(train))
-
-
-def vera_trainable() -> bool:
-  """Whether the trainer can train `AdapterSpec(variant='vera')` banks."""
-  return ("vera" in VARIANTS and vera is not None and
-          hasattr(opt_lib, "forward_bank"))
 
 
 def random_twin(base: BaseModel, seed: int = 1) -> BaseModel:
@@ -190,19 +184,12 @@ def train_arm(base: BaseModel, arm: Arm, workload: Workload, *, steps: int,
                             StepConfig(lora_impl=lora_impl))
   params_sh, bank_sh, opt_sh = step_fn.state_shardings
   params = jax.device_put(base.params, params_sh)
-  slot_map = SlotMap.for_cohort(users, spec.num_slots)
-  if arm.variant == "vera":
-    # VeRA: every user starts from the paper's init (lambda_b = 0, so the
-    # base), on the basis shared by the whole shape class.
-    bank = jax.device_put(vera.vera_bank_from_weights(cfg, spec, {
-        slot_map.slot(u): vera.VeraWeights.init(
-            cfg, arm.targets, arm.rank, basis_seed=spec.basis_seed)
-        for u in users}), bank_sh)
-  else:
-    init = {u: init_adapter(cfg, arm.targets, arm.rank, 2.0 * arm.rank, u,
-                            seed) for u in users}
-    bank = cohort_bank(cfg, spec, slot_map, init, bank_sh)
-  opt = jax.device_put(opt_lib.init_opt_state(bank), opt_sh)
+  # Every user starts from its family's init that leaves the base unchanged
+  # (LoRA: B = 0; VeRA: lambda_b = 0 on the shape class's shared basis).
+  state = cohort_state(cfg, spec, users, init_cohort(
+      cfg, spec, users, alpha=arm.alpha, seed=seed), shardings=(bank_sh,
+                                                               opt_sh))
+  slot_map, bank, opt = state.slot_map, state.bank, state.opt
   pipeline = data_lib.make_pipeline(
       workload.train, slot_map.slot_of_user, global_batch=batch_size,
       num_steps=steps, buckets=(bucket_for(workload),), seed=seed,

@@ -1,7 +1,8 @@
 """Base-model checkpoints: Orbax parameters + config, fingerprint, tokenizer.
 
 Owns the on-disk format of a converted base model, written once by
-`tools/convert.py` and read by every train/serve/eval launch:
+`tools/convert.py` and read by every train/serve/eval launch (through
+`mintjax.model.sources.load_base_source`):
 
   <directory>/
     params/             Orbax (StandardCheckpointer) parameter tree

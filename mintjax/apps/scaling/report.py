@@ -172,7 +172,7 @@ def section_down(data: Mapping) -> list[str]:
   out += _header(data)
   out += [f"{p['users']} users, 3 personal facts each (3 training phrasings "
           "per fact, 1 unseen paraphrase held out: "
-          "`mintjax.eval.personal_data`); one adapter per user, all users "
+          "`mintjax.apps.personal_data`); one adapter per user, all users "
           f"trained together for {p['steps']} steps of {p['batch_size']} "
           f"rows (AdamW, lr {p['learning_rate']}, alpha = 2r). Held-out "
           "exact match = greedy completion equals the fact (teacher-forced "
