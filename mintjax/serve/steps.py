@@ -219,9 +219,13 @@ def compiled_count(fns: StepFns) -> int:
 
 
 # Every XLA compilation in the process (any jitted function, including slot
-# writes and stray eager ops), counted from JAX's monitoring events.
+# writes and stray eager ops), counted from JAX's monitoring events. The
+# listener is registered by the first `backend_compiles()` call (the engine
+# makes one when it is built), not at import: importing mintjax changes no
+# global JAX state.
 _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _backend_compiles = [0]
+_listening = [False]
 
 
 def _on_duration_event(event: str, duration_secs: float, **kwargs) -> None:
@@ -230,9 +234,13 @@ def _on_duration_event(event: str, duration_secs: float, **kwargs) -> None:
     _backend_compiles[0] += 1
 
 
-jax.monitoring.register_event_duration_secs_listener(_on_duration_event)
-
-
 def backend_compiles() -> int:
-  """XLA compilations in this process so far (all functions)."""
+  """XLA compilations in this process since the first call (all functions).
+
+  Only differences between two calls are meaningful: the first call starts
+  the count (it registers a `jax.monitoring` listener, once per process).
+  """
+  if not _listening[0]:
+    jax.monitoring.register_event_duration_secs_listener(_on_duration_event)
+    _listening[0] = True
   return _backend_compiles[0]
