@@ -228,6 +228,24 @@ def test_unknown_format_falls_back_with_warning_and_zero_signal_refuses(
   assert reg.tags("imported") == {}
 
 
+def test_older_revision_uses_its_training_config_style(trained, reg):
+  # Published before prompt_format existed: only the run's config says
+  # 'chat'. It is scored in chat (with the base's template, warned) and its
+  # metrics keep their plain names.
+  _, w = reg.load("user0000@1")
+  reg.publish("user0000", w, {"training_config": {"prompt_style": "chat"}})
+  records = data.read_records(trained["heldout"])["user0000"]
+  row, = evaluate.evaluate_revisions(trained["base"], reg, ["user0000@2"],
+                                     {"user0000": records},
+                                     lora_impl="gather")
+  assert (row["prompt_style"], row["format_source"]) == ("chat",
+                                                        "training_config")
+  assert "not the chat template" in row["warning"]
+  assert row["exact_match"] == 1.0
+  assert [m for m, _ in _metrics(reg, "user0000@2")] == [
+      "heldout_loss", "exact_match"]
+
+
 def test_regression_still_refused(trained, reg):
   # user0001's adapter published as user0000's next revision: it answers
   # with the wrong user's cat, a plain regression against its parent.
