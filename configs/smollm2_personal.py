@@ -3,7 +3,7 @@
 Variants (`--config=configs/smollm2_personal.py:<variant>`):
   tiny     a random 2-layer model with the byte tokenizer (tests, CI).
   smollm2  SmolLM2-135M-Instruct from the bundled GGUF file.
-  demo     SmolLM2 tuned for `make demo` (mintjax.eval.demo): short raw
+  demo     SmolLM2 tuned for `make demo` (mintjax.apps.demo): short raw
            prompts in one 12-token bucket, the LM head on a 6-token
            completion window, no remat, few steps at a high learning rate,
            so 64 users train in a few minutes on a 2-core CPU.

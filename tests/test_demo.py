@@ -5,10 +5,12 @@ import os
 
 import pytest
 
-from mintjax.eval import demo
+from configs import smollm2_personal
+from mintjax.apps import demo
 from mintjax.store.registry import Registry
 
 USERS = 4
+RECIPE = smollm2_personal.get_config("demo_tiny")
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +18,7 @@ def summary(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("demo"))
   lines = []
   out = demo.run_demo(workdir, num_users=USERS, base_source="random:tiny",
-                      quick=True, device_slots=2, log=lines.append)
+                      recipe=RECIPE, device_slots=2, log=lines.append)
   out["_lines"] = lines
   return out
 
@@ -90,6 +92,6 @@ def test_refuses_a_foreign_non_empty_workdir(tmp_path):
   (tmp_path / "precious.txt").write_text("keep me")
   with pytest.raises(ValueError, match="not written by the demo"):
     demo.run_demo(str(tmp_path), num_users=2, base_source="random:tiny",
-                  quick=True, log=lambda _: None)
+                  recipe=RECIPE, log=lambda _: None)
   assert (tmp_path / "precious.txt").read_text() == "keep me"
   assert sorted(os.listdir(tmp_path)) == ["precious.txt"]

@@ -6,7 +6,7 @@ from configs import serve as serve_config
 from mintjax.adapters.spec import AdapterWeights
 from mintjax.serve.batch import engine_from_config, serve_jsonl
 from mintjax.store.registry import Registry
-from mintjax.train.loop import load_base_source
+from mintjax.model.sources import load_base_source
 
 
 def test_serve_jsonl_writes_results_in_order_with_errors_in_place(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from mintjax.model.tokenizer import byte_tokenizer
 from mintjax.train import data
 from mintjax.train.cohort import SlotMap, SlotMapError, init_adapter, plan_cohorts
-from mintjax.train.loop import RANDOM_VARIANTS
+from mintjax.model.sources import RANDOM_VARIANTS
 
 TOK = byte_tokenizer()
 

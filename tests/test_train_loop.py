@@ -11,7 +11,8 @@ from mintjax.apps.personal_data import write_personal_data
 from mintjax.model.base import random_base
 from mintjax.store.errors import BaseMismatchError
 from mintjax.store.registry import Registry
-from mintjax.train import loop
+from mintjax.apps import train_workflow
+from mintjax.model.sources import RANDOM_VARIANTS
 
 
 def _cfg(tmp, **over):
@@ -42,14 +43,15 @@ def _weights(reg, users):
 
 def test_killed_run_resumes_bit_identical(tmp_path):
   full = _cfg(str(tmp_path / "a"))
-  res_full = loop.train_and_publish(full, str(tmp_path / "a" / "work"))
+  res_full = train_workflow.train_and_publish(full,
+                                              str(tmp_path / "a" / "work"))
   assert not res_full["stopped"] and len(res_full["published"]) == 5
   part = _cfg(str(tmp_path / "b"))
   # Stop mid-cohort 1 (after step 8 of 12), then rerun the same call.
-  r1 = loop.train_and_publish(part, str(tmp_path / "b" / "work"),
+  r1 = train_workflow.train_and_publish(part, str(tmp_path / "b" / "work"),
                               stop_after_steps=8)
   assert r1["stopped"]
-  r2 = loop.train_and_publish(part, str(tmp_path / "b" / "work"))
+  r2 = train_workflow.train_and_publish(part, str(tmp_path / "b" / "work"))
   assert r2["steps"] == 4 and not r2["stopped"]
   reg_a, reg_b = Registry.open(full.registry), Registry.open(part.registry)
   users = sorted(res_full["published"])
@@ -73,9 +75,9 @@ def test_killed_run_resumes_bit_identical(tmp_path):
 
 def test_second_run_continues_from_latest_revision(tmp_path):
   c = _cfg(str(tmp_path), steps_per_cohort=3, checkpoint_every=3)
-  loop.train_and_publish(c, str(tmp_path / "w1"))
+  train_workflow.train_and_publish(c, str(tmp_path / "w1"))
   c.seed = 1  # a new run (new fingerprint) over the same registry
-  loop.train_and_publish(c, str(tmp_path / "w2"))
+  train_workflow.train_and_publish(c, str(tmp_path / "w2"))
   reg = Registry.open(c.registry)
   rev = reg.resolve("user0000")
   assert rev.revision == 2 and rev.parent == 1
@@ -83,16 +85,16 @@ def test_second_run_continues_from_latest_revision(tmp_path):
   # silently restarting the users from scratch.
   c.seed, c.lora.rank = 2, c.lora.rank * 2
   with pytest.raises(ValueError, match="continue_from_registry=False"):
-    loop.train_and_publish(c, str(tmp_path / "w3"))
+    train_workflow.train_and_publish(c, str(tmp_path / "w3"))
   assert len(Registry.open(c.registry).history("user0000")) == 2
 
 
 def test_base_mismatch_refused_before_training(tmp_path):
   c = _cfg(str(tmp_path), steps_per_cohort=2, checkpoint_every=2)
-  loop.train_and_publish(c, str(tmp_path / "w1"))
-  other = random_base(loop.RANDOM_VARIANTS["tiny"], seed=7)
+  train_workflow.train_and_publish(c, str(tmp_path / "w1"))
+  other = random_base(RANDOM_VARIANTS["tiny"], seed=7)
   with pytest.raises(BaseMismatchError, match="was trained on base"):
-    loop.train_and_publish(c, str(tmp_path / "w2"), base=other)
+    train_workflow.train_and_publish(c, str(tmp_path / "w2"), base=other)
   reg = Registry.open(c.registry)
   assert len(reg.history("user0000")) == 1
   assert not os.path.exists(tmp_path / "w2" / "checkpoints" / "2")

@@ -13,14 +13,15 @@ from mintjax.adapters.spec import AdapterSpec
 from mintjax.apps.personal_data import write_personal_data
 from mintjax.model.base import random_base
 from mintjax.store.registry import Registry
-from mintjax.train import loop
+from mintjax.apps import train_workflow
+from mintjax.model.sources import RANDOM_VARIANTS
 from mintjax.train import optimizer as opt_lib
 from mintjax.train.cohort import SlotMap, cohort_bank, init_adapter
 from mintjax.train.data import DataError
 from mintjax.train.loss import completion_window
 from mintjax.train.step import Batch, StepConfig, make_train_step
 
-CFG = loop.RANDOM_VARIANTS["tiny"]
+CFG = RANDOM_VARIANTS["tiny"]
 SPEC = AdapterSpec(targets=("q", "v"), max_rank=2, num_slots=4)
 OPT = opt_lib.OptimizerConfig(learning_rate=1e-2)
 
@@ -102,6 +103,6 @@ def test_loop_refuses_completions_longer_than_window(tmp_path):
   c.batch_size, c.steps_per_cohort, c.num_slots = 8, 2, 3
   c.loss_window = 3   # byte-level completions like " Luna" + eos are longer
   with pytest.raises(DataError, match="loss_window"):
-    loop.train_and_publish(c, str(tmp_path / "work"))
+    train_workflow.train_and_publish(c, str(tmp_path / "work"))
   assert Registry.open(c.registry).list_adapters() == []
   assert not os.path.exists(tmp_path / "work" / "metrics.jsonl")

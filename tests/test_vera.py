@@ -368,7 +368,7 @@ def test_training_run_trains_resumes_and_publishes_vera_vectors(tmp_path):
   from configs import smollm2_personal  # pylint: disable=g-import-not-at-top
   from mintjax.apps.personal_data import write_personal_data  # pylint: disable=g-import-not-at-top
   from mintjax.store.registry import Registry  # pylint: disable=g-import-not-at-top
-  from mintjax.train import loop  # pylint: disable=g-import-not-at-top
+  from mintjax.apps import train_workflow  # pylint: disable=g-import-not-at-top
   paths = write_personal_data(str(tmp_path / "data"), num_users=4, seed=3)
   c = smollm2_personal.get_config("tiny")
   c.train_data = os.path.dirname(paths["train"])
@@ -380,8 +380,9 @@ def test_training_run_trains_resumes_and_publishes_vera_vectors(tmp_path):
   c.optimizer.learning_rate = 1e-2
   work = str(tmp_path / "work")
   # Killed mid-cohort 1, then resumed from the VeraBank checkpoint.
-  assert loop.train_and_publish(c, work, stop_after_steps=6)["stopped"]
-  res = loop.train_and_publish(c, work)
+  assert train_workflow.train_and_publish(c, work,
+                                          stop_after_steps=6)["stopped"]
+  res = train_workflow.train_and_publish(c, work)
   assert res["steps"] == 2 and list(res["published"]) == ["user0003"]
   reg = Registry.open(c.registry)
   users = sorted(a["id"] for a in reg.list_adapters())

@@ -8,7 +8,8 @@ workdir), checks it with greedy completions and a mixed base/random-adapter
 batch, trains N users' personal adapters together, publishes them to a
 registry, serves one mixed batch and prints a summary. `--quick` runs the
 same on the random tiny model in well under a minute. All logic lives in
-`mintjax.eval.demo.run_demo`.
+`mintjax.apps.demo.run_demo`; this file picks the training recipe
+(`configs/smollm2_personal.py:demo`, or `demo_tiny` with `--quick`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import logging
 from absl import app
 from absl import flags
 
-from mintjax.eval import demo
+from configs import smollm2_personal
+from mintjax.apps import demo
 
 _WORKDIR = flags.DEFINE_string("workdir", "demo_out", "output directory")
 _NUM_USERS = flags.DEFINE_integer("num_users", 64, "users (adapters) to "
@@ -38,7 +40,7 @@ class _ProgressOnly(logging.Filter):
     if record.levelno >= logging.WARNING:
       # Orbax warns about reads it abandons on purpose; not actionable here.
       return "orbax" not in record.pathname
-    return record.module == "loop"
+    return record.module == "train_workflow"
 
 
 def main(argv):
@@ -49,8 +51,10 @@ def main(argv):
     base = "random:tiny"
   for handler in logging.getLogger().handlers:
     handler.addFilter(_ProgressOnly())
+  recipe = smollm2_personal.get_config("demo_tiny" if _QUICK.value
+                                      else "demo")
   demo.run_demo(_WORKDIR.value, num_users=_NUM_USERS.value, base_source=base,
-                quick=_QUICK.value, seed=_SEED.value)
+                recipe=recipe, seed=_SEED.value)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ covers config and weights, not the tokenizer, so the same base can come with
 another template; evaluating with the recorded text scores exactly the
 format the adapter saw (a few hundred bytes per revision).
 
-Provenance key (written by `mintjax.train.loop` at publish):
+Provenance key (written by `mintjax.apps.train_workflow` at publish):
   prompt_format: {'style': 'raw'|'chat', 'chat_template': str | None,
                   'chat_template_sha256': 'sha256:<hex>' | None}
 Revisions published before it existed may still carry

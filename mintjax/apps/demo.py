@@ -9,10 +9,11 @@ one base model and returns a summary dict:
   2. foundation greedy completions of a few prompts through the plain model,
                 and one mixed batch whose rows use the base and two randomly
                 initialised adapters (the base row must equal the plain model).
-  3. workload   N users' personal facts (`mintjax.eval.personal_data`):
+  3. workload   N users' personal facts (`mintjax.apps.personal_data`):
                 trained under some phrasings, asked held-out under others.
-  4. train      all N adapters in one cohort by the multi-tenant trainer,
-                each published as a registry revision with provenance and its
+  4. train      all N adapters in one cohort by the training workflow
+                (`mintjax.apps.train_workflow`) on the given recipe, each
+                published as a registry revision with provenance and its
                 held-out evaluation (adapter vs base).
   5. serve      one mixed batch through the `Engine`: every request names a
                 different user's adapter, plus base-only rows; then a second
@@ -36,15 +37,21 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from mintjax.adapters.bank import bank_from_weights
 from mintjax.adapters.spec import AdapterSpec, AdapterWeights
-from mintjax.eval import personal_data
+from mintjax.apps import personal_data
+from mintjax.apps.train_workflow import train_and_publish
+from mintjax.model import checkpoint as base_checkpoint
 from mintjax.model import llama
 from mintjax.model.base import BaseModel
+from mintjax.model.sources import SMOLLM2, load_base_source, resolve_base_source
+from mintjax.serve.engine import Engine, EngineConfig
+from mintjax.store.registry import Registry
 
-DEFAULT_BASE = "smollm2"  # the embedded SmolLM2-135M-Instruct GGUF
+DEFAULT_BASE = SMOLLM2  # the embedded SmolLM2-135M-Instruct GGUF
 MARKER = ".mintjax_demo"
 # Sub-directories each run owns and recreates; "base" is kept as a cache.
 FRESH_DIRS = ("data", "registry", "train")
@@ -94,17 +101,9 @@ def _prepare_workdir(workdir: str) -> None:
           "directory instead")
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, MARKER), "w", encoding="utf-8") as f:
-    f.write("written by mintjax.eval.demo.run_demo\n")
+    f.write("written by mintjax.apps.demo.run_demo\n")
   for d in FRESH_DIRS:
     shutil.rmtree(os.path.join(workdir, d), ignore_errors=True)
-
-
-def resolve_base_source(base_source: str) -> str:
-  """'smollm2' -> the embedded GGUF path; anything else is passed through."""
-  if base_source == DEFAULT_BASE:
-    from mintjax.model.smollm2 import default_gguf_path  # pylint: disable=g-import-not-at-top
-    return str(default_gguf_path())
-  return base_source
 
 
 def cached_base(workdir: str, base_source: str, progress: Progress
@@ -115,9 +114,6 @@ def cached_base(workdir: str, base_source: str, progress: Progress
   Returns:
     (base, checkpoint directory, whether it was converted now).
   """
-  from mintjax.store import base_checkpoint  # pylint: disable=g-import-not-at-top
-  from mintjax.train.loop import load_base_source  # pylint: disable=g-import-not-at-top
-
   ckpt_dir = os.path.join(workdir, "base")
   source_file = os.path.join(workdir, "base_source.json")
   source = resolve_base_source(base_source)
@@ -225,12 +221,13 @@ def foundation_section(base: BaseModel, progress: Progress,
               rows_differ=rows_differ)
 
 
-def train_config(quick: bool, num_users: int, base_dir: str, data: dict,
-                 registry_dir: str, overrides: dict | None = None):
-  """The demo's training config: `configs/smollm2_personal.py:demo` (or
-  `demo_tiny`) with one cohort holding every user."""
-  from configs.smollm2_personal import get_config  # pylint: disable=g-import-not-at-top
-  cfg = get_config("demo_tiny" if quick else "demo")
+def train_config(recipe: ml_collections.ConfigDict, num_users: int, *,
+                 base_dir: str, data: dict, registry_dir: str,
+                 overrides: dict | None = None) -> ml_collections.ConfigDict:
+  """The demo's training config: a copy of `recipe` (the launcher passes
+  `configs/smollm2_personal.py:demo` or `demo_tiny`) with one cohort
+  holding every user."""
+  cfg = recipe.copy_and_resolve_references()
   cfg.base = base_dir
   cfg.train_data = data["train"]
   cfg.heldout_data = data["heldout"]
@@ -259,8 +256,6 @@ def serve_section(base: BaseModel, registry, cfg, data: dict,
   base-only rows. Round 2: each user's second held-out question, which finds
   the adapters again in the device or host tier.
   """
-  from mintjax.serve.engine import Engine, EngineConfig  # pylint: disable=g-import-not-at-top
-
   truth = data["truth"]
   users = sorted(truth)
   by_user: dict[str, list[dict]] = {}
@@ -330,9 +325,9 @@ def serve_section(base: BaseModel, registry, cfg, data: dict,
 
 
 def run_demo(workdir: str = "demo_out", num_users: int = 64,
-             base_source: str = DEFAULT_BASE, quick: bool = False,
-             seed: int = 0, facts: Sequence[str] = ("cat", "hometown",
-                                                   "color"),
+             base_source: str = DEFAULT_BASE, *,
+             recipe: ml_collections.ConfigDict, seed: int = 0,
+             facts: Sequence[str] = ("cat", "hometown", "color"),
              overrides: dict | None = None, device_slots: int = 32,
              log: Callable[[str], None] = print) -> dict:
   """Runs the whole demo (see the module docstring) and returns its summary.
@@ -341,10 +336,12 @@ def run_demo(workdir: str = "demo_out", num_users: int = 64,
     workdir: output directory (created; per-run sub-directories are
       cleared; the converted base is kept and reused).
     num_users: N users, all trained together in one cohort.
-    base_source: 'smollm2' (the embedded GGUF) or anything
-      `mintjax.train.loop.load_base_source` accepts ('random:tiny', a GGUF
-      file, an HF folder, a base checkpoint directory).
-    quick: use the `demo_tiny` training recipe (for 'random:tiny').
+    base_source: anything `mintjax.model.sources.load_base_source` accepts
+      ('smollm2', the embedded GGUF; 'random:tiny', a GGUF file, an HF
+      folder, a base checkpoint directory).
+    recipe: the training config to start from
+      (`configs/smollm2_personal.py:demo`, or `demo_tiny` for
+      'random:tiny'); it is copied, not changed.
     seed: workload seed.
     facts: fact kinds per user (see `personal_data.FACTS`).
     overrides: training config overrides, e.g. {'steps_per_cohort': 10,
@@ -355,9 +352,6 @@ def run_demo(workdir: str = "demo_out", num_users: int = 64,
   Returns:
     The summary dict (also written to <workdir>/summary.json).
   """
-  from mintjax.store.registry import Registry  # pylint: disable=g-import-not-at-top
-  from mintjax.train.loop import train_and_publish  # pylint: disable=g-import-not-at-top
-
   if num_users < 1:
     raise ValueError(f"num_users must be >= 1, got {num_users}")
   workdir = os.path.abspath(workdir)
@@ -392,8 +386,8 @@ def run_demo(workdir: str = "demo_out", num_users: int = 64,
 
   progress.stage("train", f"4/5 training {num_users} adapters together")
   registry_dir = os.path.join(workdir, "registry")
-  cfg = train_config(quick, num_users, base_dir, data, registry_dir,
-                     overrides)
+  cfg = train_config(recipe, num_users, base_dir=base_dir, data=data,
+                     registry_dir=registry_dir, overrides=overrides)
   progress(f"rank {cfg.lora.rank} LoRA on {cfg.lora.targets}, "
            f"{cfg.steps_per_cohort} steps of {cfg.batch_size} rows, lr "
            f"{cfg.optimizer.learning_rate}, loss window {cfg.loss_window}")
