@@ -197,13 +197,16 @@ def _gpu_bwd(tile_rows, interpret, res, dy_to):
 _gpu.defvjp(_gpu_fwd, _gpu_bwd)
 
 
-def gpu_lora(x_td, a_sdr, b_sro, scale_s, slot_t, *, tile_rows: int = 64,
-             interpret: str = ""):
+def gpu_lora(x_td, a_sdr, b_sro, scale_s, slot_t, rank_s=None, *,
+             tile_rows: int = 64, interpret: str = ""):
   """Gather-LoRA on the GPU Pallas kernels (Triton lowering), differentiable.
 
-  Args: as `sgmv_lora` (without rank_s). `tile_rows` must be a power of two;
-  `interpret` is '' on a GPU and 'generic' in CPU tests.
+  Args: as `sgmv_lora`. `rank_s` is accepted for the common interface and
+  not used: Triton blocks span the whole (power-of-two padded) rank, and
+  zero padding is exact. `tile_rows` must be a power of two; `interpret` is
+  '' on a GPU and 'generic' in CPU tests.
   """
+  del rank_s
   _check_args(x_td, a_sdr, b_sro, scale_s, slot_t)
   return _gpu(x_td, a_sdr, b_sro, scale_s.astype(jnp.float32),
               slot_t.astype(jnp.int32), tile_rows, interpret)

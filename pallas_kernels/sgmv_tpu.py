@@ -22,11 +22,25 @@ visits of one tile are consecutive, which keeps output blocks resident in
 VMEM between them. Slot 0 (the null adapter), empty slots and padding visits
 do no matmul work.
 
-Tile sizes follow the (8, 128) rule: a block's last two dims are multiples of
-(8, 128) or span the whole array. The rank axis is always a whole block and
-is processed in chunks of up to 128 lanes; chunks at or beyond a slot's true
-rank (`rank_s`) are skipped, so a rank-8 adapter in a rank-256 bank does one
-chunk of work.
+Block choice (checked by Mosaic at lowering, never by interpret mode: a
+block's last two dims must be multiples of (8, 128) or span the array):
+
+  - Every feature-width block (K, N, tgmm's M and N) is a multiple of 128
+    dividing the width, or the whole width when 128 does not divide it.
+    Whole-width blocks rather than padding: the widths of real models that
+    128 does not divide are small (576, 192, 960, 320 in SmolLM2), so such a
+    block fits VMEM easily, while padding would copy the bank every call.
+    (tgmm used to pick M blocks by multiples of 8 only, e.g. 288 of 576,
+    which Mosaic refuses: jax.grad failed at d_in 576, 896, 960, 4864, ....)
+  - The rank axis is always a whole block, processed in chunks of up to 128
+    lanes; chunks at or beyond a slot's true rank (`rank_s`) are skipped, so
+    a rank-8 adapter in a rank-256 bank does one chunk of work. Rank-1
+    chunks run in float32 (Mosaic fails to verify a bf16 length-1 matmul).
+  - The fused kernel's output is tiled over N on the outermost grid axis, as
+    wide as `VMEM_BUDGET` allows (`expand_block`): one block for nearly every
+    width, several for the widest (e.g. 53,248 at rank 128 would need ~100
+    MB of VMEM as one block). Each N block recomputes the [tile, R] shrink,
+    which costs K*R per row against the N*R of the expand it serves.
 """
 
 from __future__ import annotations
@@ -42,6 +56,9 @@ from pallas_kernels.metadata import GroupMetadata
 
 _NUM_PREFETCH = 8  # GroupMetadata.prefetch() (7 vectors) + rank_s.
 _RANK_CHUNK = 128  # lanes of one rank chunk (one MXU pass on TPU).
+# VMEM the fused kernel's pipelined blocks may take: 16 MiB is the default
+# scoped VMEM limit on v4/v5e (v6e: 32 MiB); the rest is Mosaic's own.
+VMEM_BUDGET = 12 * 2**20
 
 
 def pick_block(dim: int, preferred: int, align: int) -> int:
@@ -78,7 +95,7 @@ def _fused_kernel(slot_ref, row_ref, first_ref, sfirst_ref, slast_ref,
                   w2_ref, y_ref, h_ref, acc_ref, *, transpose: bool,
                   tile_rows: int, block_n: int, rank: int):
   del sfirst_ref, slast_ref  # The forward needs only per-tile flags.
-  g, k = pl.program_id(0), pl.program_id(1)
+  j, g, k = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   slot = slot_ref[g]
   slot_rank = rank_ref[slot]
   active = (valid_ref[g] == 1) & (slot != 0) & (slot_rank > 0)
@@ -89,17 +106,20 @@ def _fused_kernel(slot_ref, row_ref, first_ref, sfirst_ref, slast_ref,
 
   @pl.when(active)
   def _():
-    x = x_ref[...]
     for c0, cn in _rank_chunks(rank):
       @pl.when(c0 < slot_rank)
       def _():
+        # Mosaic lowers a bf16 matmul with a length-1 side to a broadcast
+        # whose element types disagree (fails to verify): rank 1 runs in f32.
+        dt = jnp.float32 if cn == 1 else x_ref.dtype
+        x = x_ref[...].astype(dt)
         if transpose:  # w1 block [1, R, tk]: contract over tk.
-          part = _dot(x, w1_ref[0, c0:c0 + cn, :].astype(x.dtype), 1, 1)
+          part = _dot(x, w1_ref[0, c0:c0 + cn, :].astype(dt), 1, 1)
         else:  # w1 block [1, tk, R].
-          part = _dot(x, w1_ref[0, :, c0:c0 + cn].astype(x.dtype), 1, 0)
+          part = _dot(x, w1_ref[0, :, c0:c0 + cn].astype(dt), 1, 0)
         acc_ref[:, c0:c0 + cn] += part
 
-  @pl.when(k == pl.num_programs(1) - 1)
+  @pl.when(k == pl.num_programs(2) - 1)
   def _():
     @pl.when(first_ref[g] == 1)
     def _():
@@ -110,7 +130,12 @@ def _fused_kernel(slot_ref, row_ref, first_ref, sfirst_ref, slast_ref,
     def _():
       mask = _row_mask(row_ref, off_ref, slot, g, tile_rows)
       h = acc_ref[...]
-      h_ref[...] = jnp.where(mask, h, h_ref[...])
+
+      # Only the first N block stores h; later ones write a spare tile.
+      @pl.when(j == 0)
+      def _():
+        h_ref[...] = jnp.where(mask, h, h_ref[...])
+
       hs = (h * scale_ref[slot]).astype(y_ref.dtype)
       n_total = y_ref.shape[1]
 
@@ -118,12 +143,15 @@ def _fused_kernel(slot_ref, row_ref, first_ref, sfirst_ref, slast_ref,
         n0 = pl.multiple_of(j * block_n, block_n)
         y = jnp.zeros((tile_rows, block_n), jnp.float32)
         for c0, cn in _rank_chunks(rank):
-          if transpose:  # w2 block [1, N, R]: contract over R.
+          # Rank 1 in float32, as in the shrink above.
+          dt = jnp.float32 if cn == 1 else hs.dtype
+          h_c = hs[:, c0:c0 + cn].astype(dt)
+          if transpose:  # w2 block [1, bn, R]: contract over R.
             w = w2_ref[0, pl.ds(n0, block_n), c0:c0 + cn]
-            part = _dot(hs[:, c0:c0 + cn], w.astype(hs.dtype), 1, 1)
-          else:  # w2 block [1, R, N].
+            part = _dot(h_c, w.astype(dt), 1, 1)
+          else:  # w2 block [1, R, bn].
             w = w2_ref[0, c0:c0 + cn, pl.ds(n0, block_n)]
-            part = _dot(hs[:, c0:c0 + cn], w.astype(hs.dtype), 1, 0)
+            part = _dot(h_c, w.astype(dt), 1, 0)
           y = y + jnp.where(c0 < slot_rank, part, 0.0)
         old = y_ref[:, pl.ds(n0, block_n)]
         y_ref[:, pl.ds(n0, block_n)] = jnp.where(mask, y.astype(old.dtype),
@@ -131,6 +159,29 @@ def _fused_kernel(slot_ref, row_ref, first_ref, sfirst_ref, slast_ref,
         return carry
 
       jax.lax.fori_loop(0, n_total // block_n, expand, 0)
+
+
+def _padded(n: int, to: int) -> int:
+  return -(-n // to) * to
+
+
+def expand_block(n_dim: int, *, fixed_bytes: int, bytes_per_col: int,
+                 budget: int | None = None) -> int:
+  """The N block of `fused_lora`'s grid: as wide as the VMEM budget allows.
+
+  A multiple of 128 dividing `n_dim` (the TPU block rule), the largest whose
+  `fixed_bytes + block * bytes_per_col` fits `budget`, but at least 128. An
+  `n_dim` that is not a multiple of 128 can only be one whole block (the
+  rule allows no other split); every such width of a real model is < 1,024.
+  """
+  if n_dim % 128:
+    return n_dim
+  budget = VMEM_BUDGET if budget is None else budget
+  best = 128
+  for b in range(128, n_dim + 1, 128):
+    if n_dim % b == 0 and fixed_bytes + b * bytes_per_col <= budget:
+      best = b
+  return best
 
 
 def fused_lora(x_pk, w1, w2, scale_s, rank_s, meta: GroupMetadata, *,
@@ -170,20 +221,33 @@ def fused_lora(x_pk, w1, w2, scale_s, rank_s, meta: GroupMetadata, *,
         f"{w2.shape}, tile_rows {tile_rows} (transpose={transpose}); expected "
         "x [P, K] with P a multiple of tile_rows (itself a multiple of 8), "
         "w1 [S, K, R] and w2 [S, R, N] (or [S, R, K] / [S, N, R] transposed)")
+  del num_slots
   tk = pick_block(k_dim, block_k, 128)
-  tn = pick_block(n_dim, block_n, 128)
-  grid = (meta.tile_slot_g.shape[0], k_dim // tk)
+  # VMEM bytes of the pipelined blocks (x2: double buffering), with the rank
+  # padded to whole (8, 128) tiles as VMEM stores it.
+  x_b, w_b = x_pk.dtype.itemsize, w1.dtype.itemsize
+  r_pad = _padded(rank, 128)
+  fixed = (2 * tile_rows * _padded(tk, 128) * x_b + 2 * tk * r_pad * w_b
+           + 3 * tile_rows * r_pad * 4)
+  bn = expand_block(n_dim, fixed_bytes=fixed,
+                    bytes_per_col=2 * r_pad * w_b + 2 * tile_rows * x_b)
+  tn = pick_block(bn, block_n, 128)
+  grid = (n_dim // bn, meta.tile_slot_g.shape[0], k_dim // tk)
 
-  def x_map(g, k, slot, row, *_):
+  def x_map(j, g, k, slot, row, *_):
+    del j
     return row[g], k
 
   if transpose:
-    w1_spec = pl.BlockSpec((1, rank, tk), lambda g, k, slot, *_: (slot[g], 0, k))
-    w2_spec = pl.BlockSpec((1, n_dim, rank), lambda g, k, slot, *_: (slot[g], 0, 0))
+    w1_spec = pl.BlockSpec((1, rank, tk),
+                           lambda j, g, k, slot, *_: (slot[g], 0, k))
+    w2_spec = pl.BlockSpec((1, bn, rank),
+                           lambda j, g, k, slot, *_: (slot[g], j, 0))
   else:
-    w1_spec = pl.BlockSpec((1, tk, rank), lambda g, k, slot, *_: (slot[g], k, 0))
-    w2_spec = pl.BlockSpec((1, rank, n_dim), lambda g, k, slot, *_: (slot[g], 0, 0))
-  row_map = lambda g, k, slot, row, *_: (row[g], 0)
+    w1_spec = pl.BlockSpec((1, tk, rank),
+                           lambda j, g, k, slot, *_: (slot[g], k, 0))
+    w2_spec = pl.BlockSpec((1, rank, bn),
+                           lambda j, g, k, slot, *_: (slot[g], 0, j))
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=_NUM_PREFETCH,
       grid=grid,
@@ -194,26 +258,32 @@ def fused_lora(x_pk, w1, w2, scale_s, rank_s, meta: GroupMetadata, *,
           w2_spec,
       ],
       out_specs=[
-          pl.BlockSpec((tile_rows, n_dim), row_map),
-          pl.BlockSpec((tile_rows, rank), row_map),
+          pl.BlockSpec((tile_rows, bn), lambda j, g, k, slot, row, *_:
+                       (row[g], j)),
+          # h is the same for every N block: N block 0 stores it and the
+          # others write one spare tile past the end, so no output block is
+          # revisited after another was (the TPU pipelining rule).
+          pl.BlockSpec((tile_rows, rank), lambda j, g, k, slot, row, *_:
+                       (jnp.where(j == 0, row[g], p // tile_rows), 0)),
       ],
       scratch_shapes=[pltpu.VMEM((tile_rows, rank), jnp.float32)],
   )
   kernel = functools.partial(_fused_kernel, transpose=transpose,
                              tile_rows=tile_rows, block_n=tn, rank=rank)
-  return pl.pallas_call(
+  y_pn, h_pr = pl.pallas_call(
       kernel,
       grid_spec=grid_spec,
       out_shape=[jax.ShapeDtypeStruct((p, n_dim), x_pk.dtype),
-                 jax.ShapeDtypeStruct((p, rank), jnp.float32)],
+                 jax.ShapeDtypeStruct((p + tile_rows, rank), jnp.float32)],
       # Visits of one row tile must run in order on one core (they share an
-      # output block), so the visit axis is not marked parallel.
+      # output block), so no axis is marked parallel.
       compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("arbitrary", "arbitrary")),
+          dimension_semantics=("arbitrary", "arbitrary", "arbitrary")),
       interpret=interpret,
       name="sgmv_fused_lora",
   )(*meta.prefetch(), rank_s.astype(jnp.int32), scale_s.astype(jnp.float32),
     x_pk, w1, w2)
+  return y_pn, h_pr[:p]
 
 
 def _tgmm_kernel(slot_ref, row_ref, first_ref, sfirst_ref, slast_ref,
@@ -267,7 +337,7 @@ def tgmm(lhs_pm, rhs_pn, scale_s, meta: GroupMetadata, *, num_slots: int,
     raise ValueError(
         f"tgmm expects lhs [P, M] and rhs [P, N] with the same P, a multiple "
         f"of tile_rows={tile_rows}; got {lhs_pm.shape} and {rhs_pn.shape}")
-  bm = pick_block(m_dim, block_m, 8)
+  bm = pick_block(m_dim, block_m, 128)
   bn = pick_block(n_dim, block_n, 128)
   grid = (m_dim // bm, n_dim // bn, meta.tile_slot_g.shape[0])
   rank_s = jnp.zeros((num_slots,), jnp.int32)  # unused; keeps one prefetch set

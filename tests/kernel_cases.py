@@ -5,10 +5,14 @@ slot 0 null) and the named token→slot patterns every kernel test sweeps:
 random with empty slots, all tokens in one slot, every token in its own slot,
 slot 0 everywhere, many slots. Shapes are tiny because Pallas runs in
 interpret mode on CPU (~200x slower than jnp).
+
+For the lowering and compile tests it also owns the real projection widths
+of the model presets (`preset_widths`) and abstract kernel arguments.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -70,3 +74,44 @@ def assert_close(got, want, dtype):
   mag = max(float(np.max(np.abs(want))), 1e-6)
   tol = 1e-5 if jnp.dtype(dtype) == jnp.float32 else 2e-2
   np.testing.assert_allclose(got, want, rtol=tol, atol=tol * mag)
+
+
+# ------------------------------------------- real model widths (lowering)
+
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def preset_widths() -> dict[tuple[int, int], str]:
+  """Every distinct (d_in, d_out) projection width of the model presets,
+  mapped to the first preset and target that has it (for test ids)."""
+  from mintjax.model import presets
+  widths: dict[tuple[int, int], str] = {}
+  for name in presets.names():
+    config = presets.get_config(name)
+    for t in TARGETS:
+      widths.setdefault(config.projection_shape(t), f"{name}.{t}")
+  return widths
+
+
+def abstract_args(num_tokens: int, d_in: int, d_out: int, rank: int,
+                  dtype, num_slots: int = 8, sharding=None):
+  """ShapeDtypeStructs (x [T, d_in], A [S, d_in, R], B [S, R, d_out],
+  scale [S], slot [T], rank [S]) for lowering a kernel without data."""
+  def s(shape, dt):
+    return jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
+  return (s((num_tokens, d_in), dtype), s((num_slots, d_in, rank), dtype),
+          s((num_slots, rank, d_out), dtype), s((num_slots,), jnp.float32),
+          s((num_tokens,), jnp.int32), s((num_slots,), jnp.int32))
+
+
+def value_and_grads(token_fn):
+  """(y, dx, dA, dB, dscale) of a token-level gather-LoRA function: the
+  forward and every backward kernel in one program."""
+  def run(x, a, b, scale, slot, rank):
+    def loss(x, a, b, scale):
+      y = token_fn(x, a, b, scale, slot, rank)
+      return jnp.sum(y.astype(jnp.float32) ** 2), y
+    (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3),
+                                       has_aux=True)(x, a, b, scale)
+    return (y,) + grads
+  return run
