@@ -49,11 +49,10 @@ def _build_registry(path, base):
   reg.create_adapters(ids, spec=dict(targets=["q", "v", "down"], rank=4,
                                      alpha=8.0),
                       base_fingerprint=base.fingerprint)
+  # u0 twice: u0@2 is a second revision (one batched publish).
   reg.publish_many([(a, AdapterWeights.random(
       CFG, ("q", "v", "down"), 4, alpha=8.0, seed=i, std=0.3), {})
-                    for i, a in enumerate(ids)])
-  reg.publish("u0", AdapterWeights.random(CFG, ("q", "v", "down"), 4,
-                                          alpha=8.0, seed=999, std=0.3), {})
+                    for i, a in enumerate(ids + ["u0"])])
   reg.tag("u0@1", "prod")
   return reg
 

@@ -371,14 +371,33 @@ async def _sse(chat: bool, req, rid: str, *, handles: list[RequestHandle],
   stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
   prefix = _echo_text(req, engine) if not chat and req.echo else ""
   want_lp = bool(req.logprobs) if chat else req.logprobs is not None
-  queue: asyncio.Queue = asyncio.Queue()
+  tasks: list[asyncio.Future] = []
 
-  async def pump(i: int, it):
-    try:
-      async for events in it:
-        await queue.put((i, events))
-    finally:
-      await queue.put((i, None))
+  async def merged() -> AsyncIterator[tuple[int, list]]:
+    """(choice, events) as they arrive; one choice needs no tasks."""
+    yield 0, first
+    if len(handles) == 1:
+      async for events in first_it:
+        yield 0, events
+      return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, it):
+      try:
+        async for events in it:
+          await queue.put((i, events))
+      finally:
+        await queue.put((i, None))
+
+    tasks.extend(asyncio.ensure_future(pump(i, it)) for i, it in enumerate(
+        [first_it] + [h.__aiter__() for h in handles[1:]]))
+    open_streams = len(handles)
+    while open_streams:
+      i, events = await queue.get()
+      if events is None:
+        open_streams -= 1
+      else:
+        yield i, events
 
   def chunk(choices, usage=None) -> str:
     return "data: " + json.dumps(P.envelope(kind, rid, req.model, choices,
@@ -386,18 +405,10 @@ async def _sse(chat: bool, req, rid: str, *, handles: list[RequestHandle],
 
   deltas = [P.TextDeltas(engine.tokenizer, stop, prefix) for _ in handles]
   offsets = [len(prefix)] * len(handles)
-  await queue.put((0, first))
-  tasks = [asyncio.ensure_future(pump(0, first_it))] + [
-      asyncio.ensure_future(pump(i, h.__aiter__()))
-      for i, h in enumerate(handles) if i > 0]
-  open_streams = len(handles)
   started = [False] * len(handles)
+  events_of = merged()
   try:
-    while open_streams:
-      i, events = await queue.get()
-      if events is None:
-        open_streams -= 1
-        continue
+    async for i, events in events_of:
       toks = [e.token for e in events if e.token is not None]
       lps = [e.logprob for e in events if e.token is not None]
       result = events[-1].result
@@ -433,8 +444,9 @@ async def _sse(chat: bool, req, rid: str, *, handles: list[RequestHandle],
         yield chunk([], P.usage([h.result for h in handles]))
       yield "data: [DONE]\n\n"
   finally:
-    for t in tasks:
-      t.cancel()
     for h in handles:
       if h.result is None:  # the client left mid-stream: free the row
         service.cancel(h)
+    for t in tasks:
+      t.cancel()
+    await events_of.aclose()
