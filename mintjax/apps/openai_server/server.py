@@ -24,6 +24,7 @@ import uvicorn
 from absl import logging
 
 from mintjax.apps.openai_server.app import create_app
+from mintjax.serve.batch import engine_from_config
 from mintjax.serve.engine import Engine
 from mintjax.serve.service import EngineService, ServiceConfig
 
@@ -42,7 +43,6 @@ def build_app(engine: Engine, server_config):
 
 def serve(config) -> None:
   """Serves until SIGTERM/SIGINT, then drains (see the module docstring)."""
-  from mintjax.serve.batch import engine_from_config  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
   engine = engine_from_config(config)
   logging.info("engine ready in %.1f s (%d programs compiled)",
