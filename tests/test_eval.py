@@ -1,6 +1,6 @@
 """Tests of batched multi-adapter evaluation and promotion.
 
-Promotion tests run on adapters really trained by `loop.train_and_publish`
+Promotion tests run on adapters trained by `train_workflow.train_and_publish`
 on the tiny random base with chat-formatted prompts (the format the issue
 found evaluated as raw): two healthy users, one trained to answer nothing
 (eos) and one trained to answer 'zzz...'. Held-out records are the training
@@ -18,16 +18,16 @@ import pytest
 from configs import smollm2_personal
 from mintjax.adapters.bank import bank_from_weights
 from mintjax.adapters.spec import AdapterSpec, AdapterWeights
+from mintjax.apps import train_workflow
+from mintjax.apps.personal_data import make_personal_data, write_jsonl
 from mintjax.eval import evaluate
 from mintjax.eval import prompt_format as pf
-from mintjax.apps.personal_data import make_personal_data, write_jsonl
 from mintjax.model.base import random_base
+from mintjax.model.sources import RANDOM_VARIANTS
 from mintjax.model.tokenizer import CHATML_TEMPLATE
 from mintjax.store.errors import BaseMismatchError
 from mintjax.store.registry import Registry
 from mintjax.train import data
-from mintjax.train import loop
-from mintjax.train.loop import RANDOM_VARIANTS
 
 CFG = RANDOM_VARIANTS["tiny"]
 
@@ -106,7 +106,7 @@ def trained(tmp_path_factory):
   c.max_length, c.buckets = 96, (96,)
   c.lora.targets = "q,k,v,o,gate,up,down"
   c.lora_impl = "gather"
-  loop.train_and_publish(c, str(tmp / "work"))
+  train_workflow.train_and_publish(c, str(tmp / "work"))
   return dict(registry=c.registry, heldout=heldout,
               base=random_base(CFG, seed=0))
 
