@@ -183,6 +183,7 @@ class EngineService:
     self._running = 0    # in a batch row after the last step (under _cv)
     self._closing = False
     self._stop = False
+    self._abort: str | None = None  # cancel everything live, with this reason
     self._snapshot: dict[str, Any] = {}
     # Finished requests by outcome (engine thread writes, under _cv).
     self._outcomes = dict(completed=0, refused=0, cancelled=0, timed_out=0,
@@ -298,12 +299,9 @@ class EngineService:
     return clean and drain
 
   def _cancel_everything_locked(self, reason: str) -> None:
-    # Keys of the inbox plus every key that may be live (the engine thread
-    # ignores keys that already finished).
-    for h in self._inbox:
-      self._cancels.append((h.key, reason))
-    for key in list(self._live):
-      self._cancels.append((key, reason))
+    # `_live` belongs to the engine thread: it cancels what is live there.
+    self._abort = reason
+    self._cv.notify_all()
 
   # --- engine thread -------------------------------------------------------
 
@@ -313,7 +311,7 @@ class EngineService:
     while True:
       with self._cv:
         while not (self._inbox or self._cancels or self._calls or self._stop
-                   ) and engine.idle:
+                   or self._abort) and engine.idle:
           self._cv.wait()
         if self._stop and engine.idle and not self._inbox:
           calls, self._calls = self._calls, []
@@ -321,6 +319,7 @@ class EngineService:
         inbox, self._inbox = self._inbox, []
         cancels, self._cancels = self._cancels, []
         calls, self._calls = self._calls, []
+        abort, self._abort = self._abort, None
       for fn, args, kwargs, fut in calls:
         if fut.set_running_or_notify_cancel():
           try:
@@ -329,6 +328,8 @@ class EngineService:
             fut.set_exception(e)
       try:
         events = self._accept(inbox)
+        if abort is not None:
+          cancels += [(key, abort) for key in self._live]
         for key, reason in cancels:
           events.extend(self._cancel_now(key, reason))
         events.extend(self._expire())
