@@ -247,7 +247,7 @@ def train_config(recipe: ml_collections.ConfigDict, num_users: int, *,
 
 
 def serve_section(base: BaseModel, registry, cfg, data: dict,
-                  progress: Progress, num_base_rows: int = 2,
+                  progress: Progress, *, num_base_rows: int = 2,
                   device_slots: int = 32, show: int = 8) -> dict:
   """Serves two rounds of mixed batches through the `Engine`.
 

@@ -99,7 +99,7 @@ def _seed_for(seed: int, user: str) -> int:
 
 
 def init_adapter(config: ModelConfig, targets: Sequence[str], rank: int,
-                 alpha: float, user: str, seed: int,
+                 alpha: float, user: str, seed: int, *,
                  use_rslora: bool = False) -> AdapterWeights:
   """A fresh adapter initialised like PEFT (seeded by seed and user).
 
@@ -120,14 +120,14 @@ def init_adapter(config: ModelConfig, targets: Sequence[str], rank: int,
 
 
 def init_for_spec(config: ModelConfig, spec: AdapterSpec, rank: int,
-                  alpha: float, user: str, seed: int, use_rslora: bool = False
-                  ) -> AdapterWeights | VeraWeights:
+                  alpha: float, user: str, seed: int, *,
+                  use_rslora: bool = False) -> AdapterWeights | VeraWeights:
   """A fresh adapter of the spec's variant (see `init_adapter`)."""
   if spec.variant == "vera":
     return VeraWeights.init(config, spec.targets, rank, spec.basis_seed,
                             alpha=alpha)
   return init_adapter(config, spec.targets, rank, alpha, user, seed,
-                      use_rslora)
+                      use_rslora=use_rslora)
 
 
 def read_adapter(spec: AdapterSpec, bank, slot: int, alpha: float,
@@ -190,7 +190,7 @@ def init_cohort(config: ModelConfig, spec: AdapterSpec, users: Sequence[str],
   `alpha` None is allowed for VeRA only (its own default, alpha = r).
   """
   return {u: init_for_spec(config, spec, spec.max_rank, alpha, u, seed,
-                           use_rslora) for u in users}
+                           use_rslora=use_rslora) for u in users}
 
 
 @dataclasses.dataclass(frozen=True)
