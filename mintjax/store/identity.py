@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import json
 import math
+import numbers
 import os
 import re
 import socket
@@ -95,6 +96,11 @@ class AdapterInfo:
       raise InvalidAdapterError(
           f"invalid adapter spec: basis_seed={self.basis_seed!r} is only "
           f"meaningful for variant 'vera', got variant {self.variant!r}")
+    if isinstance(self.rank, bool) or not isinstance(self.rank,
+                                                      numbers.Integral):
+      raise InvalidAdapterError(
+          f"invalid adapter spec: rank must be an integer, got "
+          f"{self.rank!r}; pass e.g. rank=8")
     try:
       spec = AdapterSpec(targets=tuple(self.targets), max_rank=int(self.rank),
                          dtype=self.dtype, variant=self.variant,

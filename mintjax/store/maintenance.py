@@ -27,6 +27,7 @@ import time
 
 from mintjax.store import records
 from mintjax.store.catalog import Catalog
+from mintjax.store.errors import InvalidAdapterError
 from mintjax.store.loader import Loader
 from mintjax.store.weights import WeightsStore, row_sha256
 
@@ -45,6 +46,11 @@ def collect_garbage(catalog: Catalog, store: WeightsStore,
     held), 'deleted_files' (shard directories removed), 'live_reservations'
     (left alone: their leases have not expired)}.
   """
+  if isinstance(grace_s, bool) or not isinstance(
+      grace_s, (int, float)) or not 0 <= grace_s < float("inf"):
+    raise InvalidAdapterError(
+        f"gc grace_s must be a finite number of seconds >= 0, got "
+        f"{grace_s!r}")
   expired = catalog.reclaim_expired(time.time() - grace_s)
   deleted = 0
   for res in expired:

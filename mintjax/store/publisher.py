@@ -48,8 +48,10 @@ class Publisher:
 
   def __init__(self, catalog: Catalog, store: WeightsStore,
                lease_s: float = DEFAULT_LEASE_S):
-    if not lease_s > 0:
-      raise InvalidAdapterError(f"lease_s must be > 0 seconds, got {lease_s}")
+    if isinstance(lease_s, bool) or not isinstance(
+        lease_s, (int, float)) or not 0 < lease_s < float("inf"):
+      raise InvalidAdapterError(
+          f"lease_s must be a finite number of seconds > 0, got {lease_s!r}")
     self.catalog = catalog
     self.store = store
     self.lease_s = float(lease_s)

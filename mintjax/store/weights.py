@@ -121,6 +121,21 @@ class RowLayout:
     return cls(info.targets, {t: tuple(shapes[t]) for t in info.targets},
                info.rank, info.dtype, info.variant, info.basis_seed)
 
+  # The ModelConfig fields adapter code reads to materialise factors
+  # (`VeraWeights.to_lora`), so a stored adapter can be turned into LoRA
+  # factors from its recorded layout alone, without the base's config.
+  @property
+  def num_layers(self) -> int:
+    return next(iter(self.shapes.values()))[0]
+
+  @property
+  def architecture(self) -> str:
+    return "stored row layout"
+
+  def projection_shape(self, target: str) -> tuple[int, int]:
+    """(d_in, d_out) of a target, as `ModelConfig.projection_shape`."""
+    return tuple(self.shapes[target][1:])
+
   @property
   def names(self) -> tuple[str, str]:
     """Names of a row's two tensors per target (for errors)."""
