@@ -24,7 +24,9 @@ recompute, backward data gradients; the base gets no weight gradient), and
 the bytes of parameters, KV cache, the adapters rows read, and for training
 the optimizer's read-modify-write of every slot (the per-slot AdamW touches
 the whole bank each step). Step time is max(FLOPs / peak, bytes /
-bandwidth) per chip; activations' traffic is not counted.
+bandwidth) per chip for the forward/backward, plus the optimizer phase's
+bytes / bandwidth (it runs after the backward pass, so it cannot overlap
+its matmuls); activations' traffic and collectives are not counted.
 
 The library never imports `launch/` or `tools/`; `tools/aot.py` is its CLI.
 """
@@ -32,6 +34,7 @@ The library never imports `launch/` or `tools/`; `tools/aot.py` is its CLI.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import time
 from typing import Any, Mapping, Sequence
@@ -210,6 +213,10 @@ def topology_devices(topology: str) -> list:
   if kind.lower() not in ("v4", "v5e", "v5p", "v6e"):
     raise AotError(
         f"topology {topology!r}: expected v4/v5e/v5p/v6e:AxB[xC] or cpu:N")
+  # libtpu takes a machine-wide lock file on start-up, so a second process
+  # (a test run beside a sweep) would fail; a deviceless compile never
+  # touches a chip, so sharing libtpu between processes is safe here.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   try:
     topo = topologies.get_topology_desc(topology_name=topology,
@@ -359,13 +366,46 @@ def step_cost(req: AotRequest, cfg: ModelConfig, spec: AdapterSpec | None,
     # Rows of the distinct adapters in the batch, per pass over the layers.
     frac = min(1.0, req.num_distinct() / spec.num_slots)
     reads += bank_dev * frac * (3 if req.step == "train" else 1)
+  optimizer = 0.0
   if req.step == "train":
     # AdamW's jnp.where over every slot: read bank, grad, mu, nu; write
-    # bank, mu, nu (grad is bank-sized).
-    reads += bank_dev * 3 + bpd.get("optimizer", 0) * 2
+    # bank, mu, nu (grad is bank-sized). A separate, purely memory-bound
+    # phase after the backward pass: it cannot hide under its matmuls.
+    optimizer = bank_dev * 3 + bpd.get("optimizer", 0) * 2
   return dict(step_flops=float(flops), lora_flops_fraction=float(
       lora / max(base + lora, 1)), step_bytes=float(reads),
-              tokens_per_step=int(tokens))
+              optimizer_bytes=float(optimizer), tokens_per_step=int(tokens))
+
+
+def _base_train_spec(req: AotRequest) -> AdapterSpec:
+  # A trainable step needs a bank; the base-only step trains the least there
+  # is (one rank-1 adapter on q), i.e. the base's forward + backward.
+  return AdapterSpec(targets=("q",), max_rank=1, num_slots=2,
+                     dtype=req.spec().dtype)
+
+
+def add_estimates(req: AotRequest, out: dict) -> dict:
+  """Adds the analytic cost and roofline fields to a compile result.
+
+  est_step_s = max(FLOPs / peak, bytes / bandwidth) of the forward/backward
+  plus, for training, the optimizer phase's bytes / bandwidth. Recomputable
+  from a cached result (it needs only the request and resident bytes).
+  """
+  if "total_per_device" not in out:
+    return out
+  chip = req.chip()
+  spec = req.spec() if out["with_adapters"] else (
+      _base_train_spec(req) if req.step == "train" else None)
+  cost = step_cost(req, req.model_config(), spec, out["devices"],
+                   out["resident_bytes"])
+  t_flops = cost["step_flops"] / chip.bf16_flops
+  t_bytes = cost["step_bytes"] / chip.hbm_bandwidth
+  t_opt = cost["optimizer_bytes"] / chip.hbm_bandwidth
+  est = max(t_flops, t_bytes) + t_opt
+  out.update(cost, est_step_s=est, optimizer_s=t_opt,
+             bound="compute" if t_flops >= t_bytes else "memory",
+             tokens_per_s=cost["tokens_per_step"] / est)
+  return out
 
 
 # --- compile ------------------------------------------------------------------
@@ -407,10 +447,7 @@ def compile_step(req: AotRequest, *, with_adapters: bool = True) -> dict:
   if impl == "auto":
     impl = lora_op.select_impl(platform, req.batch, req.batch, req.slots)
   if req.step == "train":
-    # A trainable step needs a bank; the base-only step trains the least
-    # there is (one rank-1 adapter on q), i.e. the base's forward+backward.
-    spec = req.spec() if with_adapters else AdapterSpec(
-        targets=("q",), max_rank=1, num_slots=2, dtype=req.spec().dtype)
+    spec = req.spec() if with_adapters else _base_train_spec(req)
     fn, args, groups = _train_args(req, cfg, spec, mesh, rules, impl)
   else:
     spec = req.spec() if with_adapters else None
@@ -446,15 +483,7 @@ def compile_step(req: AotRequest, *, with_adapters: bool = True) -> dict:
   out["total_per_device"] = float(total)
   out["fits"] = bool(total <= chip.hbm_bytes)
   out.update(_cost(compiled))
-  n = len(devices)
-  cost = step_cost(req, cfg, spec if with_adapters or req.step == "train"
-                   else None, n, per_dev)
-  t_flops = cost["step_flops"] / chip.bf16_flops
-  t_bytes = cost["step_bytes"] / chip.hbm_bandwidth
-  est = max(t_flops, t_bytes)
-  out.update(cost, est_step_s=est, bound="compute" if t_flops >= t_bytes
-             else "memory", tokens_per_s=cost["tokens_per_step"] / est)
-  return out
+  return add_estimates(req, out)
 
 
 def compile_report(req: AotRequest) -> dict:
@@ -480,6 +509,16 @@ def _request_dict(req: AotRequest) -> dict:
   d["rules"] = [[k, list(v) if isinstance(v, tuple) else v]
                 for k, v in req.rules]
   return d
+
+
+def request_from_dict(d: Mapping) -> AotRequest:
+  """Inverse of `_request_dict` (JSON lists back to tuples)."""
+  d = dict(d)
+  d["targets"] = tuple(d["targets"])
+  d["mesh"] = tuple(d["mesh"])
+  d["rules"] = tuple((k, tuple(v) if isinstance(v, list) else v)
+                     for k, v in d.get("rules", ()))
+  return AotRequest(**d)
 
 
 def format_report(report: Mapping) -> str:

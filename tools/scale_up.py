@@ -76,6 +76,8 @@ def main(argv=None) -> int:
 
   order = {(pr, st): i for i, (pr, st) in enumerate(
       (pr, st) for pr in scale_up.PLAN for st in ("train", "decode"))}
+  for row in list(saved["rows"].values()) + list(saved["goals"].values()):
+    scale_up.refresh_estimates(row)
   rows = sorted(saved["rows"].values(),
                 key=lambda r: order.get((r["preset"], r["step"]), 1 << 30))
   goals = [saved["goals"][g[0]] for g in scale_up.GOALS
