@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import sqlite3
 import sys
 from typing import Sequence
 
@@ -183,14 +184,15 @@ def run(reg: Registry, args: Sequence[str], as_json: bool = False) -> str:
           "import-peft needs exactly one of --base=HF_DIR (fingerprinted "
           "here) or --base_fingerprint=sha256:...")
     fingerprint = _BASE_FP.value
-    num_layers = None
+    config = None
     if _BASE.value:
       from mintjax.model.hf import load_hf  # Heavy; only when asked.
       base = load_hf(_BASE.value)
-      fingerprint, num_layers = base.fingerprint, base.config.num_layers
+      # With the base's config every factor's shape is checked against it.
+      fingerprint, config = base.fingerprint, base.config
     rev = peft_io.import_peft(reg, rest[0], _ID.value,
                               base_fingerprint=fingerprint,
-                              owner=_OWNER.value, num_layers=num_layers)
+                              owner=_OWNER.value, config=config)
     out = _rev_dict(rev), f"imported {rest[0]} as {rev.ref}"
   elif cmd == "export-peft":
     need(2, "REF OUT_DIR")
@@ -203,18 +205,40 @@ def run(reg: Registry, args: Sequence[str], as_json: bool = False) -> str:
       as_json) else text
 
 
+# What a bad argument or a bad file raises. Anything else is a bug in
+# mintjax and keeps its traceback.
+_USER_ERRORS = (RegistryError, ValueError, LookupError, OSError,
+                sqlite3.Error)
+
+
+def one_line(e: BaseException) -> str:
+  """An exception as one line: 'error: <message>' (type kept if unclear)."""
+  msg = " ".join(str(e).split()) or type(e).__name__
+  if not isinstance(e, RegistryError):
+    msg = f"{type(e).__name__}: {msg}"
+  return f"error: {msg}"
+
+
 def main(argv):
   if not _REGISTRY.value:
-    print("--registry=DIR is required", file=sys.stderr)
+    print("error: --registry=DIR is required", file=sys.stderr)
     return 2
-  reg = Registry.open(_REGISTRY.value)
+  reg = None
   try:
+    reg = Registry.open(_REGISTRY.value)
     print(run(reg, argv[1:], _JSON.value))
-  except RegistryError as e:
-    print(f"error: {e}", file=sys.stderr)
+  except sqlite3.DatabaseError as e:
+    print(f"error: the registry catalog in {_REGISTRY.value} is not a "
+          f"readable SQLite database ({' '.join(str(e).split())}); point "
+          "--registry at a registry directory or restore its catalog",
+          file=sys.stderr)
+    return 1
+  except _USER_ERRORS as e:
+    print(one_line(e), file=sys.stderr)
     return 1
   finally:
-    reg.close()
+    if reg is not None:
+      reg.close()
   return 0
 
 

@@ -3,11 +3,20 @@
 Owns `Tokenizer` (encode/decode, special ids, chat template rendering) and
 `byte_tokenizer()`, a tiny byte-level tokenizer for tests and random models.
 Tokenizers built from GGUF files live in `mintjax.model.gguf`.
+
+Chat templates come from model files, i.e. from strangers: they are rendered
+in jinja2's `ImmutableSandboxedEnvironment` (as transformers does), so a
+template can read its inputs but cannot reach Python internals (`os`,
+`__class__`, ...) or mutate the messages. Templates get the helpers
+transformers provides: `raise_exception`, `strftime_now` and a `tojson`
+filter that keeps non-ASCII text as is.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import functools
 import json
 from typing import Sequence
 
@@ -57,21 +66,39 @@ class Tokenizer:
 
   def apply_chat_template(self, messages: Sequence[dict],
                           add_generation_prompt: bool = True) -> str:
-    """Renders chat messages ([{'role', 'content'}]) to a prompt string."""
+    """Renders chat messages ([{'role', 'content'}]) to a prompt string.
+
+    Raises:
+      ValueError: a malformed message, or a template that fails or tries to
+        leave the sandbox (named in the message).
+    """
     import jinja2  # pylint: disable=g-import-not-at-top  # only for chat
 
+    if isinstance(messages, (str, bytes)) or not isinstance(
+        messages, Sequence):
+      raise ValueError(
+          f"chat messages must be a list of {{'role', 'content'}} dicts, got "
+          f"{type(messages).__name__}")
+    if not messages:
+      raise ValueError("chat messages are empty; give at least one message")
     for i, m in enumerate(messages):
-      if not isinstance(m, dict) or "role" not in m or "content" not in m:
+      if (not isinstance(m, dict) or not isinstance(m.get("role"), str) or
+          not isinstance(m.get("content"), str)):
         raise ValueError(
-            f"chat message {i} must be a dict with 'role' and 'content', got "
-            f"{m!r}")
-    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = _raise
-    template = env.from_string(self.chat_template or CHATML_TEMPLATE)
-    return template.render(messages=list(messages),
-                           add_generation_prompt=add_generation_prompt,
-                           bos_token="", eos_token=self.decode(
-                               [self.eos_id], skip_special=False))
+            f"chat message {i} must be a dict with string 'role' and "
+            f"'content', got {m!r:.80}")
+    try:
+      template = _compiled_template(self.chat_template or CHATML_TEMPLATE)
+      return template.render(messages=list(messages),
+                             add_generation_prompt=add_generation_prompt,
+                             bos_token="", eos_token=self.decode(
+                                 [self.eos_id], skip_special=False))
+    except jinja2.exceptions.SecurityError as e:
+      raise ValueError(
+          f"the model's chat template tried an unsafe operation ({e}); it "
+          "was stopped by the sandbox. Use a trusted template") from None
+    except jinja2.exceptions.TemplateError as e:
+      raise ValueError(f"the model's chat template failed: {e}") from None
 
   # --- persistence (a single JSON file beside a base checkpoint) ----------
 
@@ -91,6 +118,35 @@ class Tokenizer:
 
 def _raise(message):
   raise ValueError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+  return datetime.datetime.now().strftime(fmt)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None,
+            sort_keys=False) -> str:
+  # jinja2's own tojson escapes HTML characters; chat templates (and
+  # transformers) expect plain JSON.
+  return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent,
+                    separators=separators, sort_keys=sort_keys)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_template(source: str):
+  """The template compiled once in an immutable sandbox (cached per text)."""
+  from jinja2 import ext, sandbox  # pylint: disable=g-import-not-at-top
+
+  env = sandbox.ImmutableSandboxedEnvironment(
+      trim_blocks=True, lstrip_blocks=True, extensions=[ext.loopcontrols])
+  env.filters["tojson"] = _tojson
+  env.globals["raise_exception"] = _raise
+  env.globals["strftime_now"] = _strftime_now
+  try:
+    return env.from_string(source)
+  except Exception as e:  # pylint: disable=broad-except  # any syntax error
+    raise ValueError(f"the model's chat template does not parse: {e}"
+                     ) from None
 
 
 def byte_tokenizer() -> Tokenizer:

@@ -32,6 +32,14 @@ a_m per module, while `AdapterWeights` has one rank and one alpha. We store:
 Unsupported PEFT features raise `InvalidAdapterError` naming the feature:
 DoRA, `modules_to_save`, embedding / lm_head LoRA, LoRA bias,
 `fan_in_fan_out`, non-LoRA PEFT types and a few rarer options.
+
+PEFT folders are untrusted input. Everything read is checked before anything
+is stored: the JSON and safetensors parse, every factor is finite and, when
+the base's config is given, every factor's shape and layer index fit the
+base. `rank_pattern` / `alpha_pattern` keys are regexes in PEFT; here they
+are matched as PEFT does (the key must match a dotted suffix of the module
+name) but only after `check_pattern` bounds how much backtracking a key can
+cause, so no adapter_config.json can hang the importer.
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ import hashlib
 import json
 import os
 import re
+from re import _constants as sre_c  # pylint: disable=protected-access
+from re import _parser as sre_parse  # pylint: disable=protected-access
 from typing import Mapping
 
 import ml_dtypes  # noqa: F401  (bfloat16 with numpy / safetensors)
@@ -47,6 +57,7 @@ import numpy as np
 import safetensors.numpy
 
 from mintjax.adapters.spec import ALL_TARGETS, AdapterWeights, lora_scale
+from mintjax.config import ModelConfig
 from mintjax.store.errors import InvalidAdapterError
 from mintjax.store.registry import AdapterInfo, Registry, Revision, parse_ref
 from mintjax.store.weights import RowLayout
@@ -59,8 +70,8 @@ HF_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj",
               "down": "mlp.down_proj"}
 _BY_HF = {m.split(".")[1]: t for t, m in HF_MODULES.items()}
 _KEY_RE = re.compile(
-    r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\."
-    r"(\w+)\.lora_([AB])\.weight$")
+    r"base_model\.model\.model\.layers\.([0-9]{1,9})\.(self_attn|mlp)\."
+    r"([a-z_]+)\.lora_([AB])\.weight\Z")
 _DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16",
            np.dtype(ml_dtypes.bfloat16): "bfloat16"}
 # Config options that change the math in ways a plain LoRA row cannot hold.
@@ -78,15 +89,128 @@ _UNSUPPORTED = (
 )
 
 
+# Bounds on a rank_pattern / alpha_pattern key. Matching one key against a
+# module-name suffix costs about len(name) ** (variable repeats) steps with
+# backtracking; with the limits below the worst key measured ~0.03 s over
+# all 210 modules of a 30-layer model, and `(.*.*)*z` is refused outright.
+MAX_PATTERN_CHARS = 200
+MAX_PATTERN_REPEATS = 3
+MAX_PATTERN_REGEX_KEYS = 16
+_REPEATS = (sre_c.MAX_REPEAT, sre_c.MIN_REPEAT, sre_c.POSSESSIVE_REPEAT)
+_REFUSED_OPS = {sre_c.GROUPREF: "a backreference",
+                sre_c.GROUPREF_EXISTS: "a conditional group",
+                sre_c.ASSERT: "a lookahead/lookbehind",
+                sre_c.ASSERT_NOT: "a negative lookahead/lookbehind"}
+
+
+def _walk(items, inside_repeat: bool, counts: dict) -> None:
+  """Counts variable repeats; raises ValueError on an explosive construct."""
+  for op, av in items:
+    if op in _REFUSED_OPS:
+      raise ValueError(f"it uses {_REFUSED_OPS[op]}")
+    if op in _REPEATS:
+      lo, hi, body = av
+      if lo != hi:
+        counts["repeats"] += 1
+      if inside_repeat and hi > 1:
+        raise ValueError("it nests a quantifier inside a quantified group")
+      _walk(body, inside_repeat or hi > 1, counts)
+    elif op == sre_c.SUBPATTERN:
+      _walk(av[-1], inside_repeat, counts)
+    elif op == sre_c.BRANCH:
+      if inside_repeat:
+        raise ValueError("it repeats an alternation (a|b)*; use a character "
+                         "class [ab]* instead")
+      for branch in av[1]:
+        _walk(branch, inside_repeat, counts)
+    elif op == sre_c.ATOMIC_GROUP:
+      _walk(av, inside_repeat, counts)
+
+
+def check_pattern(key, where: str) -> int:
+  """Refuses a pattern key that could backtrack for long; returns its cost.
+
+  Args:
+    key: a `rank_pattern` / `alpha_pattern` key (a regex in PEFT).
+    where: file and field, for the error message.
+
+  Returns:
+    the number of variable repeats in the key (0 = plain name, linear time).
+
+  Raises:
+    InvalidAdapterError: naming the key, why it is refused, and the fix.
+  """
+  fix = (f"; use a module name suffix such as 'q_proj' or "
+         f"'layers.3.mlp.down_proj', or a simple regex with at most "
+         f"{MAX_PATTERN_REPEATS} quantifiers, none nested")
+  if not isinstance(key, str) or not key:
+    raise InvalidAdapterError(f"{where}: pattern key {key!r} is not a "
+                              f"non-empty string{fix}")
+  if len(key) > MAX_PATTERN_CHARS:
+    raise InvalidAdapterError(
+        f"{where}: pattern key {key[:40]!r}... is {len(key)} characters, "
+        f"more than {MAX_PATTERN_CHARS}{fix}")
+  counts = {"repeats": 0}
+  try:
+    _walk(sre_parse.parse(key), False, counts)
+  except re.error as e:
+    raise InvalidAdapterError(
+        f"{where}: pattern key {key!r} is not a valid regex ({e}){fix}"
+    ) from None
+  except ValueError as e:
+    raise InvalidAdapterError(
+        f"{where}: pattern key {key!r} is refused because {e} (it could "
+        f"make matching take exponential time){fix}") from None
+  if counts["repeats"] > MAX_PATTERN_REPEATS:
+    raise InvalidAdapterError(
+        f"{where}: pattern key {key!r} has {counts['repeats']} quantifiers, "
+        f"more than {MAX_PATTERN_REPEATS} (matching time grows as name "
+        f"length ** quantifiers){fix}")
+  return counts["repeats"]
+
+
+def _checked_patterns(cfg: Mapping, field: str, kind, folder: str) -> dict:
+  """The config's `field` ({pattern: value}) after every key is checked."""
+  patterns = cfg.get(field) or {}
+  where = f"{folder}/{CONFIG_FILE} {field}"
+  if not isinstance(patterns, dict):
+    raise InvalidAdapterError(
+        f"{where} must be a JSON object {{module pattern: value}}, found "
+        f"{type(patterns).__name__}")
+  regex_keys = 0
+  for key, value in patterns.items():
+    regex_keys += bool(check_pattern(key, where))
+    if (isinstance(value, bool) or not isinstance(value, kind) or
+        not value > 0):
+      raise InvalidAdapterError(
+          f"{where}[{key!r}] must be a positive number, found {value!r}")
+  if regex_keys > MAX_PATTERN_REGEX_KEYS:
+    raise InvalidAdapterError(
+        f"{where} has {regex_keys} keys with quantifiers, more than "
+        f"{MAX_PATTERN_REGEX_KEYS}; list module names instead")
+  return {key: (re.compile(key), value) for key, value in patterns.items()}
+
+
 def _pattern_key(patterns: Mapping, module_name: str):
-  """PEFT's `get_pattern_key`: first pattern matching the name's suffix."""
-  for key in patterns:
-    if re.match(rf"(.*\.)?({key})$", module_name):
+  r"""PEFT's `get_pattern_key`: the first key matching a dotted suffix.
+
+  Equivalent to `re.match(rf"(.*\.)?({key})$", module_name)`, but each
+  suffix is matched by the precompiled key alone (no leading `.*` to
+  backtrack over); keys were bounded by `check_pattern`.
+  """
+  parts = module_name.split(".")
+  suffixes = [".".join(parts[i:]) for i in range(len(parts))]
+  for key, (compiled, _) in patterns.items():
+    if any(compiled.fullmatch(s) for s in suffixes):
       return key
   return None
 
 
 def _check_config(cfg: Mapping, folder: str) -> None:
+  if not isinstance(cfg, dict):
+    raise InvalidAdapterError(
+        f"{folder}/{CONFIG_FILE} must hold a JSON object, found "
+        f"{type(cfg).__name__}; write it with PeftModel.save_pretrained")
   if cfg.get("peft_type", "LORA") != "LORA":
     raise InvalidAdapterError(
         f"{folder}: peft_type {cfg.get('peft_type')!r} is not supported; "
@@ -102,32 +226,35 @@ def _check_config(cfg: Mapping, folder: str) -> None:
         f"{folder}: PEFT feature LoRA bias (bias={cfg['bias']!r}) is not "
         "supported; use bias='none'")
   targets = cfg.get("target_modules")
-  if isinstance(targets, (list, tuple)):
-    bad = [m for m in targets if m.split(".")[-1] not in _BY_HF]
+  if targets is not None and not isinstance(targets, (str, list)):
+    raise InvalidAdapterError(
+        f"{folder}: target_modules must be a list of module names or a "
+        f"regex string, found {type(targets).__name__}")
+  if isinstance(targets, list):
+    bad = [m for m in targets
+           if not isinstance(m, str) or m.split(".")[-1] not in _BY_HF]
     if bad:
       raise InvalidAdapterError(
           f"{folder}: target_modules {bad} are not supported; mintjax adapts "
           f"only {sorted(_BY_HF)} (embedding / lm_head LoRA is unsupported)")
-  for key in ("r", "lora_alpha"):
-    if not isinstance(cfg.get(key), (int, float)) or cfg[key] <= 0:
+  for key, kind in (("r", int), ("lora_alpha", (int, float))):
+    v = cfg.get(key)
+    if isinstance(v, bool) or not isinstance(v, kind) or not v > 0:
       raise InvalidAdapterError(
-          f"{folder}: adapter_config.json needs a positive {key!r}, found "
-          f"{cfg.get(key)!r}")
+          f"{folder}: adapter_config.json needs a positive "
+          f"{'integer' if kind is int else 'number'} {key!r}, found {v!r}")
+  if not isinstance(cfg.get("use_rslora", False), bool):
+    raise InvalidAdapterError(
+        f"{folder}: use_rslora must be true or false, found "
+        f"{cfg['use_rslora']!r}")
 
 
-def read_peft(folder: str, num_layers: int | None = None
-              ) -> tuple[AdapterInfo, AdapterWeights, dict]:
-  """Reads a PEFT LoRA folder into (info, raw padded weights, meta).
-
-  Args:
-    folder: folder with adapter_config.json and adapter_model.safetensors.
-    num_layers: the base's layer count (default: highest layer seen + 1).
-
-  Returns:
-    info: targets, rank R (max module rank), alpha (lora_alpha), rsLoRA.
-    weights: A [L, d_in, R], B [L, R, d_out], PEFT's values unscaled.
-    meta: {'b_scale': per-layer s_m / S, 'peft': config + module ranks}.
-  """
+def _load_files(folder: str) -> tuple[dict, dict, str]:
+  """(config dict, {key: array}, weights path), or a one-line error."""
+  if not isinstance(folder, str) or not os.path.isdir(folder):
+    raise InvalidAdapterError(
+        f"{folder!r} is not a folder; pass a PEFT LoRA folder holding "
+        f"{CONFIG_FILE} and {WEIGHTS_FILE} (what save_pretrained writes)")
   cfg_path, w_path = (os.path.join(folder, CONFIG_FILE),
                       os.path.join(folder, WEIGHTS_FILE))
   for p in (cfg_path, w_path):
@@ -135,11 +262,75 @@ def read_peft(folder: str, num_layers: int | None = None
       raise InvalidAdapterError(
           f"{p} not found; a PEFT LoRA folder holds {CONFIG_FILE} and "
           f"{WEIGHTS_FILE} (what save_pretrained writes)")
-  with open(cfg_path) as f:
-    cfg = json.load(f)
+  try:
+    with open(cfg_path, encoding="utf-8") as f:
+      cfg = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError included
+    raise InvalidAdapterError(
+        f"{cfg_path} is not valid JSON ({str(e).splitlines()[0]}); rewrite "
+        "it with PeftModel.save_pretrained") from None
   _check_config(cfg, folder)
-  tensors = safetensors.numpy.load_file(w_path)
+  try:
+    tensors = safetensors.numpy.load_file(w_path)
+  except Exception as e:  # pylint: disable=broad-except  # any parse error
+    raise InvalidAdapterError(
+        f"{w_path} is not a readable safetensors file "
+        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+        "the file is truncated or corrupt, save the adapter again") from None
+  return cfg, tensors, w_path
+
+
+def _check_against_base(w_path: str, key_of, mods, config: ModelConfig
+                        ) -> None:
+  """Every factor's layer index and [r, d_in] / [d_out, r] fit the base."""
+  for (t, i), pair in sorted(mods.items()):
+    if i >= config.num_layers:
+      raise InvalidAdapterError(
+          f"{w_path}: key {key_of[(t, i, 'A' if 'A' in pair else 'B')]!r} "
+          f"adapts layer {i}, but the base has {config.num_layers} layers "
+          f"(0..{config.num_layers - 1}); import it for the base it was "
+          "trained on")
+    d_in, d_out = config.projection_shape(t)
+    for side, arr in sorted(pair.items()):
+      r = arr.shape[0] if side == "A" else arr.shape[-1]
+      want = (r, d_in) if side == "A" else (d_out, r)
+      if arr.ndim != 2 or tuple(arr.shape) != want:
+        raise InvalidAdapterError(
+            f"{w_path}: key {key_of[(t, i, side)]!r} has shape "
+            f"{tuple(arr.shape)}, but the base's {HF_MODULES[t]} needs "
+            f"{want} (lora_{side} is "
+            f"{'[r, d_in]' if side == 'A' else '[d_out, r]'}, d_in={d_in}, "
+            f"d_out={d_out}); import it for the base it was trained on")
+
+
+def read_peft(folder: str, num_layers: int | None = None, *,
+              config: ModelConfig | None = None
+              ) -> tuple[AdapterInfo, AdapterWeights, dict]:
+  """Reads a PEFT LoRA folder into (info, raw padded weights, meta).
+
+  Args:
+    folder: folder with adapter_config.json and adapter_model.safetensors.
+    num_layers: the base's layer count (default: highest layer seen + 1).
+    config: the base's model config; when given, every factor's shape and
+      layer index are checked against it (and `num_layers` defaults to it).
+
+  Returns:
+    info: targets, rank R (max module rank), alpha (lora_alpha), rsLoRA.
+    weights: A [L, d_in, R], B [L, R, d_out], PEFT's values unscaled.
+    meta: {'b_scale': per-layer s_m / S, 'peft': config + module ranks}.
+  """
+  cfg, tensors, w_path = _load_files(folder)
+  if config is not None:
+    if num_layers is not None and num_layers != config.num_layers:
+      raise InvalidAdapterError(
+          f"num_layers={num_layers} disagrees with the base config's "
+          f"{config.num_layers} layers; pass one of them")
+    num_layers = config.num_layers
+  rank_patterns = _checked_patterns(cfg, "rank_pattern", int, folder)
+  alpha_patterns = _checked_patterns(cfg, "alpha_pattern", (int, float),
+                                     folder)
   mods: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+  key_of: dict[tuple[str, int, str], str] = {}
   for key, arr in tensors.items():
     m = _KEY_RE.match(key)
     if not m or m.group(3) not in _BY_HF:
@@ -151,10 +342,21 @@ def read_peft(folder: str, num_layers: int | None = None
       raise InvalidAdapterError(
           f"{w_path}: key {key!r} is {feature}, which mintjax does not "
           f"support; expected only q/k/v/o/gate/up/down_proj lora_A/lora_B")
-    t = _BY_HF[m.group(3)]
-    mods.setdefault((t, int(m.group(1))), {})[m.group(4)] = arr
+    t, i = _BY_HF[m.group(3)], int(m.group(1))
+    if HF_MODULES[t] != f"{m.group(2)}.{m.group(3)}":
+      raise InvalidAdapterError(
+          f"{w_path}: key {key!r} puts {m.group(3)} under {m.group(2)}; "
+          f"expected {HF_MODULES[t]}")
+    if not np.all(np.isfinite(np.asarray(arr, np.float32))):
+      raise InvalidAdapterError(
+          f"{w_path}: key {key!r} holds NaN or Inf values; retrain or "
+          "re-save the adapter")
+    mods.setdefault((t, i), {})[m.group(4)] = arr
+    key_of[(t, i, m.group(4))] = key
   if not mods:
     raise InvalidAdapterError(f"{w_path} holds no LoRA tensors")
+  if config is not None:
+    _check_against_base(w_path, key_of, mods, config)
   dtypes = {a.dtype for d in mods.values() for a in d.values()}
   if len(dtypes) != 1 or next(iter(dtypes)) not in _DTYPES:
     raise InvalidAdapterError(
@@ -165,7 +367,12 @@ def read_peft(folder: str, num_layers: int | None = None
   if num_layers is not None:
     if layers > num_layers:
       raise InvalidAdapterError(
-          f"{w_path} adapts layer {layers - 1}, the base has {num_layers}")
+          f"{w_path} adapts layer {layers - 1}, but the base has "
+          f"{num_layers} layers; import it for the base it was trained on")
+  elif layers > 4096:
+    raise InvalidAdapterError(
+        f"{w_path} adapts layer {layers - 1}; pass the base (--base or "
+        "config=) so the layer count can be checked")
     layers = num_layers
   targets = tuple(t for t in ALL_TARGETS if any(k[0] == t for k in mods))
   rslora = bool(cfg.get("use_rslora", False))
@@ -184,17 +391,21 @@ def read_peft(folder: str, num_layers: int | None = None
           "[r, in] / [out, r]")
     if dims.setdefault(t, (a.shape[1], b.shape[0])) != (a.shape[1],
                                                         b.shape[0]):
-      raise InvalidAdapterError(f"{w_path}: {name} shapes differ by layer")
-    rank_key = _pattern_key(cfg.get("rank_pattern") or {}, name)
-    want_r = (cfg["rank_pattern"][rank_key] if rank_key is not None
+      raise InvalidAdapterError(
+          f"{w_path}: {name} has lora_A {a.shape} / lora_B {b.shape}, but "
+          f"other layers' {t} factors have d_in, d_out = {dims[t]}; every "
+          "layer must share one shape (pass the base's config to check "
+          "each against the base)")
+    rank_key = _pattern_key(rank_patterns, name)
+    want_r = (rank_patterns[rank_key][1] if rank_key is not None
               else cfg["r"])
     if a.shape[0] != want_r:
       raise InvalidAdapterError(
           f"{w_path}: {name} has rank {a.shape[0]}, adapter_config.json "
           f"(r / rank_pattern) says {want_r}")
-    alpha_key = _pattern_key(cfg.get("alpha_pattern") or {}, name)
+    alpha_key = _pattern_key(alpha_patterns, name)
     ranks[t][i] = int(a.shape[0])
-    alphas[t][i] = float(cfg["alpha_pattern"][alpha_key] if alpha_key
+    alphas[t][i] = float(alpha_patterns[alpha_key][1] if alpha_key
                          is not None else alpha)
   big_r = max(max(r) for r in ranks.values())
   scale = lora_scale(big_r, alpha, rslora)
@@ -252,10 +463,16 @@ def write_peft(folder: str, info: AdapterInfo, lora_a: Mapping,
       tensors[f"{stem}.lora_B.weight"] = np.ascontiguousarray(
           lora_b[t][i, :r, :].T)
   os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, CONFIG_FILE), "w") as f:
-    json.dump(cfg, f, indent=2, sort_keys=True)
-  safetensors.numpy.save_file(tensors, os.path.join(folder, WEIGHTS_FILE),
+  # Weights first, each file renamed into place whole: an interrupted
+  # export leaves no config pointing at missing or half-written weights.
+  w_path, cfg_path = (os.path.join(folder, WEIGHTS_FILE),
+                      os.path.join(folder, CONFIG_FILE))
+  safetensors.numpy.save_file(tensors, w_path + ".tmp",
                               metadata={"format": "pt"})
+  os.replace(w_path + ".tmp", w_path)
+  with open(cfg_path + ".tmp", "w") as f:
+    json.dump(cfg, f, indent=2, sort_keys=True)
+  os.replace(cfg_path + ".tmp", cfg_path)
 
 
 def _files_sha256(folder: str) -> dict[str, str]:
@@ -269,14 +486,18 @@ def _files_sha256(folder: str) -> dict[str, str]:
 def import_peft(reg: Registry, folder: str, adapter_id: str, *,
                 base_fingerprint: str, owner: str = "",
                 num_layers: int | None = None,
-                provenance: Mapping | None = None) -> Revision:
+                provenance: Mapping | None = None,
+                config: ModelConfig | None = None) -> Revision:
   """Imports a PEFT LoRA folder as a new revision of `adapter_id`.
 
   The adapter is created if missing (its spec comes from the folder); if it
   exists, the folder must match its spec. Provenance records the source
-  folder and the sha256 of its files.
+  folder and the sha256 of its files. Pass the base's `config` so every
+  factor's shape and layer index are checked against the base (the CLI
+  does with --base); the folder is read and checked before anything is
+  stored.
   """
-  info, weights, meta = read_peft(folder, num_layers)
+  info, weights, meta = read_peft(folder, num_layers, config=config)
   prov = dict(provenance or {})
   prov.setdefault("source", {"format": "peft", "path": os.path.abspath(
       folder), "files": _files_sha256(folder),
@@ -287,11 +508,31 @@ def import_peft(reg: Registry, folder: str, adapter_id: str, *,
   return reg.publish(adapter_id, weights, prov, meta=meta)
 
 
+def _check_export_target(folder: str) -> None:
+  """Refuses to overwrite: `folder` must be absent or hold no adapter."""
+  if not isinstance(folder, str) or not folder:
+    raise InvalidAdapterError(
+        f"export folder {folder!r} must be a non-empty path")
+  if os.path.exists(folder) and not os.path.isdir(folder):
+    raise InvalidAdapterError(
+        f"export target {folder} exists and is not a folder; pass a new or "
+        "empty folder")
+  taken = [n for n in (CONFIG_FILE, WEIGHTS_FILE)
+           if os.path.lexists(os.path.join(folder, n))]
+  if taken:
+    raise InvalidAdapterError(
+        f"{folder} already holds {', '.join(taken)}; export into a new "
+        "folder or delete those files first (nothing was written)")
+
+
 def export_peft(reg: Registry, ref: str, folder: str) -> Revision:
   """Writes revision `ref` as a PEFT LoRA folder that `PeftModel` loads.
 
   A VeRA adapter is written as its materialised (equivalent) LoRA factors.
+  The folder must be new or hold no adapter files: an export never
+  overwrites one.
   """
+  _check_export_target(folder)
   rec = reg.adapter(parse_ref(ref)[0])
   info = AdapterInfo.from_any(rec["spec"])
   if info.variant == "vera":
