@@ -11,6 +11,9 @@ metrics). Promotion refuses degenerate evaluations: see
 mintjax/eval/promotion.py for the rules.
 """
 
+import os
+import sys
+
 from absl import app
 from absl import flags
 
@@ -42,7 +45,7 @@ def main(argv):
   distributed.initialize()
   from mintjax.eval.evaluate import evaluate_and_promote  # pylint: disable=g-import-not-at-top
   from mintjax.store.registry import Registry  # pylint: disable=g-import-not-at-top
-  from mintjax.train.loop import load_base_source  # pylint: disable=g-import-not-at-top
+  from mintjax.model.sources import load_base_source  # pylint: disable=g-import-not-at-top
   out = evaluate_and_promote(
       load_base_source(_BASE.value), Registry.open(_REGISTRY.value),
       _HELDOUT.value, _REFS.value, _PROMOTE.value, _TOL.value,
@@ -53,5 +56,18 @@ def main(argv):
     print(f"promoted to {_PROMOTE.value!r}: {out['promoted'] or 'none'}")
 
 
+def _main_reporting_errors(argv):
+  """`main`, with bad input reported as one line and a non-zero exit."""
+  if not os.path.isdir(_REGISTRY.value):
+    # Registry.open would create an empty registry there; evaluating
+    # nothing and saying so is less useful than naming the typo.
+    sys.exit(f"error: registry {_REGISTRY.value!r} is not a directory; "
+             "pass an existing --registry")
+  try:
+    return main(argv)
+  except (ValueError, LookupError, OSError) as e:
+    sys.exit(f"error: {type(e).__name__}: {' '.join(str(e).split())}")
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(_main_reporting_errors)

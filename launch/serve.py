@@ -7,6 +7,8 @@
 All logic lives in `mintjax.serve.batch.serve_jsonl`.
 """
 
+import sys
+
 from absl import app
 from absl import logging
 from ml_collections import config_flags
@@ -19,7 +21,14 @@ _CONFIG = config_flags.DEFINE_config_file(
 def main(argv):
   del argv
   from mintjax.serve.batch import serve_jsonl  # pylint: disable=g-import-not-at-top
-  summary = serve_jsonl(_CONFIG.value)
+  if _CONFIG.value is None:
+    sys.exit("error: no config; pass --config=configs/serve.py:tiny")
+  try:
+    summary = serve_jsonl(_CONFIG.value)
+  except (ValueError, LookupError, OSError) as e:
+    # Bad config or paths: one line, non-zero exit; bad request lines never
+    # get here (they are reported per line in the output).
+    sys.exit(f"error: {type(e).__name__}: {' '.join(str(e).split())}")
   logging.info("done: %s", summary)
 
 

@@ -8,6 +8,8 @@ every host (or nothing on a TPU pod, where they are detected). Rerunning the
 same command with the same --workdir resumes from the latest checkpoint.
 """
 
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -24,9 +26,17 @@ distributed.define_flags()
 
 def main(argv):
   del argv
+  if _CONFIG.value is None:
+    sys.exit("error: no config; pass "
+             "--config=configs/smollm2_personal.py:tiny")
   distributed.initialize()
-  from mintjax.train.loop import train_and_publish  # pylint: disable=g-import-not-at-top
-  result = train_and_publish(_CONFIG.value, _WORKDIR.value)
+  from mintjax.apps.train_workflow import train_and_publish  # pylint: disable=g-import-not-at-top
+  try:
+    result = train_and_publish(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, LookupError, OSError) as e:
+    # Bad data, config or registry state: one line, non-zero exit. The
+    # library checks inputs before it publishes anything.
+    sys.exit(f"error: {type(e).__name__}: {' '.join(str(e).split())}")
   logging.info("published: %s", result["published"])
 
 

@@ -16,6 +16,14 @@ Parameter tree (D hidden, F ffn, V vocab, L layers, H/K query/kv heads):
   lm_head          [D, V]        (absent with tied embeddings)
 
 Kernels are `x @ W` layout, i.e. the transpose of Hugging Face's [out, in].
+
+Input checks. Inside jit, out-of-range indices are not errors: a gather
+clamps them, so adapter index 7 of a 3-slot bank (or -1) would silently
+read slot 2, another tenant's adapter, and a token id >= vocab gives NaN
+logits. `forward` and `jit_forward` therefore refuse such values whenever
+they are concrete arrays (`check_inputs`); when they are traced (inside a
+caller's jit) the caller must validate them first, as the Engine (request
+prompts, residency slots) and the training data pipeline do.
 """
 
 from __future__ import annotations
@@ -146,6 +154,47 @@ def _layer(x_btd, lp, lb, adapter_idx_b, cos, sin, q_pos_bt, k_pos_bs,
   return x_btd, new_kv
 
 
+def check_inputs(bank: AdapterBank | None, adapter_idx_b, tokens_bt, *,
+                 config: ModelConfig) -> None:
+  """Refuses out-of-range token ids and adapter slots (concrete arrays only).
+
+  Args:
+    bank: adapter bank with S slots, or None.
+    adapter_idx_b: [B] slot per row; must be integers in [0, S).
+    tokens_bt: [B, T] token ids; must be integers in [0, V).
+    config: model config (V = vocab_size).
+
+  Raises:
+    ValueError: naming the bad values, the valid range and the fix.
+  """
+  def concrete(x):
+    return x is not None and not isinstance(x, jax.core.Tracer)
+
+  if concrete(tokens_bt):
+    tok = np.asarray(tokens_bt)
+    if not np.issubdtype(tok.dtype, np.integer):
+      raise ValueError(
+          f"tokens must be integer ids, got dtype {tok.dtype}; convert "
+          "them with np.asarray(tokens, np.int32) (never truncate floats)")
+    if tok.size and (tok.min() < 0 or tok.max() >= config.vocab_size):
+      bad = tok[(tok < 0) | (tok >= config.vocab_size)]
+      raise ValueError(
+          f"token ids {bad[:3].tolist()} are outside the vocabulary "
+          f"[0, {config.vocab_size}); tokenize with this model's tokenizer")
+  if bank is not None and concrete(adapter_idx_b):
+    idx = np.asarray(adapter_idx_b)
+    if not np.issubdtype(idx.dtype, np.integer):
+      raise ValueError(
+          f"adapter_idx must be integer slots, got dtype {idx.dtype}")
+    s = bank.num_slots
+    if idx.size and (idx.min() < 0 or idx.max() >= s):
+      bad = idx[(idx < 0) | (idx >= s)]
+      raise ValueError(
+          f"adapter_idx {bad[:3].tolist()} are outside the bank's slots "
+          f"[0, {s}); an out-of-range slot would read another adapter, so "
+          "load the adapter into a slot first (0 = base)")
+
+
 def forward(params: dict, bank: AdapterBank | None, adapter_idx_b,
             tokens_bt, positions_bt=None, *, config: ModelConfig,
             cache: KVCache | None = None, segment_ids_bt=None,
@@ -173,8 +222,13 @@ def forward(params: dict, bank: AdapterBank | None, adapter_idx_b,
   Returns:
     (logits [B, T, V] float32, updated cache or None) and, with
     `return_hidden`, the hidden states [B, T, D] as a third element.
+
+  Raises:
+    ValueError: concrete token ids outside [0, V) or adapter slots outside
+      the bank (see `check_inputs`; traced values are the caller's to check).
   """
   c = config
+  check_inputs(bank, adapter_idx_b, tokens_bt, config=c)
   b, t = tokens_bt.shape
   if positions_bt is None:
     positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -237,8 +291,18 @@ def lm_head(params: dict, hidden_btd, *, config: ModelConfig):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "lora_impl"))
-def jit_forward(params, bank, adapter_idx_b, tokens_bt, *, config,
-                lora_impl="auto"):
-  """Jitted cache-free forward returning logits (tests, evaluation)."""
+def _jit_forward(params, bank, adapter_idx_b, tokens_bt, *, config,
+                 lora_impl="auto"):
   return forward(params, bank, adapter_idx_b, tokens_bt, config=config,
                  lora_impl=lora_impl)[0]
+
+
+def jit_forward(params, bank, adapter_idx_b, tokens_bt, *, config,
+                lora_impl="auto"):
+  """Jitted cache-free forward returning logits (tests, evaluation).
+
+  Inputs are checked here, outside jit, where their values are known.
+  """
+  check_inputs(bank, adapter_idx_b, tokens_bt, config=config)
+  return _jit_forward(params, bank, adapter_idx_b, tokens_bt, config=config,
+                      lora_impl=lora_impl)

@@ -5,6 +5,8 @@ base, registry, mesh, shapes) and `serve_jsonl` (the body of
 `launch/serve.py`): requests are streamed through one engine with a
 progress log; results are written in input order, one JSON object a line,
 with per-request errors reported in place (a bad line never stops the run).
+A failed line's result always has a non-null `error` that starts with its
+line number.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from absl import logging
 
@@ -34,7 +36,7 @@ def _engine_config(e) -> EngineConfig:
 
 def engine_from_config(config) -> Engine:
   """Builds the engine a serve config describes (base, registry, mesh)."""
-  from mintjax.train.loop import load_base_source  # pylint: disable=g-import-not-at-top
+  from mintjax.model.sources import load_base_source  # pylint: disable=g-import-not-at-top
   base = load_base_source(config.base, seed=config.base_seed)
   source = None
   if config.registry:
@@ -50,41 +52,78 @@ def engine_from_config(config) -> Engine:
   return engine
 
 
-def read_requests(path: str) -> Iterator[Any]:
-  """Yields one request dict per non-empty line (a string for bad JSON)."""
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
+class BadLine(str):
+  """Why one input line is not a request (yielded in its place)."""
+
+
+def read_requests(path: str) -> Iterator[tuple[int, Any]]:
+  """Yields (line number, request dict or `BadLine`) per non-empty line."""
+  with open(path, "rb") as f:
+    for n, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        yield n, BadLine(f"line {n} is not valid UTF-8 (byte {e.start}); "
+                         "save the file as UTF-8")
+        continue
       if not line.strip():
         continue
       try:
-        yield json.loads(line)
+        r = json.loads(line)
       except json.JSONDecodeError as e:
-        yield f"line {n} is not valid JSON ({e}); fix or remove it"
+        yield n, BadLine(f"line {n} is not valid JSON ({e}); fix or remove "
+                         "it")
+        continue
+      if not isinstance(r, dict):
+        yield n, BadLine(
+            f"line {n} is a JSON {type(r).__name__}, not a request object; "
+            'write {"prompt": "...", "adapter": "..."} on each line')
+        continue
+      yield n, r
+
+
+def _check_paths(config) -> None:
+  if not config.input or not os.path.isfile(config.input):
+    raise FileNotFoundError(
+        f"input {config.input!r} is not a file; pass "
+        "--config.input=requests.jsonl (one JSON request per line)")
+  if not config.output:
+    raise ValueError("no output file; pass --config.output=results.jsonl")
+  out_dir = os.path.dirname(os.path.abspath(config.output))
+  if not os.path.isdir(out_dir):
+    raise FileNotFoundError(
+        f"output folder {out_dir} does not exist; create it or pass "
+        "another --config.output")
+  if os.path.isdir(config.output):
+    raise ValueError(f"output {config.output} is a folder; pass a file path")
+  if os.path.abspath(config.output) == os.path.abspath(config.input):
+    raise ValueError(
+        "output and input are the same file; pass another --config.output "
+        "(the input would be overwritten)")
 
 
 def serve_jsonl(config) -> dict:
   """Serves `config.input` into `config.output`; returns a summary.
 
   Raises:
-    FileNotFoundError: the input file does not exist.
+    FileNotFoundError / ValueError: the input or output path is unusable
+      (checked before the engine is built; nothing is written).
   """
-  if not config.input or not os.path.isfile(config.input):
-    raise FileNotFoundError(
-        f"input {config.input!r} is not a file; pass "
-        "--config.input=requests.jsonl (one JSON request per line)")
-  if not config.output:
-    raise ValueError("pass --config.output=results.jsonl")
+  _check_paths(config)
   engine = engine_from_config(config)
   defaults = dict(config.defaults)
-  requests, bad = [], {}
-  for i, r in enumerate(read_requests(config.input)):
-    if isinstance(r, dict):
-      sampling_keys = set(r) | set(r.get("sampling") or {})
+  requests, bad, line_of = [], {}, {}
+  for i, (n, r) in enumerate(read_requests(config.input)):
+    line_of[i] = n
+    if isinstance(r, BadLine):
+      bad[i] = str(r)
+      r = {"prompt": None}  # fails in the engine, keeps the line's place
+    else:
+      sampling = r.get("sampling")
+      sampling_keys = set(r) | (set(sampling) if isinstance(
+          sampling, Mapping) else set())
       r = dict({k: v for k, v in defaults.items()
                 if k not in sampling_keys}, **r)
-    else:
-      bad[i] = r
-      r = {"prompt": None}  # fails in the engine, keeps the line's place
     requests.append(r)
   results = {}
   t0 = time.perf_counter()
@@ -93,6 +132,10 @@ def serve_jsonl(config) -> dict:
       continue
     if ev.index in bad:
       ev.result.error = bad[ev.index]
+    elif ev.result.error is not None:
+      ev.result.error = f"line {line_of[ev.index]}: {ev.result.error}"
+    elif ev.result.finish_reason == "error":  # never a null error
+      ev.result.error = f"line {line_of[ev.index]}: request failed"
     results[ev.index] = ev.result
     done = len(results)
     if done % max(config.log_every, 1) == 0 or done == len(requests):

@@ -119,11 +119,21 @@ class GenerationRequest:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "GenerationRequest":
-    """From a JSON-style dict; sampling keys may sit at the top level."""
+    """From a JSON-style dict; sampling keys may sit at the top level.
+
+    Raises:
+      RequestError / SamplingError: naming the bad field and the fix.
+    """
     d = dict(d)
     fields = {f.name for f in dataclasses.fields(SamplingParams)}
-    samp = dict(d.pop("sampling", None) or {})
+    samp = d.pop("sampling", None) or {}
+    if not isinstance(samp, Mapping):
+      raise RequestError(
+          f"'sampling' must be an object of sampling parameters, got "
+          f"{type(samp).__name__}")
+    samp = dict(samp)
     samp.update({k: d.pop(k) for k in list(d) if k in fields})
+    _check_sampling_types(samp)
     known = {"prompt", "adapter", "messages", "request_id", "id", "add_bos"}
     unknown = set(d) - known
     if unknown:
@@ -132,12 +142,64 @@ class GenerationRequest:
     prompt = d.get("prompt")
     if isinstance(prompt, list):
       prompt = tuple(prompt)
+    if prompt is not None and not isinstance(prompt, (str, tuple)):
+      raise RequestError(
+          f"'prompt' must be text or a list of token ids, got "
+          f"{type(prompt).__name__}")
     messages = d.get("messages")
-    return cls(prompt=prompt, adapter=d.get("adapter"),
+    if messages is not None and not isinstance(messages, (list, tuple)):
+      raise RequestError(
+          f"'messages' must be a list of {{'role', 'content'}} objects, got "
+          f"{type(messages).__name__}")
+    adapter = d.get("adapter")
+    if adapter is not None and not isinstance(adapter, str):
+      raise RequestError(
+          f"'adapter' must be a ref string such as 'alice:prod' or null for "
+          f"the base, got {type(adapter).__name__}")
+    add_bos = d.get("add_bos", False)
+    if not isinstance(add_bos, bool):
+      raise RequestError(f"'add_bos' must be true or false, got {add_bos!r}")
+    return cls(prompt=prompt, adapter=adapter,
                sampling=SamplingParams.from_dict(samp),
                messages=tuple(messages) if messages is not None else None,
                request_id=d.get("request_id", d.get("id")),
-               add_bos=bool(d.get("add_bos", False)))
+               add_bos=add_bos)
+
+
+# Sampling values travel to the device as int32; larger ones cannot.
+_INT32_MAX = 2**31 - 1
+
+
+def _check_sampling_types(samp: Mapping[str, Any]) -> None:
+  """Refuses JSON values SamplingParams would misread (bools as ints,
+  numbers as stop strings, ints that overflow the int32 device rows)."""
+  for k in ("max_new_tokens", "top_k", "seed"):
+    v = samp.get(k)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+      raise SamplingError(f"{k} must be an integer, got {v!r}")
+    if isinstance(v, int) and v > _INT32_MAX:
+      raise SamplingError(
+          f"{k}={v} is too large; it must be at most {_INT32_MAX}")
+  for k in ("temperature", "top_p"):
+    v = samp.get(k)
+    if v is not None and (isinstance(v, bool) or
+                          not isinstance(v, (int, float))):
+      raise SamplingError(f"{k} must be a number, got {v!r}")
+  stop = samp.get("stop")
+  if stop is not None and not isinstance(stop, str) and (
+      not isinstance(stop, (list, tuple)) or
+      not all(isinstance(x, str) for x in stop)):
+    raise SamplingError(
+        f"stop must be a string or a list of strings, got {stop!r:.60}")
+  ids = samp.get("stop_token_ids")
+  if ids is not None and (not isinstance(ids, (list, tuple)) or any(
+      isinstance(t, bool) or not isinstance(t, int) for t in ids)):
+    raise SamplingError(
+        f"stop_token_ids must be a list of integer token ids, got "
+        f"{ids!r:.60}")
+  if "ignore_eos" in samp and not isinstance(samp["ignore_eos"], bool):
+    raise SamplingError(
+        f"ignore_eos must be true or false, got {samp['ignore_eos']!r}")
 
 
 @dataclasses.dataclass
@@ -303,9 +365,16 @@ class Engine:
       seq.stop_ids = request.sampling.stop_ids(eos, vocab)
       if request.sampling.stop and self.tokenizer is None:
         raise RequestError("stop strings need a tokenizer; this base has none")
+      if request.sampling.top_k > vocab:
+        raise SamplingError(
+            f"top_k={request.sampling.top_k} exceeds the vocabulary size "
+            f"{vocab}; use 0 (no limit) or a smaller top_k")
       if request.adapter is not None:
         seq.key = self._resolve(request.adapter)
-    except (RequestError, SamplingError, LookupError, ValueError) as e:
+    # TypeError too: a request object of the wrong shape fails alone and
+    # never takes the rest of the batch down.
+    except (RequestError, SamplingError, LookupError, ValueError,
+            TypeError) as e:
       seq = Sequence(index, rid, [], SamplingParams(),
                      adapter=getattr(request, "adapter", None))
       seq.fail(f"{type(e).__name__}: {e}")
@@ -322,10 +391,15 @@ class Engine:
               if r.messages is not None else r.prompt)
       ids = self.tokenizer.encode(text, add_bos=r.add_bos)
     else:
-      ids = [int(t) for t in r.prompt]
       vocab = self.base.config.vocab_size
-      if any(not 0 <= t < vocab for t in ids):
-        raise RequestError(f"prompt token ids must be in [0, {vocab})")
+      # Floats, bools and nulls are refused, not truncated to some id.
+      bad = [t for t in r.prompt if isinstance(t, bool) or not isinstance(
+          t, (int, np.integer)) or not 0 <= t < vocab]
+      if bad:
+        raise RequestError(
+            f"prompt token ids must be integers in [0, {vocab}), got "
+            f"{bad[:3]!r:.60}; pass valid ids or a text prompt")
+      ids = [int(t) for t in r.prompt]
     if not ids:
       raise RequestError("the prompt is empty; give at least one token")
     if len(ids) > self.config.max_len:

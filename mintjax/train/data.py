@@ -70,9 +70,14 @@ def read_jsonl(path: str) -> list[dict]:
     DataError: naming the file and line of the first bad record.
   """
   records = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, start=1):
       where = f"{path}:{lineno}"
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not valid UTF-8 (byte {e.start}); save "
+                        "the file as UTF-8") from None
       if not line.strip():
         raise DataError(
             f"{where}: empty line; every line of a JSONL file must be one "
@@ -264,6 +269,11 @@ class Collator:
     pad_id: padding token id.
     process_index: this process.
     process_count: number of processes sharing the global batch.
+    vocab_size: when given, every token id must be in [0, vocab_size).
+    num_slots: when given, every user's slot must be in [1, num_slots).
+      Inside the compiled step out-of-range values are not errors (a
+      gather clamps them: another user's slot would be trained), so they
+      are refused here, where the batch is built.
   """
 
   slot_of_user: Mapping[str, int]
@@ -271,6 +281,18 @@ class Collator:
   pad_id: int = 0
   process_index: int = 0
   process_count: int = 1
+  vocab_size: int | None = None
+  num_slots: int | None = None
+
+  def __post_init__(self):
+    if self.num_slots is not None:
+      bad = {u: s for u, s in self.slot_of_user.items()
+             if isinstance(s, bool) or not isinstance(s, (int, np.integer))
+             or not 1 <= s < self.num_slots}
+      if bad:
+        raise DataError(
+            f"slots {bad} are outside [1, {self.num_slots}) (slot 0 is the "
+            "null adapter); assign each user its own slot of the bank")
 
   def bucket_for(self, length: int) -> int:
     for b in self.buckets:
@@ -300,6 +322,11 @@ class Collator:
         raise DataError(
             f"user {e.user!r} ({e.source}) is not in the slot map "
             f"{sorted(self.slot_of_user)}; load the user into a slot first")
+      if self.vocab_size is not None and len(e.tokens) and (
+          e.tokens.min() < 0 or e.tokens.max() >= self.vocab_size):
+        raise DataError(
+            f"{e.source}: token ids outside the model's vocabulary "
+            f"[0, {self.vocab_size}); use the base model's own tokenizer")
       n = len(e.tokens) - 1
       tokens[r, :n] = e.tokens[:-1]
       targets[r, :n] = e.tokens[1:]
@@ -318,16 +345,19 @@ def make_pipeline(examples_by_user: Mapping[str, Sequence[Example]],
                   slot_of_user: Mapping[str, int], *, global_batch: int,
                   num_steps: int, buckets: Sequence[int], seed: int,
                   pad_id: int = 0, process_index: int = 0,
-                  process_count: int = 1) -> grain.MapDataset:
+                  process_count: int = 1, vocab_size: int | None = None,
+                  num_slots: int | None = None) -> grain.MapDataset:
   """A deterministic grain dataset of `num_steps` batches for one cohort.
 
   Element i is a dict of this process's rows of global batch i (see
   `Collator`); `.to_iter_dataset()` gives a checkpointable iterator.
+  `vocab_size` / `num_slots` turn on the Collator's range checks.
   """
   users = list(slot_of_user)
   source = MixedUserSource(examples_by_user, users, seed,
                            num_steps * global_batch)
   collate = Collator(dict(slot_of_user), tuple(sorted(buckets)), pad_id,
-                     process_index, process_count)
+                     process_index, process_count, vocab_size=vocab_size,
+                     num_slots=num_slots)
   return grain.MapDataset.source(source).batch(
       global_batch, drop_remainder=True, batch_fn=collate)
