@@ -157,6 +157,12 @@ def use_mesh_rules(mesh: Mesh, rules: Mapping[str, Any] | None = None):
     _ACTIVE.reset(token)
 
 
+def active_mesh_rules():
+  """(mesh, rules) of the enclosing `use_mesh_rules`, or None outside one
+  (the gather-LoRA op shard_maps its kernels with them)."""
+  return _ACTIVE.get()
+
+
 def constrain(x, logical_axes: Sequence[str | None]):
   """Sharding constraint on an activation by logical axes (no-op off-mesh)."""
   active = _ACTIVE.get()

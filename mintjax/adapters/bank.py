@@ -59,7 +59,7 @@ class AdapterBank:
     return LayerBank(
         lora_a={t: take(a) for t, a in self.lora_a.items()},
         lora_b={t: take(b) for t, b in self.lora_b.items()},
-        scale=self.scale)
+        scale=self.scale, rank=self.rank)
 
   def nbytes(self) -> int:
     return sum(int(x.size) * x.dtype.itemsize
@@ -68,11 +68,25 @@ class AdapterBank:
 
 @flax.struct.dataclass
 class LayerBank:
-  """One layer's slice of the bank: A[t]: [S, d_in, R], B[t]: [S, R, d_out]."""
+  """One layer's slice of the bank: A[t]: [S, d_in, R], B[t]: [S, R, d_out],
+  scale [S] and the true rank [S] (kernels skip padded rank beyond it)."""
 
   lora_a: dict[str, jax.Array]
   lora_b: dict[str, jax.Array]
   scale: jax.Array
+  rank: jax.Array
+
+  def lora(self, target: str):
+    """(A, B, scale, rank) of one target: `lora_op.lora_project`'s `lora`."""
+    return (self.lora_a[target], self.lora_b[target], self.scale, self.rank)
+
+
+def activation_axes(target: str) -> tuple[str, str]:
+  """Logical axes of a target's input and output *activations* (where the
+  gather-LoRA kernel's shards live): the bank's axes, with the fsdp-sharded
+  parameter axis 'embed' read as the activation axis 'embed_act'."""
+  act = lambda name: "embed_act" if name == "embed" else name
+  return act(_IN_AXIS[target]), act(_OUT_AXIS[target])
 
 
 def bank_shapes(config: ModelConfig, spec: AdapterSpec

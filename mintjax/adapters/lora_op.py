@@ -20,6 +20,14 @@ Implementations (all agree with `reference` up to float rounding):
 `select_impl` picks one per call from the backend and the static shapes; see
 docs/BENCHMARKS.md for the measurements behind the CPU choice. Interpret-mode
 kernels are never chosen automatically.
+
+Kernels also receive the per-slot true rank (`rank_s`, from the bank), so the
+TPU kernel skips rank chunks beyond it; the XLA formulations ignore it (zero
+padding is exact). Inside `mintjax.sharding.use_mesh_rules`, a kernel runs
+under `jax.shard_map` (Mosaic kernels cannot be partitioned automatically):
+tokens split over the batch's mesh axes, the bank's d_in and d_out split
+like the activations named by `axes`, and partial sums over a split d_in
+added with a psum.
 """
 
 from __future__ import annotations
@@ -28,8 +36,11 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-# A token-level implementation: (x_td, a_sdr, b_sro, scale_s, slot_t) -> y_to.
+from mintjax import sharding
+
+# A token-level kernel: (x_td, a_sdr, b_sro, scale_s, slot_t, rank_s) -> y_to.
 TokenImpl = Callable[..., jax.Array]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -112,15 +123,16 @@ def register(name: str, token_impl: TokenImpl,
 
   Args:
     name: implementation name, usable as `impl=name`.
-    token_impl: `(x_td, a_sdr, b_sro, scale_s, slot_t) -> y_to`.
+    token_impl: `(x_td, a_sdr, b_sro, scale_s, slot_t, rank_s) -> y_to`;
+      rank_s is [S] int32, the true rank of each slot.
     backends: backends ('tpu', 'gpu') where `select_impl` prefers it.
   """
 
-  def batched(x_btd, a_sdr, b_sro, scale_s, adapter_idx_b):
+  def batched(x_btd, a_sdr, b_sro, scale_s, adapter_idx_b, rank_s):
     bsz, t, d_in = x_btd.shape
     slot_t = jnp.repeat(adapter_idx_b, t)
     y_to = token_impl(x_btd.reshape(bsz * t, d_in), a_sdr, b_sro, scale_s,
-                      slot_t)
+                      slot_t, rank_s)
     return y_to.reshape(bsz, t, -1).astype(x_btd.dtype)
 
   _IMPLS[name] = batched
@@ -150,8 +162,71 @@ def select_impl(backend: str, num_tokens: int, batch: int, num_slots: int
   return "gather"
 
 
+def _sharded(kernel, axes, x_btd, a_sdr, b_sro, scale_s, adapter_idx_b,
+             rank_s):
+  """Runs a batched kernel per shard under the active mesh rules.
+
+  x [B, T, d_in] is split as the activation axes ('batch', 'length',
+  axes[0]) say and y [B, T, d_out] as ('batch', 'length', axes[1]); A and B
+  are split on d_in / d_out to match and are replicated over slots. A split
+  d_in leaves each shard a partial sum, so y is psummed over those axes.
+
+  The backward is explicit (a custom_vjp around two shard_maps) because
+  Pallas calls carry no varying-axis types for shard_map's autodiff: each
+  shard runs the kernel's own VJP (recomputing its forward), and every
+  cotangent is psummed over the mesh axes its primal is not split over.
+  """
+  mesh, rules = sharding.active_mesh_rules()
+  in_axis, out_axis = axes
+  batch, _, d_in = sharding.logical_to_spec(
+      ("batch", "length", in_axis), x_btd.shape, mesh, rules)
+  d_out = sharding.logical_to_spec((out_axis,), b_sro.shape[2:], mesh,
+                                   rules)[0]
+  names = lambda spec: set((spec,) if isinstance(spec, str) else spec or ())
+  if names(d_out) & (names(batch) | names(d_in)):
+    d_out = None  # a mesh axis can split only one dim of y
+  used = names(batch) | names(d_in) | names(d_out)
+  specs = (P(batch, None, d_in), P(None, d_in, None), P(None, None, d_out),
+           P(), P(batch), P())
+  y_spec = P(batch, None, d_out)
+
+  def psum_over(g, axes):
+    axes = tuple(sorted(axes))
+    if not axes:
+      return g
+    return jax.lax.psum(g.astype(jnp.float32), axes).astype(g.dtype)
+
+  def smap(fn, in_specs, out_specs):
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs,
+                         out_specs=out_specs, check_vma=False)
+
+  def local_fwd(x, a, b, scale, idx, rank):
+    return psum_over(kernel(x, a, b, scale, idx, rank), names(d_in))
+
+  def local_bwd(x, a, b, scale, idx, rank, dy):
+    _, vjp = jax.vjp(lambda *f: kernel(*f, idx, rank), x, a, b, scale)
+    dx, da, db, dscale = vjp(dy)
+    return (psum_over(dx, used - names(batch) - names(d_in)),
+            psum_over(da, used - names(d_in)),
+            psum_over(db, used - names(d_out)), psum_over(dscale, used))
+
+  @jax.custom_vjp
+  def op(x, a, b, scale, idx, rank):
+    return smap(local_fwd, specs, y_spec)(x, a, b, scale, idx, rank)
+
+  def op_fwd(*args):
+    return op(*args), args
+
+  def op_bwd(args, dy):
+    grads = smap(local_bwd, specs + (y_spec,), specs[:4])(*args, dy)
+    return (*grads, None, None)
+
+  op.defvjp(op_fwd, op_bwd)
+  return op(x_btd, a_sdr, b_sro, scale_s, adapter_idx_b, rank_s)
+
+
 def lora_delta(x_btd, a_sdr, b_sro, scale_s, adapter_idx_b,
-               impl: str = "auto"):
+               impl: str = "auto", *, rank_s=None, axes=(None, None)):
   """scale[s] * (x @ A[s]) @ B[s] per example; shapes as in the module doc.
 
   Args:
@@ -161,6 +236,10 @@ def lora_delta(x_btd, a_sdr, b_sro, scale_s, adapter_idx_b,
     scale_s: [S] float32 per-slot scale.
     adapter_idx_b: [B] int32 slot of each example.
     impl: an implementation name or 'auto' (see `select_impl`).
+    rank_s: optional [S] int32 true rank per slot (kernels skip the padded
+      rank beyond it; default R everywhere).
+    axes: logical activation axes of x's d_in and y's d_out (e.g.
+      ('embed_act', 'q_heads')); they place a kernel's shards on a mesh.
 
   Returns:
     [B, T, d_out] in x's dtype.
@@ -174,25 +253,35 @@ def lora_delta(x_btd, a_sdr, b_sro, scale_s, adapter_idx_b,
     raise ValueError(
         f"unknown gather-LoRA implementation {impl!r}; available: "
         f"{available_impls()}") from None
-  return fn(x_btd, a_sdr, b_sro, scale_s, adapter_idx_b)
+  if impl not in _KERNEL_BACKENDS:
+    return fn(x_btd, a_sdr, b_sro, scale_s, adapter_idx_b)
+  if rank_s is None:
+    rank_s = jnp.full(scale_s.shape, a_sdr.shape[2], jnp.int32)
+  if sharding.active_mesh_rules() is not None:
+    return _sharded(fn, axes, x_btd, a_sdr, b_sro, scale_s, adapter_idx_b,
+                    rank_s)
+  return fn(x_btd, a_sdr, b_sro, scale_s, adapter_idx_b, rank_s)
 
 
 def lora_project(x_btd, w_do, bias_o=None, lora=None, adapter_idx_b=None,
-                 impl: str = "auto"):
+                 impl: str = "auto", *, axes=(None, None)):
   """x @ W (+ bias) (+ the gather-LoRA delta when `lora` is given).
 
   Args:
     x_btd: [B, T, d_in].
     w_do: [d_in, d_out] base kernel.
     bias_o: optional [d_out].
-    lora: optional (a_sdr, b_sro, scale_s) for this projection.
+    lora: optional (a_sdr, b_sro, scale_s) or (a_sdr, b_sro, scale_s,
+      rank_s) for this projection; rank_s [S] int32 is the true rank.
     adapter_idx_b: [B] int32, required with `lora`.
     impl: gather-LoRA implementation.
+    axes: logical activation axes of d_in and d_out (see `lora_delta`).
   """
   y = jnp.einsum("btd,do->bto", x_btd, w_do.astype(x_btd.dtype))
   if bias_o is not None:
     y = y + bias_o.astype(y.dtype)
   if lora is not None:
-    a_sdr, b_sro, scale_s = lora
-    y = y + lora_delta(x_btd, a_sdr, b_sro, scale_s, adapter_idx_b, impl)
+    a_sdr, b_sro, scale_s, *rank = lora
+    y = y + lora_delta(x_btd, a_sdr, b_sro, scale_s, adapter_idx_b, impl,
+                       rank_s=rank[0] if rank else None, axes=axes)
   return y

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mintjax import sharding
-from mintjax.adapters.bank import AdapterBank
+from mintjax.adapters.bank import AdapterBank, activation_axes
 from mintjax.adapters.lora_op import lora_project
 from mintjax.config import ModelConfig
 from mintjax.model.kv_cache import KVCache
@@ -119,11 +119,13 @@ def _layer(x_btd, lp, lb, adapter_idx_b, cos, sin, q_pos_bt, k_pos_bs,
   b, t, _ = x_btd.shape
 
   def proj(name, h):
-    lora = None
-    if lb is not None and name in lb.lora_a:
-      lora = (lb.lora_a[name], lb.lora_b[name], lb.scale)
-    return lora_project(h, lp[name], lp.get(name + "_bias"), lora,
-                        adapter_idx_b, lora_impl)
+    if lb is None or name not in lb.lora_a:
+      return lora_project(h, lp[name], lp.get(name + "_bias"))
+    # The true rank rides along so kernels skip padded rank; the axes place
+    # a kernel's shards like this projection's activations on a mesh.
+    return lora_project(h, lp[name], lp.get(name + "_bias"), lb.lora(name),
+                        adapter_idx_b, lora_impl,
+                        axes=activation_axes(name))
 
   h = rms_norm(x_btd, lp["attn_norm"], c.rms_norm_eps)
   q = proj("q", h).reshape(b, t, c.num_heads, c.head_dim)
