@@ -4,7 +4,7 @@
       --config.registry=REG --config.input=requests.jsonl \
       --config.output=results.jsonl
 
-All logic lives in `mintjax.serve.batch.serve_jsonl`.
+All logic lives in `mintjax.apps.jsonl_serving.serve_jsonl`.
 """
 
 import sys
@@ -20,7 +20,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 
 def main(argv):
   del argv
-  from mintjax.serve.batch import serve_jsonl  # pylint: disable=g-import-not-at-top
+  from mintjax.apps.jsonl_serving import serve_jsonl  # pylint: disable=g-import-not-at-top
   if _CONFIG.value is None:
     sys.exit("error: no config; pass --config=configs/serve.py:tiny")
   try:

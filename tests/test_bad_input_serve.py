@@ -21,7 +21,7 @@ from bad_input_corpus import Case, Reported, check, params
 from configs import serve as serve_config
 from mintjax.adapters.spec import AdapterWeights
 from mintjax.model.base import random_base
-from mintjax.serve import batch as batch_lib
+from mintjax.apps import jsonl_serving as batch_lib
 from mintjax.store.registry import Registry
 
 GOOD = {"prompt": [5, 6, 7], "max_new_tokens": 2}

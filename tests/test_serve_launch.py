@@ -4,7 +4,7 @@ import json
 
 from configs import serve as serve_config
 from mintjax.adapters.spec import AdapterWeights
-from mintjax.serve.batch import engine_from_config, serve_jsonl
+from mintjax.apps.jsonl_serving import engine_from_config, serve_jsonl
 from mintjax.store.registry import Registry
 from mintjax.model.sources import load_base_source
 

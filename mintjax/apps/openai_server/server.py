@@ -24,7 +24,7 @@ import uvicorn
 from absl import logging
 
 from mintjax.apps.openai_server.app import create_app
-from mintjax.serve.batch import engine_from_config
+from mintjax.apps.jsonl_serving import engine_from_config
 from mintjax.serve.engine import Engine
 from mintjax.serve.service import EngineService, ServiceConfig
 

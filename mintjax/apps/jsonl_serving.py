@@ -1,7 +1,7 @@
 """Batch mode: read JSONL requests, serve them, write JSONL results.
 
 Owns `engine_from_config` (an `Engine` from a `configs/serve.py` config:
-base, registry, mesh, shapes) and `serve_jsonl` (the body of
+base, registry, mesh, shapes; the HTTP server builds its engine with it too) and `serve_jsonl` (the body of
 `launch/serve.py`): requests are streamed through one engine with a
 progress log; results are written in input order, one JSON object a line,
 with per-request errors reported in place (a bad line never stops the run).
@@ -19,7 +19,9 @@ from typing import Any, Iterator, Mapping
 from absl import logging
 
 from mintjax import sharding
+from mintjax.model.sources import load_base_source
 from mintjax.serve.engine import Engine, EngineConfig
+from mintjax.store.registry import Registry
 
 
 def _engine_config(e) -> EngineConfig:
@@ -36,11 +38,9 @@ def _engine_config(e) -> EngineConfig:
 
 def engine_from_config(config) -> Engine:
   """Builds the engine a serve config describes (base, registry, mesh)."""
-  from mintjax.model.sources import load_base_source  # pylint: disable=g-import-not-at-top
   base = load_base_source(config.base, seed=config.base_seed)
   source = None
   if config.registry:
-    from mintjax.store.registry import Registry  # pylint: disable=g-import-not-at-top
     source = Registry.open(config.registry)
   mesh = None
   if config.mesh.use:
