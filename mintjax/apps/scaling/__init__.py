@@ -1,4 +1,4 @@
-"""The scaling study (Scale Down, Scale Up, Scale Out) behind `tools/scaling.py`.
+"""The scaling study (Scale Down, Up and Out) behind `tools/scaling.py`.
 
   adapters  train many adapter shapes on one personal workload (Down, Up).
   out       many adapters served, stored and trained together (Out).
