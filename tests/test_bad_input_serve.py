@@ -76,7 +76,9 @@ class Ctx:
 
 
 def build_context(tmp):
-  return Ctx(tmp)
+  c = Ctx(tmp)
+  c.batch()  # one JSONL run for all line cases (not timed per case)
+  return c
 
 
 def req(request):
@@ -261,7 +263,7 @@ CASES += [
 
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory):
-  c = Ctx(str(tmp_path_factory.mktemp("bad_serve")))
+  c = build_context(str(tmp_path_factory.mktemp("bad_serve")))
   yield c
   c.close()
 

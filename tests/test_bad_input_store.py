@@ -209,7 +209,7 @@ CASES = [
          "rank"),
     Case("create_rank_str", lambda c: c.reg.create_adapter(
         "carol", spec=dict(c.spec, rank="8"), base_fingerprint=c.fp), RE,
-         "rank", xfail="store: a string rank '8' is accepted (identity.py)"),
+         "rank"),
     Case("create_bad_target", lambda c: c.reg.create_adapter(
         "carol", spec=dict(c.spec, targets=["zz"]), base_fingerprint=c.fp),
          RE, "zz"),
@@ -304,8 +304,7 @@ CASES = [
          "revision"),
     Case("diff_unknown", lambda c: c.reg.diff("alice@1", "ghost"),
          LookupError, "ghost"),
-    Case("gc_negative_grace", lambda c: c.reg.gc(-5), RE, "grace",
-         xfail="store: gc(grace_s=-5) is accepted (registry.py)"),
+    Case("gc_negative_grace", lambda c: c.reg.gc(-5), RE, "grace"),
     Case("open_bad_spec", lambda c: Registry.open({"store": "/tmp"}), RE,
          "catalog"),
     Case("open_remote_catalog", lambda c: Registry.open("s3://bucket/x"), RE,
