@@ -215,3 +215,19 @@ def test_good_adapter_still_imports_with_the_base_check(tmp_path, base):
                             config=base.config)
   assert rev.ref == "a1@1"
   reg.close()
+
+
+def test_smollm2_template_renders_as_unsandboxed_jinja():
+  # The sandbox must not change what a real template renders.
+  from mintjax.model import gguf, smollm2  # pylint: disable=g-import-not-at-top
+  t = gguf.tokenizer_from_gguf(gguf._reader(smollm2.default_gguf_path()))
+  plain = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+  plain.globals["raise_exception"] = tok_lib._raise
+  template = plain.from_string(t.chat_template)
+  eos = t.decode([t.eos_id], skip_special=False)
+  for msgs in (MSGS, MSGS[1:], MSGS + [{"role": "assistant", "content": "Hi"},
+                                       {"role": "user", "content": "Again"}]):
+    for gen in (True, False):
+      want = template.render(messages=msgs, add_generation_prompt=gen,
+                             bos_token="", eos_token=eos)
+      assert t.apply_chat_template(msgs, gen) == want
