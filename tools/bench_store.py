@@ -11,6 +11,12 @@ run:
    all seven projections (~2.4 M params, 9.8 MB each): `load` latency vs a
    plain file read of the same shard bytes.
 
+Every load checks the row's crc32c; each part also measures loads opened
+with `verify_checksums=False` (the benchmark-only opt-out), interleaved
+with the checked loads, so the checksum's cost is a side-by-side ratio.
+Shards are write-once: the tiny part also reports what one single
+`publish` (one small shard file) costs on disk.
+
     .venv/bin/python -m tools.bench_store                      # full run
     .venv/bin/python -m tools.bench_store --quick              # 10^4 + 50, ~20 s
 
@@ -33,7 +39,7 @@ from absl import app, flags
 from mintjax.adapters.spec import ALL_TARGETS, AdapterWeights
 from mintjax.config import ModelConfig
 from mintjax.store.registry import Registry
-from mintjax.store.weights import rows_per_shard_for
+from mintjax.store.weights import RowLayout, rows_per_shard_for
 
 _N = flags.DEFINE_integer("num_adapters", 1_000_000, "tiny adapters")
 _SMOL = flags.DEFINE_integer("smol_adapters", 1000, "SmolLM2-shaped adapters")
@@ -105,18 +111,21 @@ def bench_tiny(root: str, n: int, chunk: int, zstd: bool) -> list[tuple]:
     t = time.perf_counter()
     reg.resolve(ref)
     lat.append(time.perf_counter() - t)
-  single = []
-  for _ in range(1000):
-    ref = ids[rng.randrange(n)]
-    t = time.perf_counter()
-    reg.load(ref)
-    single.append(time.perf_counter() - t)
-  batched, sequential = [], []
-  for k in range(60):  # Interleaved so both see the same machine state.
-    batch = [ids[rng.randrange(n)] for _ in range(64)]
-    t = time.perf_counter()
-    reg.load_many(batch)
-    batched.append(time.perf_counter() - t)
+  unchecked = Registry.open(root, verify_checksums=False)
+  single, single_raw = [], []
+  for _ in range(1000):  # Checked and unchecked loads interleaved.
+    for r, out in ((reg, single), (unchecked, single_raw)):
+      ref = ids[rng.randrange(n)]
+      t = time.perf_counter()
+      r.load(ref)
+      out.append(time.perf_counter() - t)
+  batched, batched_raw, sequential = [], [], []
+  for k in range(60):  # Interleaved so all see the same machine state.
+    for r, out in ((reg, batched), (unchecked, batched_raw)):
+      batch = [ids[rng.randrange(n)] for _ in range(64)]
+      t = time.perf_counter()
+      r.load_many(batch)
+      out.append(time.perf_counter() - t)
     if k % 3 == 0:
       batch = [ids[rng.randrange(n)] for _ in range(64)]
       t = time.perf_counter()
@@ -125,10 +134,19 @@ def bench_tiny(root: str, n: int, chunk: int, zstd: bool) -> list[tuple]:
       sequential.append(time.perf_counter() - t)
   files, size = _disk(os.path.join(root, "arrays"))
   _, cat_size = _disk(root)
+  # What single publishes cost: one write-once shard file each.
+  singles = [f"single-{i}" for i in range(100)]
+  reg.create_adapters(singles, spec=spec, base_fingerprint=BASE, config=TINY)
+  t0 = time.perf_counter()
+  for i, aid in enumerate(singles):
+    reg.publish(aid, pool[i % len(pool)])
+  t_single = (time.perf_counter() - t0) / len(singles)
+  files2, size2 = _disk(os.path.join(root, "arrays"))
   row_bytes = sum(l * (a + b) for l, a, b in (
       (TINY.num_layers, *TINY.projection_shape(t)) for t in targets)) * 4
   raw = n * row_bytes
   reg.close()
+  unchecked.close()
   return [
       ("tiny", "adapters", f"{n:,}", f"rank 1 q,v, L2 D64; {row_bytes} B/row,"
        f" {rows_per_shard_for(row_bytes)} rows/shard"),
@@ -139,14 +157,23 @@ def bench_tiny(root: str, n: int, chunk: int, zstd: bool) -> list[tuple]:
       ("tiny", "resolve p50 / p99", f"{_pct(lat, 50):.3f} / "
        f"{_pct(lat, 99):.3f} ms", "goal p99 <= 1 ms"),
       ("tiny", "load single p50 / p99", f"{_pct(single, 50):.3f} / "
-       f"{_pct(single, 99):.3f} ms", "random adapter"),
+       f"{_pct(single, 99):.3f} ms", "random adapter, crc32c checked"),
+      ("tiny", "load single unchecked p50", f"{_pct(single_raw, 50):.3f} ms",
+       f"checksum cost {np.median(single) / np.median(single_raw):.2f}x"),
       ("tiny", "load_many(64) p50 / p99", f"{_pct(batched, 50):.3f} / "
-       f"{_pct(batched, 99):.3f} ms", "one batched read"),
+       f"{_pct(batched, 99):.3f} ms", "one batched read, crc32c checked"),
+      ("tiny", "load_many(64) unchecked p50", f"{_pct(batched_raw, 50):.3f} "
+       "ms", f"checksum cost "
+       f"{np.median(batched) / np.median(batched_raw):.2f}x"),
       ("tiny", "64 sequential loads p50", f"{_pct(sequential, 50):.3f} ms",
        ""),
       ("tiny", "batched speed-up", f"{np.median(sequential) / np.median(batched):.1f}x",
        "goal >= 10x"),
-      ("tiny", "files on disk", f"{files:,}", "goal <= 20,000"),
+      ("tiny", "files on disk", f"{files:,}", "goal <= 20,000 (bulk publish)"),
+      ("tiny", "single publish", f"{t_single * 1e3:.1f} ms, "
+       f"{(files2 - files) / len(singles):.0f} file, "
+       f"{(size2 - size) / len(singles) / 1024:.0f} KiB",
+       "per revision: one write-once shard (row + shard index)"),
       ("tiny", "bytes on disk / raw", f"{size / raw:.3f}",
        f"{size / 2**20:,.0f} MiB arrays vs {raw / 2**20:,.0f} MiB raw; "
        f"catalog+arrays {cat_size / 2**20:,.0f} MiB"),
@@ -165,34 +192,43 @@ def bench_smol(root: str, n: int) -> list[tuple]:
                       for j in range(i, min(n, i + 16))])
   t_publish = time.perf_counter() - t0
   rng = random.Random(1)
-  loads, raws = [], []
+  unchecked = Registry.open(root, verify_checksums=False)
+  layout = RowLayout.from_dict(reg.adapter(ids[0])["layout"])
+  loads, loads_raw, raws = [], [], []
   nbytes = 0
   for _ in range(min(200, 4 * n)):
-    ref = ids[rng.randrange(n)]
-    t = time.perf_counter()
-    rev, _ = reg.load(ref)
-    loads.append(time.perf_counter() - t)
-    # The same number of bytes, read as a plain file (another random row,
-    # so neither read is served from the other's freshly touched pages).
+    # Checked load, unchecked load and a plain read, each of another random
+    # row, so none is served from another's freshly touched pages.
+    for r, out in ((reg, loads), (unchecked, loads_raw)):
+      ref = ids[rng.randrange(n)]
+      t = time.perf_counter()
+      r.load(ref)
+      out.append(time.perf_counter() - t)
     other = reg.resolve(ids[rng.randrange(n)])
-    path = os.path.join(root, "arrays", other.array_key, "c", str(other.row),
-                        "0")
+    path = reg.store.shard_location(other.array_key, layout, other.row)
     t = time.perf_counter()
     with open(path, "rb") as f:
       data = np.frombuffer(f.read(), np.uint8)
     raws.append(time.perf_counter() - t)
     nbytes = data.size
   reg.close()
+  unchecked.close()
   ratio = np.median(loads) / np.median(raws)
   return [
       ("smol", "adapters", f"{n:,}", f"SmolLM2-135M shapes, rank 8, all 7 "
        f"targets, {nbytes / 2**20:.1f} MiB each"),
       ("smol", "publish_many", f"{n / t_publish:,.1f} /s", f"{t_publish:.1f} s"),
       ("smol", "load p50 / p99", f"{_pct(loads, 50):.2f} / "
-       f"{_pct(loads, 99):.2f} ms", "resolve + read + unpack"),
+       f"{_pct(loads, 99):.2f} ms", "resolve + read + crc32c + unpack"),
+      ("smol", "load unchecked p50 / p99", f"{_pct(loads_raw, 50):.2f} / "
+       f"{_pct(loads_raw, 99):.2f} ms", "verify_checksums=False"),
+      ("smol", "checksum cost", f"{np.median(loads) / np.median(loads_raw):.2f}x",
+       "checked / unchecked load p50"),
       ("smol", "raw file read p50 / p99", f"{_pct(raws, 50):.2f} / "
        f"{_pct(raws, 99):.2f} ms", "open + read the shard file"),
-      ("smol", "load / raw read", f"{ratio:.2f}x", "goal <= 2x"),
+      ("smol", "load / raw read", f"{ratio:.2f}x", "goal <= 2x (checked)"),
+      ("smol", "unchecked load / raw read",
+       f"{np.median(loads_raw) / np.median(raws):.2f}x", ""),
   ]
 
 
