@@ -17,7 +17,8 @@ import tensorstore as ts
 
 from mintjax.adapters.spec import AdapterWeights
 from mintjax.config import ModelConfig
-from mintjax.store.errors import CatalogError, LeaseExpiredError
+from mintjax.store.errors import (CatalogError, LeaseExpiredError,
+                                  StoreCorruptionError)
 from mintjax.store.registry import Registry
 from mintjax.store.sqlite_catalog import SqliteCatalog
 from mintjax.store.weights import RowLayout, WeightsStore
@@ -119,3 +120,20 @@ def test_catalog_errors_are_registry_errors(tmp_path):
   finally:
     other.execute("ROLLBACK")
   assert reg.publish("a", _w(0)).revision == 1
+
+
+def test_unreadable_array_metadata_and_failed_writes_are_clear(tmp_path):
+  root = str(tmp_path / "r")
+  reg = Registry.open(root)
+  reg.create_adapter("a", spec=SPEC, base_fingerprint=BASE, config=CFG)
+  r1 = reg.publish("a", _w(0))
+  zarr = os.path.join(root, "arrays", r1.array_key, "zarr.json")
+  with open(zarr, "w") as f:
+    f.write("{not json")
+  fresh = Registry.open(root)
+  with pytest.raises(StoreCorruptionError, match="a@1.*zarr.json"):
+    fresh.load("a@1")
+  before = fresh.catalog.counts()
+  with pytest.raises(StoreCorruptionError, match="zarr.json is unreadable"):
+    fresh.publish("a", _w(1))
+  assert fresh.catalog.counts() == before

@@ -14,11 +14,14 @@ shapes, rank and dtype), shaped `[rows, row_len]`:
   row = concat over targets t (canonical order) of
         A[t].ravel()  (A[t]: [L, d_in, r])  then  B[t].ravel()  (B[t]: [L, r, d_out])
 
-A VeRA row (variant 'vera') holds only the per-user scaling vectors,
+Other adapter families store what their family's `stored_shapes` says
+(`mintjax.adapters.family`): a VeRA row (variant 'vera') holds only the
+per-user scaling vectors,
   row = concat over t of lambda_d[t].ravel() ([L, r]) then lambda_b[t].ravel()
   ([L, d_out]),
 since the frozen basis is regenerated from the shape class's `basis_seed`
-(`mintjax.adapters.vera`); its rows are L * (r + d_out) per target.
+(`mintjax.adapters.vera`); its rows are L * (r + d_out) per target. A layout
+is always derived from the adapter's spec (`RowLayout.for_info`).
 
 Each row is one inner chunk `[1, row_len]`; inner chunks are grouped into
 shard files of `rows_per_shard` rows by the zarr3 `sharding_indexed` codec
@@ -54,8 +57,10 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 import numpy as np
 import tensorstore as ts
 
+from mintjax.adapters.family import FamilyError, get_family
 from mintjax.adapters.spec import ALL_TARGETS
-from mintjax.store.errors import InvalidAdapterError, RegistryError
+from mintjax.store.errors import (InvalidAdapterError, RegistryError,
+                                  StoreCorruptionError)
 from mintjax.store.shard_reader import (ShardFileReader,
                                         direct_rows_per_shard)
 
@@ -85,13 +90,17 @@ _CACHED_ROW_BYTES = 1 << 20
 class RowLayout:
   """How one adapter of a shape class maps to a flat row.
 
+  Derived from the adapter spec (`for_info`) or read back from the catalog
+  (`from_dict`); the tensors a row holds are its family's `stored_shapes`.
+
   Attributes:
     targets: projections in canonical order.
     shapes: target -> (L, d_in, d_out).
     rank: LoRA rank r of every row in the class.
     dtype: element dtype name.
-    variant: 'lora' (A/B factors) or 'vera' (scaling vectors only).
-    basis_seed: the VeRA basis seed (None for LoRA).
+    variant: the adapter family ('lora': A/B factors; 'vera': scaling
+      vectors only).
+    basis_seed: the family's basis seed (VeRA), None for LoRA.
   """
 
   targets: tuple[str, ...]
@@ -112,41 +121,25 @@ class RowLayout:
           f"{ALL_TARGETS} and match the shape keys {sorted(self.shapes)}")
     object.__setattr__(self, "shapes", {
         t: tuple(int(x) for x in self.shapes[t]) for t in self.targets})
-    if self.variant not in ("lora", "vera"):
-      raise InvalidAdapterError(f"unknown row layout variant {self.variant!r}")
+    try:
+      get_family(self.variant)
+    except FamilyError as e:
+      raise InvalidAdapterError(f"unknown row layout variant: {e}") from None
 
   @classmethod
   def for_info(cls, info, shapes: Mapping) -> "RowLayout":
-    """The layout of an adapter's `AdapterInfo` with {t: (L, d_in, d_out)}."""
+    """The layout of an adapter spec (`AdapterInfo`) whose targets have
+    shapes {t: (L, d_in, d_out)}: the one way a new layout is made."""
     return cls(info.targets, {t: tuple(shapes[t]) for t in info.targets},
                info.rank, info.dtype, info.variant, info.basis_seed)
-
-  # The ModelConfig fields adapter code reads to materialise factors
-  # (`VeraWeights.to_lora`), so a stored adapter can be turned into LoRA
-  # factors from its recorded layout alone, without the base's config.
-  @property
-  def num_layers(self) -> int:
-    return next(iter(self.shapes.values()))[0]
-
-  @property
-  def architecture(self) -> str:
-    return "stored row layout"
-
-  def projection_shape(self, target: str) -> tuple[int, int]:
-    """(d_in, d_out) of a target, as `ModelConfig.projection_shape`."""
-    return tuple(self.shapes[target][1:])
 
   @property
   def names(self) -> tuple[str, str]:
     """Names of a row's two tensors per target (for errors)."""
-    return (("lambda_d", "lambda_b") if self.variant == "vera" else
-            ("lora_a", "lora_b"))
+    return get_family(self.variant).tensor_names
 
   def _shapes_of(self, t: str) -> tuple[tuple, tuple]:
-    l, d_in, d_out = self.shapes[t]
-    if self.variant == "vera":
-      return (l, self.rank), (l, d_out)
-    return (l, d_in, self.rank), (l, self.rank, d_out)
+    return get_family(self.variant).stored_shapes(self.rank, self.shapes[t])
 
   @property
   def np_dtype(self) -> np.dtype:
@@ -380,9 +373,17 @@ class WeightsStore:
     arr = self._arrays.get(key)
     if arr is not None:
       return arr
-    arr = ts.open({"driver": "zarr3", "kvstore": self._kvstore(key),
-                   "fill_missing_data_reads": False}, open=True,
-                  context=self._context_for(layout)).result()
+    try:
+      arr = ts.open({"driver": "zarr3", "kvstore": self._kvstore(key),
+                     "fill_missing_data_reads": False}, open=True,
+                    context=self._context_for(layout)).result()
+    except ValueError as e:
+      if "NOT_FOUND" in str(e):
+        raise  # No array yet (prepare_array creates it) or it was deleted.
+      raise StoreCorruptionError(
+          f"array metadata {self._kvstore(key)['path']}zarr.json is "
+          f"unreadable ({str(e).splitlines()[0][:200]}); restore the store "
+          "from a backup") from None
     self._register(key, layout, arr)
     return arr
 
@@ -425,7 +426,12 @@ class WeightsStore:
       return
     arr = self.open_array(key, layout)
     data = np.ascontiguousarray(data, layout.np_dtype)
-    arr[first_row:first_row + len(data)].write(data).result()
+    try:
+      arr[first_row:first_row + len(data)].write(data).result()
+    except ValueError as e:  # Disk full, permissions, a vanished mount...
+      raise RegistryError(
+          f"writing rows to {self._kvstore(key)['path']} failed: "
+          f"{str(e).splitlines()[0][:300]}; nothing was published") from None
 
   def read_rows_many(self, requests: Sequence[tuple[str, RowLayout, int]],
                      errors: dict | None = None) -> list[np.ndarray | None]:
