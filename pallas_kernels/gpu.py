@@ -51,6 +51,11 @@ def pow2_block(dim: int, preferred: int) -> int:
   return b
 
 
+def supports(d_in: int, d_out: int) -> bool:
+  """Whether these kernels lower for a projection of these widths."""
+  return d_in % _MIN_DIM == 0 and d_out % _MIN_DIM == 0
+
+
 def _check_dims(**dims):
   bad = {k: v for k, v in dims.items() if v % _MIN_DIM}
   if bad:

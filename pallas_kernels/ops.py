@@ -217,7 +217,8 @@ def gpu_lora(x_td, a_sdr, b_sro, scale_s, slot_t, rank_s=None, *,
 
 def _register():
   lora_op.register("pallas_sgmv", sgmv_lora, backends=("tpu",))
-  lora_op.register("pallas_gpu", gpu_lora, backends=("gpu",))
+  lora_op.register("pallas_gpu", gpu_lora, backends=("gpu",),
+                   supports=gpu.supports)
   lora_op.register(
       "pallas_sgmv_interpret",
       functools.partial(sgmv_lora, tile_rows=8, interpret="tpu"))

@@ -184,6 +184,10 @@ def test_check_grads_numerically():
 def test_dispatch_by_backend():
   assert lora_op.select_impl("tpu", 64, 4, 8) == "pallas_sgmv"
   assert lora_op.select_impl("gpu", 64, 4, 8) == "pallas_gpu"
+  # By shape too: the Triton kernels need widths divisible by 16.
+  assert lora_op.select_impl("gpu", 64, 4, 8, dims=(576, 192)) == "pallas_gpu"
+  assert lora_op.select_impl("gpu", 64, 4, 8, dims=(24, 64)) == "gather"
+  assert lora_op.select_impl("tpu", 64, 4, 8, dims=(24, 64)) == "pallas_sgmv"
   cpu = lora_op.select_impl("cpu", 64, 4, 8)
   assert not cpu.startswith("pallas")
   assert {"pallas_sgmv_interpret", "pallas_gpu_interpret"} <= set(

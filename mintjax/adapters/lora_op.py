@@ -113,12 +113,16 @@ _IMPLS: dict[str, Callable] = {
     "onehot": onehot,
 }
 # Kernels registered with `register(..., backends=...)` and the backends on
-# which `select_impl` may choose them.
+# which `select_impl` may choose them; `_KERNEL_SUPPORTS` says which feature
+# widths (d_in, d_out) each kernel lowers for.
 _KERNEL_BACKENDS: dict[str, tuple[str, ...]] = {}
+_KERNEL_SUPPORTS: dict[str, Callable[[int, int], bool]] = {}
 
 
 def register(name: str, token_impl: TokenImpl,
-             backends: tuple[str, ...] = ()) -> None:
+             backends: tuple[str, ...] = (),
+             supports: Callable[[int, int], bool] = lambda d_in, d_out: True
+             ) -> None:
   """Registers a token-level implementation (e.g. a Pallas kernel).
 
   Args:
@@ -126,6 +130,8 @@ def register(name: str, token_impl: TokenImpl,
     token_impl: `(x_td, a_sdr, b_sro, scale_s, slot_t, rank_s) -> y_to`;
       rank_s is [S] int32, the true rank of each slot.
     backends: backends ('tpu', 'gpu') where `select_impl` prefers it.
+    supports: `(d_in, d_out) -> bool`, the widths the kernel lowers for;
+      `select_impl` picks it only for those.
   """
 
   def batched(x_btd, a_sdr, b_sro, scale_s, adapter_idx_b, rank_s):
@@ -137,19 +143,23 @@ def register(name: str, token_impl: TokenImpl,
 
   _IMPLS[name] = batched
   _KERNEL_BACKENDS[name] = tuple(backends)
+  _KERNEL_SUPPORTS[name] = supports
 
 
 def available_impls() -> tuple[str, ...]:
   return tuple(_IMPLS)
 
 
-def select_impl(backend: str, num_tokens: int, batch: int, num_slots: int
-                ) -> str:
+def select_impl(backend: str, num_tokens: int, batch: int, num_slots: int,
+                *, dims: tuple[int, int] | None = None) -> str:
   """Chooses an implementation for a target backend and static shapes.
 
-  TPU/GPU use a registered Pallas kernel for that backend when one exists.
+  TPU/GPU use a registered Pallas kernel for that backend when one exists
+  and supports the projection's (d_in, d_out) `dims` (when given; e.g. the
+  Triton kernels need widths divisible by 16), else the per-example gather.
   On CPU the per-example gather measured fastest for decode and prefill
-  shapes alike (tools/bench_lora_op.py; docs/BENCHMARKS.md).
+  shapes alike (tools/bench_lora_op.py; docs/BENCHMARKS.md). Interpret-mode
+  kernels register for no backend, so they are never chosen here.
   """
   del num_tokens, batch, num_slots  # CPU choice is shape-independent so far.
   if backend in ("tpu", "gpu"):
@@ -157,7 +167,7 @@ def select_impl(backend: str, num_tokens: int, batch: int, num_slots: int
     # imports (and runs on CPU) without compiling or loading any kernel code.
     import pallas_kernels.ops  # pylint: disable=g-import-not-at-top,unused-import
   for name, backends in _KERNEL_BACKENDS.items():
-    if backend in backends:
+    if backend in backends and (dims is None or _KERNEL_SUPPORTS[name](*dims)):
       return name
   return "gather"
 
@@ -246,7 +256,8 @@ def lora_delta(x_btd, a_sdr, b_sro, scale_s, adapter_idx_b,
   """
   if impl == "auto":
     impl = select_impl(jax.default_backend(), x_btd.shape[0] * x_btd.shape[1],
-                       x_btd.shape[0], a_sdr.shape[0])
+                       x_btd.shape[0], a_sdr.shape[0],
+                       dims=(a_sdr.shape[1], b_sro.shape[2]))
   try:
     fn = _IMPLS[impl]
   except KeyError:
