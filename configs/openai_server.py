@@ -32,6 +32,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
       max_queue=256,           # waiting requests before 429
       request_timeout_s=600.0,  # 0 = no limit
       retry_after_s=1.0,
+      admission_wait_s=0.05,   # see ServiceConfig: lets follow-ups join
       default_max_tokens=16,
       drain_timeout_s=30.0,    # SIGTERM: in-flight requests get this long
       log_level="info"))

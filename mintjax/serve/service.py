@@ -57,17 +57,30 @@ class ServiceConfig:
       refused with `QueueFullError`.
     request_timeout_s: a request running longer is cancelled (0 = never).
     retry_after_s: the wait suggested to refused callers.
+    admission_wait_s: after a step that finished requests, wait up to this
+      long (and at most `admission_wait_fraction` of that step's time) for
+      as many new requests: callers that answer a finished request with
+      the next one then join the next device call, not the one after it
+      (on a slow model the gap between two calls is a whole multi-token
+      decode call).
+    admission_wait_fraction: the wait's bound relative to the last step, so
+      a fast model loses at most this fraction of its throughput to it.
   """
 
   max_queue: int = 256
   request_timeout_s: float = 600.0
   retry_after_s: float = 1.0
+  admission_wait_s: float = 0.05
+  admission_wait_fraction: float = 0.05
 
   def __post_init__(self):
     if not isinstance(self.max_queue, int) or self.max_queue < 1:
       raise ValueError(f"max_queue must be an int >= 1, got {self.max_queue!r}")
-    if self.request_timeout_s < 0 or self.retry_after_s < 0:
-      raise ValueError("request_timeout_s and retry_after_s must be >= 0")
+    for name in ("request_timeout_s", "retry_after_s", "admission_wait_s",
+                 "admission_wait_fraction"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"ServiceConfig.{name} must be >= 0, got "
+                         f"{getattr(self, name)!r}")
 
 
 class RequestHandle:
@@ -333,8 +346,11 @@ class EngineService:
         for key, reason in cancels:
           events.extend(self._cancel_now(key, reason))
         events.extend(self._expire())
+        step_s = 0.0
         if not engine.idle:
+          t0 = time.perf_counter()
           events.extend(engine.step())
+          step_s = time.perf_counter() - t0
           was_busy = True
       except Exception as e:  # pylint: disable=broad-except
         # A failed device call must not strand callers: fail what is live,
@@ -342,7 +358,9 @@ class EngineService:
         logging.exception("engine step failed")
         self.last_error = f"{type(e).__name__}: {e}"
         events = self._fail_all(self.last_error)
-      self._deliver(events)
+      finished = self._deliver(events)
+      if finished and step_s:
+        self._await_followers(finished, step_s)
       if was_busy and engine.idle:
         was_busy = False
         if engine.residency is not None:
@@ -352,6 +370,14 @@ class EngineService:
       fut.set_exception(ServiceClosedError("the engine thread stopped"))
     if engine.residency is not None:
       engine.residency.flush_stats()
+
+  def _await_followers(self, finished: int, step_s: float) -> None:
+    """Gives callers of just-finished requests a moment to submit again."""
+    wait = min(self.config.admission_wait_s,
+               self.config.admission_wait_fraction * step_s)
+    with self._cv:
+      self._cv.wait_for(lambda: (len(self._inbox) >= finished or self._stop
+                                 or self._abort is not None), wait)
 
   def _accept(self, inbox: list[RequestHandle]) -> list[TokenEvent]:
     """Resolves each new request's adapter and queues it in the engine."""
@@ -394,10 +420,14 @@ class EngineService:
       events.append(_refusal(h, h.exception, reason="error"))
     return events
 
-  def _deliver(self, events: list[TokenEvent]) -> None:
-    """Hands each request its events: one wake-up per loop per step."""
+  def _deliver(self, events: list[TokenEvent]) -> int:
+    """Hands each request its events: one wake-up per loop per step.
+
+    Returns:
+      how many requests finished.
+    """
     if not events:
-      return
+      return 0
     by_key: dict[int, list[TokenEvent]] = {}
     for ev in events:
       by_key.setdefault(ev.index, []).append(ev)
@@ -429,6 +459,7 @@ class EngineService:
         for h in finished:
           self._outcomes[_outcome(h)] += 1
         self._cv.notify_all()
+    return len(finished)
 
   def _publish(self) -> None:
     stats = self.engine.stats()

@@ -34,7 +34,8 @@ def build_app(engine: Engine, server_config):
   s = server_config
   service = EngineService(engine, ServiceConfig(
       max_queue=s.max_queue, request_timeout_s=s.request_timeout_s,
-      retry_after_s=s.retry_after_s)).start()
+      retry_after_s=s.retry_after_s,
+      admission_wait_s=s.admission_wait_s)).start()
   api_key = s.api_key or os.environ.get("MINTJAX_API_KEY") or None
   return create_app(service, model_name=s.model_name, api_key=api_key,
                     default_max_tokens=s.default_max_tokens,
