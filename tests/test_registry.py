@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from mintjax.adapters.spec import AdapterSpec, AdapterWeights
+from mintjax.adapters.spec import AdapterInfo, AdapterSpec, AdapterWeights
 from mintjax.config import ModelConfig
 from mintjax.store.errors import (BaseMismatchError, CatalogError,
                                   InvalidAdapterError, LeaseExpiredError,
@@ -206,8 +206,8 @@ def test_bfloat16_rows_and_zstd(tmp_path):
   reg = Registry.open({"catalog": str(tmp_path / "c.sqlite"),
                        "store": str(tmp_path / "store"),
                        "compression": "zstd"})
-  reg.create_adapter("b16", spec=AdapterSpec(targets=("q",), max_rank=2,
-                                             dtype="bfloat16"),
+  reg.create_adapter("b16", spec=AdapterInfo.for_bank(
+      AdapterSpec(targets=("q",), max_rank=2, dtype="bfloat16"), alpha=2.0),
                      base_fingerprint=BASE, config=CFG)
   w = _w(3, targets=("q",), rank=2, alpha=2.0)
   w = AdapterWeights({t: a.astype(ml_dtypes.bfloat16) for t, a in
@@ -293,7 +293,7 @@ BAD_CASES = {
                        InvalidAdapterError, "unknown target"),
     "rank_zero": (lambda r: r.create_adapter(
         "x", spec=dict(targets=("q",), rank=0), base_fingerprint=BASE),
-                  InvalidAdapterError, "max_rank must be positive"),
+                  InvalidAdapterError, "rank must be a positive int"),
     "alpha_nan": (lambda r: r.create_adapter(
         "x", spec=dict(targets=("q",), rank=1, alpha=float("nan")),
         base_fingerprint=BASE), InvalidAdapterError, "alpha"),

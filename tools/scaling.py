@@ -79,7 +79,7 @@ def machine_info(command: str) -> dict:
 
 def arms_for(p: dict) -> list[sa.Arm]:
   arms = [sa.Arm(r, t) for t in (sa.QV, ALL_TARGETS) for r in p["ranks"]]
-  arms.append(sa.Arm(p["vera_rank"], sa.QV, "vera"))
+  arms.append(sa.Arm(p["vera_rank"], sa.QV, "vera", scale=1.0))
   return arms
 
 

@@ -1,10 +1,22 @@
-"""What an adapter is: its spec (shape class) and one adapter's host weights.
+"""What an adapter is and what a bank holds: one spec per concept.
 
-Owns `AdapterSpec` (which projections carry LoRA, the bank's `max_rank` and
-`num_slots`, dtype), `AdapterWeights` (one adapter's A/B factors as numpy,
-true rank and scale), the LoRA scale rules (alpha / r, rsLoRA alpha / sqrt(r))
-and validation of weights against a model config. The device-side stacked bank
-lives in `mintjax.adapters.bank`.
+Owns
+  `AdapterInfo`     the *adapter spec*: what one adapter is (family, targets,
+                    rank, alpha and scale rule, dtype, family extras such as
+                    VeRA's basis_seed). It is the adapter's identity in the
+                    store (`mintjax.store` records its `to_dict()`), and the
+                    store's row layout is derived from it.
+  `BankSpec`        the *bank spec*: what a compiled step holds (family,
+                    targets, max_rank, num_slots, dtype); every compiled shape
+                    follows from it. `num_slots` always counts the null slot
+                    0, so a bank serves num_slots - 1 adapters
+                    (`BankSpec.for_adapters` converts from that count).
+  `AdapterWeights`  one adapter's LoRA factors as numpy (the form every
+                    family materialises to), with the LoRA scale rules
+                    (alpha / r, rsLoRA alpha / sqrt(r)) and validation.
+`AdapterSpec` is the bank spec's old name, kept while callers move over.
+The family behind a spec's `variant` name is `spec.family`
+(`mintjax.adapters.family`); the device-side bank is `mintjax.adapters.bank`.
 """
 
 from __future__ import annotations
@@ -15,13 +27,12 @@ from typing import Mapping
 
 import numpy as np
 
+from mintjax.adapters.family import AdapterFamily, FamilyError, get_family
 from mintjax.config import ModelConfig
 
 ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 ATTENTION_TARGETS = ("q", "k", "v", "o")
-# 'vera': frozen shared random basis + per-user scaling vectors
-# (mintjax.adapters.vera); it materialises to LoRA factors for the bank.
-VARIANTS = ("lora", "vera")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 class AdapterError(ValueError):
@@ -56,18 +67,31 @@ def _np_dtype(name: str):
   return np.dtype(name)
 
 
+def _lookup_family(name) -> AdapterFamily:
+  try:
+    return get_family(name)
+  except FamilyError as e:
+    raise AdapterError(str(e)) from None
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
 @dataclasses.dataclass(frozen=True)
-class AdapterSpec:
-  """Shape class of an adapter bank: fixes every compiled shape.
+class BankSpec:
+  """The bank spec: what a compiled step holds; fixes every compiled shape.
 
   Attributes:
-    targets: projections carrying LoRA, a subset of ALL_TARGETS.
-    max_rank: rank every slot is zero-padded to.
-    num_slots: bank slots including the null slot 0.
-    dtype: dtype of the A/B factors.
-    variant: adapter family ('lora', or 'vera': see mintjax.adapters.vera).
-    basis_seed: seed of the frozen shared VeRA basis (part of the shape
-      class of 'vera' banks; unused by 'lora').
+    targets: projections carrying adapters, a subset of ALL_TARGETS.
+    max_rank: R, the rank every slot is zero-padded to.
+    num_slots: S, bank slots *including* the null slot 0 (so S - 1 adapters
+      fit); `for_adapters` builds a spec from the adapter count.
+    dtype: dtype of the bank's factors.
+    variant: the adapter family's name ('lora', 'vera', or any registered
+      family); `family` is its implementation.
+    basis_seed: seed of a shared frozen basis (part of the shape class of
+      families that have one, e.g. 'vera'; unused by 'lora').
   """
 
   targets: tuple[str, ...] = ("q", "v")
@@ -79,37 +103,43 @@ class AdapterSpec:
 
   def __post_init__(self):
     object.__setattr__(self, "targets", _check_targets(self.targets))
-    if self.max_rank <= 0:
+    if not _is_int(self.max_rank) or self.max_rank <= 0:
       raise AdapterError(f"max_rank must be positive, got {self.max_rank}")
-    if self.num_slots < 2:
+    if not _is_int(self.num_slots) or self.num_slots < 2:
       raise AdapterError(
           f"num_slots must be >= 2 (slot 0 is the null adapter), got "
           f"{self.num_slots}")
-    if self.dtype not in ("float32", "bfloat16", "float16"):
+    if self.dtype not in DTYPES:
       raise AdapterError(f"unsupported adapter dtype {self.dtype!r}")
-    if self.variant not in VARIANTS:
-      raise AdapterError(
-          f"unknown adapter variant {self.variant!r}; supported: {VARIANTS}")
-    if (not isinstance(self.basis_seed, (int, np.integer)) or
-        isinstance(self.basis_seed, bool) or self.basis_seed < 0):
+    _lookup_family(self.variant)
+    if not _is_int(self.basis_seed) or self.basis_seed < 0:
       raise AdapterError(
           f"basis_seed must be an int >= 0, got {self.basis_seed!r}")
 
-  def replace(self, **changes) -> "AdapterSpec":
+  @classmethod
+  def for_adapters(cls, num_adapters: int, **fields) -> "BankSpec":
+    """A bank holding `num_adapters` adapters plus the null slot 0: the one
+    place an adapter count becomes `num_slots`."""
+    if not _is_int(num_adapters) or num_adapters < 1:
+      raise AdapterError(
+          f"a bank needs room for at least one adapter, got {num_adapters!r}")
+    return cls(num_slots=int(num_adapters) + 1, **fields)
+
+  @property
+  def family(self) -> AdapterFamily:
+    """The adapter family implementing this spec's `variant`."""
+    return get_family(self.variant)
+
+  def replace(self, **changes) -> "BankSpec":
     return dataclasses.replace(self, **changes)
 
   def params_per_adapter(self, config: ModelConfig, rank: int | None = None
                          ) -> int:
-    """Trainable numbers one adapter of rank `rank` (default max_rank) owns.
-
-    LoRA: L * r * (d_in + d_out) per target; VeRA: L * (r + d_out) per
-    target (its basis is shared by every adapter and not counted).
-    """
-    r = self.max_rank if rank is None else rank
-    shapes = [config.projection_shape(t) for t in self.targets]
-    if self.variant == "vera":
-      return config.num_layers * sum(r + d_out for _, d_out in shapes)
-    return config.num_layers * sum(r * (d_in + d_out) for d_in, d_out in shapes)
+    """Numbers one stored adapter of rank `rank` (default max_rank) owns
+    (LoRA: L * r * (d_in + d_out) per target; VeRA: L * (r + d_out), its
+    shared basis not counted)."""
+    return self.family.params_per_adapter(
+        config, self.targets, self.max_rank if rank is None else rank)
 
   def stored_bytes(self, config: ModelConfig, rank: int | None = None) -> int:
     """Bytes one adapter occupies in the store (`params_per_adapter` times
@@ -121,9 +151,142 @@ class AdapterSpec:
     return dataclasses.asdict(self)
 
   @classmethod
-  def from_dict(cls, d: Mapping) -> "AdapterSpec":
+  def from_dict(cls, d: Mapping) -> "BankSpec":
     d = dict(d)
     d["targets"] = tuple(d["targets"])
+    return cls(**d)
+
+
+# The bank spec's old name; converted callers say BankSpec.
+AdapterSpec = BankSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterInfo:
+  """The adapter spec: what one adapter is (fixed when it is created; every
+  revision in the store must match it).
+
+  Attributes:
+    targets: projections carrying the adapter, subset of ALL_TARGETS.
+    rank: true rank r (rows are stored at exactly this rank).
+    alpha: scale = alpha / r (or alpha / sqrt(r) with rsLoRA). Never
+      invented: `from_dict` fills a missing alpha with r (scale 1) only as
+      the documented rule of the stored-JSON format.
+    use_rslora: rank-stabilised scale rule (families that allow it).
+    variant: the adapter family's name ('lora', 'vera', ...).
+    dtype: stored dtype ('float32', 'bfloat16', 'float16').
+    basis_seed: a family extra: the shared basis seed of families that have
+      one (VeRA, default 0); None for the others.
+  """
+
+  targets: tuple[str, ...]
+  rank: int
+  alpha: float
+  use_rslora: bool = False
+  variant: str = "lora"
+  dtype: str = "float32"
+  basis_seed: int | None = None
+
+  def __post_init__(self):
+    family = _lookup_family(self.variant)
+    object.__setattr__(self, "targets", _check_targets(self.targets))
+    if not _is_int(self.rank) or self.rank <= 0:
+      raise AdapterError(f"rank must be a positive int, got {self.rank!r}")
+    object.__setattr__(self, "rank", int(self.rank))
+    if self.dtype not in DTYPES:
+      raise AdapterError(
+          f"unsupported adapter dtype {self.dtype!r}; expected one of "
+          f"{DTYPES}")
+    if "basis_seed" in family.extras:
+      if self.basis_seed is None:
+        object.__setattr__(self, "basis_seed", family.extras["basis_seed"])
+      if not _is_int(self.basis_seed) or self.basis_seed < 0:
+        raise AdapterError(
+            f"basis_seed must be an int >= 0, got {self.basis_seed!r}")
+    elif self.basis_seed is not None:
+      raise AdapterError(
+          f"basis_seed={self.basis_seed!r} is only meaningful for families "
+          f"with a shared basis (e.g. 'vera'), got variant {self.variant!r}")
+    if (isinstance(self.alpha, bool) or
+        not isinstance(self.alpha, (int, float, np.floating, np.integer)) or
+        not math.isfinite(self.alpha) or self.alpha <= 0):
+      raise AdapterError(
+          f"alpha must be a positive finite number, got {self.alpha!r}")
+    object.__setattr__(self, "alpha", float(self.alpha))
+    if not isinstance(self.use_rslora, (bool, np.bool_)):
+      raise AdapterError(
+          f"use_rslora must be True or False, got {self.use_rslora!r}")
+    object.__setattr__(self, "use_rslora", bool(self.use_rslora))
+    if self.use_rslora and not family.supports_rslora:
+      raise AdapterError(
+          f"{self.variant} adapters use scale alpha / r; use_rslora must be "
+          "False")
+    problem = family.check_info(self)
+    if problem:
+      raise AdapterError(problem)
+
+  @property
+  def family(self) -> AdapterFamily:
+    """The adapter family implementing this spec's `variant`."""
+    return get_family(self.variant)
+
+  @property
+  def scale(self) -> float:
+    return lora_scale(self.rank, self.alpha, self.use_rslora)
+
+  @classmethod
+  def for_bank(cls, spec: BankSpec, *, alpha: float, rank: int | None = None,
+               use_rslora: bool = False) -> "AdapterInfo":
+    """The adapter spec of an adapter trained in bank `spec` (rank defaults
+    to the bank's max_rank; alpha is always given)."""
+    family = spec.family
+    return cls(spec.targets, spec.max_rank if rank is None else rank, alpha,
+               use_rslora, spec.variant, spec.dtype,
+               spec.basis_seed if "basis_seed" in family.extras else None)
+
+  def as_lora(self) -> "AdapterInfo":
+    """The same adapter described as plain LoRA (what a materialised copy
+    of it is, e.g. a PEFT export)."""
+    return AdapterInfo(self.targets, self.rank, self.alpha, self.use_rslora,
+                       "lora", self.dtype)
+
+  def to_dict(self) -> dict:
+    """The stored JSON form (unchanged since the first registries: LoRA specs
+    carry no basis_seed key)."""
+    d = dataclasses.asdict(self)
+    d["targets"] = list(self.targets)
+    if d["basis_seed"] is None:
+      del d["basis_seed"]
+    return d
+
+  @classmethod
+  def from_dict(cls, d: Mapping) -> "AdapterInfo":
+    """Parses a stored or user-written spec dict.
+
+    Keys: targets, rank, alpha, use_rslora, variant, dtype, basis_seed.
+    A missing alpha means alpha = rank (scale 1): the rule of the stored
+    format, which has always written alpha, and of hand-written specs.
+
+    Raises:
+      AdapterError: unknown keys or invalid values, naming them.
+    """
+    if not isinstance(d, Mapping):
+      raise AdapterError(
+          f"an adapter spec must be a dict with targets and rank, got "
+          f"{type(d).__name__}")
+    d = dict(d)
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise AdapterError(
+          f"unknown keys {sorted(unknown)}; expected targets, rank, alpha, "
+          "use_rslora, variant, dtype, basis_seed")
+    missing = [k for k in ("targets", "rank") if k not in d]
+    if missing:
+      raise AdapterError(f"missing keys {missing}")
+    if isinstance(d["targets"], str):
+      raise AdapterError(
+          f"targets must be a list of projections, got {d['targets']!r}")
+    d.setdefault("alpha", d["rank"])
     return cls(**d)
 
 
@@ -187,6 +350,12 @@ class AdapterWeights:
   def num_params(self) -> int:
     return sum(int(a.size) for a in self.lora_a.values()) + sum(
         int(b.size) for b in self.lora_b.values())
+
+  @property
+  def nbytes(self) -> int:
+    """Host bytes of the factors (what a host cache holds)."""
+    return sum(int(np.asarray(x).nbytes) for x in self.lora_a.values()) + sum(
+        int(np.asarray(x).nbytes) for x in self.lora_b.values())
 
   def to_lora(self, config: ModelConfig | None = None) -> "AdapterWeights":
     """These LoRA factors (VeRA weights materialise here; LoRA is itself)."""

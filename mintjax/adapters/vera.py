@@ -1,7 +1,9 @@
 """VeRA adapters: a frozen shared random basis plus per-user scaling vectors.
 
-Owns the smaller-than-LoRA adapter variant (`AdapterSpec(variant="vera")`,
-Kopiczko et al., "VeRA: Vector-based Random Matrix Adaptation", 2024):
+Owns the smaller-than-LoRA adapter family (`BankSpec(variant="vera")`,
+Kopiczko et al., "VeRA: Vector-based Random Matrix Adaptation", 2024), all of
+it behind `VeraFamily` (`FAMILY`, the 'vera' entry of
+`mintjax.adapters.family`):
 
   `VeraBasis`      the frozen random factors every adapter of a shape class
                    shares, A_shared[t]: [L, d_in, R], B_shared[t]: [L, R, d_out],
@@ -50,9 +52,11 @@ import numpy as np
 
 from mintjax.adapters.bank import AdapterBank
 from mintjax.adapters.bank import _IN_AXIS, _OUT_AXIS  # pylint: disable=protected-access
-from mintjax.adapters.spec import (AdapterError, AdapterSpec, AdapterWeights,
-                                   check_factor, check_fits_spec,
-                                   _check_targets, lora_scale)
+from mintjax.adapters.family import AdapterFamily
+from mintjax.adapters.spec import (AdapterError, AdapterInfo, AdapterSpec,
+                                   AdapterWeights, check_factor,
+                                   check_fits_spec, _check_targets,
+                                   lora_scale)
 from mintjax.config import ModelConfig
 
 # The paper initialises lambda_d to a small constant (0.1 in its experiments).
@@ -191,28 +195,11 @@ class VeraWeights:
       raise AdapterError(f"alpha must be finite, got {self.alpha}")
     return self
 
-  def to_lora(self, config) -> AdapterWeights:
-    """The equivalent LoRA factors (validates first); see the module doc.
-
-    Args:
-      config: the base `ModelConfig`, or anything with `.shapes` {t: (L,
-        d_in, d_out)} (the registry's `RowLayout`, which has no config).
-    """
-    if isinstance(config, ModelConfig):
-      self.validate(config)
-      shapes = {t: (config.num_layers, *config.projection_shape(t))
-                for t in self.targets}
-    else:
-      shapes = config.shapes
-    a, b = {}, {}
-    for t in self.targets:
-      a_ldr, b_lro = basis_factors(int(self.basis_seed), t, *shapes[t],
-                                   int(self.rank))
-      ld = np.asarray(self.lambda_d[t], np.float32)
-      lb = np.asarray(self.lambda_b[t], np.float32)
-      a[t] = a_ldr * ld[:, None, :]
-      b[t] = b_lro * lb[:, None, :]
-    return AdapterWeights(a, b, rank=int(self.rank), alpha=float(self.alpha))
+  def to_lora(self, config: ModelConfig) -> AdapterWeights:
+    """The equivalent LoRA factors (validates first); see the module doc."""
+    self.validate(config)
+    return _to_lora(self, {t: (config.num_layers, *config.projection_shape(t))
+                           for t in self.targets})
 
   @classmethod
   def init(cls, config: ModelConfig, targets, rank: int, basis_seed: int = 0,
@@ -244,6 +231,20 @@ class VeraWeights:
                                    config.projection_shape(t)[1])) * std
               ).astype(np.float32) for t in targets}
     return cls(ld, lb, rank=rank, basis_seed=basis_seed, alpha=alpha)
+
+
+def _to_lora(w: VeraWeights, shapes: Mapping[str, tuple[int, int, int]]
+             ) -> AdapterWeights:
+  """LoRA factors of `w`; `shapes` maps each target to (L, d_in, d_out)."""
+  a, b = {}, {}
+  for t in w.targets:
+    a_ldr, b_lro = basis_factors(int(w.basis_seed), t, *shapes[t],
+                                 int(w.rank))
+    ld = np.asarray(w.lambda_d[t], np.float32)
+    lb = np.asarray(w.lambda_b[t], np.float32)
+    a[t] = a_ldr * ld[:, None, :]
+    b[t] = b_lro * lb[:, None, :]
+  return AdapterWeights(a, b, rank=int(w.rank), alpha=float(w.alpha))
 
 
 # --------------------------------------------------- the trainer's bank
@@ -392,3 +393,78 @@ def read_vera_slot(bank: VeraBank, slot: int, basis_seed: int,
     alpha = float(bank.scale[slot]) * rank
   return VeraWeights(ld, lb, rank=rank, basis_seed=int(basis_seed),
                      alpha=float(alpha))
+
+
+# ------------------------------------------------------------ the family
+
+
+class VeraFamily(AdapterFamily):
+  """VeRA behind the family interface (see the module docstring)."""
+
+  name = "vera"
+  tensor_names = ("lambda_d", "lambda_b")
+  weights_type = VeraWeights
+  bank_type = VeraBank
+  supports_rslora = False  # VeRA's scale is alpha / r.
+  extras = {"basis_seed": 0}
+
+  def init(self, config, info: AdapterInfo, *, user, seed):
+    del user, seed  # The paper's init is the same for every user.
+    return VeraWeights.init(config, info.targets, info.rank, info.basis_seed,
+                            alpha=info.alpha)
+
+  def stored_shapes(self, rank, shape):
+    l, _, d_out = shape
+    return (l, rank), (l, d_out)
+
+  def tensors(self, weights):
+    return weights.lambda_d, weights.lambda_b
+
+  def from_tensors(self, info, first, second, meta):
+    del meta  # Only the vectors: materialised by consumers.
+    return VeraWeights(dict(first), dict(second), info.rank, info.basis_seed,
+                       info.alpha)
+
+  def to_lora(self, weights, shapes):
+    return _to_lora(weights, shapes)
+
+  def check_weights(self, adapter_id, info, weights):
+    if weights.basis_seed != info.basis_seed or set(
+        weights.lambda_d) != set(info.targets):
+      return (f"VeRA weights for {adapter_id!r} have basis_seed "
+              f"{weights.basis_seed}, targets {sorted(weights.lambda_d)}; "
+              f"the adapter was created with basis_seed {info.basis_seed}, "
+              f"targets {list(info.targets)}. The vectors only mean "
+              "something on their own basis: publish to an adapter created "
+              "with that spec")
+    return None
+
+  def bank_shapes(self, config, spec):
+    return vera_bank_shapes(config, spec)
+
+  def bank_logical_axes(self, spec):
+    return vera_bank_logical_axes(spec)
+
+  def bank_from_weights(self, config, spec, weights):
+    return vera_bank_from_weights(config, spec, weights)
+
+  def read_slot(self, bank, slot, info):
+    return read_vera_slot(bank, slot, info.basis_seed, alpha=info.alpha)
+
+  def trainable(self, bank):
+    return {"lambda_d": bank.lambda_d, "lambda_b": bank.lambda_b}
+
+  def rank_mask(self, bank):
+    # Padding is lambda_d past the rank (the basis columns there are not
+    # zero, so their gradient would be), and lambda_b of empty slots.
+    keep_sr = (jnp.arange(bank.max_rank)[None, :] < bank.rank[:, None]
+               ).astype(jnp.float32)
+    used_s = (bank.rank > 0).astype(jnp.float32)
+    return {"lambda_d": {t: keep_sr[:, None, :] for t in bank.lambda_d},
+            "lambda_b": {t: used_s[:, None, None] for t in bank.lambda_b}}
+
+  def to_lora_bank(self, bank):
+    return bank.materialize()
+
+
+FAMILY = VeraFamily()

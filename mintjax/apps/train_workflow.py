@@ -40,8 +40,7 @@ import ml_collections
 import numpy as np
 
 from mintjax import sharding
-from mintjax.adapters.spec import AdapterSpec
-from mintjax.adapters.vera import VeraBank
+from mintjax.adapters.spec import AdapterInfo, AdapterSpec
 from mintjax.eval import prompt_format
 from mintjax.eval.evaluate import evaluate_jobs
 from mintjax.model.base import BaseModel
@@ -442,8 +441,7 @@ def evaluate_cohort(plan: RunPlan, base: BaseModel, host_bank,
           if heldout_ex.get(u)]
   jobs += [(("base", u), 0, heldout_ex[u]) for u in users
            if heldout_ex.get(u)]
-  eval_bank = (host_bank.materialize() if isinstance(host_bank, VeraBank)
-               else host_bank)
+  eval_bank = plan.spec.family.to_lora_bank(host_bank)
   results = evaluate_jobs(base, eval_bank, jobs,
                           int(plan.cfg.get("eval_batch_size", 16)),
                           plan.cfg.lora_impl) if jobs else {}
@@ -473,11 +471,9 @@ def publish_cohort(plan: RunPlan, registry: Registry, start: CohortStart,
   users = slot_map.users
   items = []
   for u in users:
-    registry.create_adapter(u, spec=dict(
-        targets=list(spec.targets), rank=int(cfg.lora.rank),
-        alpha=float(cfg.lora.alpha), use_rslora=bool(cfg.lora.use_rslora),
-        variant=spec.variant, **({"basis_seed": spec.basis_seed}
-                                 if spec.variant == "vera" else {})),
+    registry.create_adapter(u, spec=AdapterInfo.for_bank(
+        spec, rank=int(cfg.lora.rank), alpha=float(cfg.lora.alpha),
+        use_rslora=bool(cfg.lora.use_rslora)),
                             base_fingerprint=base.fingerprint, owner=u,
                             exist_ok=True, config=base.config)
     w = read_adapter(spec, host_bank, slot_map.slot(u),  # VeRA: vectors

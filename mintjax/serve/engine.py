@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 
 from mintjax import sharding
 from mintjax.adapters import bank as bank_lib
-from mintjax.adapters.spec import ALL_TARGETS, AdapterSpec
+from mintjax.adapters.spec import ALL_TARGETS, BankSpec
 from mintjax.model import llama
 from mintjax.model.base import BaseModel
 from mintjax.model.kv_cache import init_cache
@@ -50,7 +50,9 @@ class EngineConfig:
   """Shapes and policies of one engine (all fixed at construction).
 
   Attributes:
-    num_slots: device bank slots for adapters (the bank adds the null slot).
+    num_slots: adapters the device bank holds at once; the bank spec adds
+      the null slot 0 (`spec()` is the one place it is converted, via
+      `BankSpec.for_adapters`, so `spec().num_slots == num_slots + 1`).
     max_batch: B, sequences decoded together.
     max_len: S, the longest prompt + generation.
     host_cache_bytes: host adapter cache budget.
@@ -97,9 +99,11 @@ class EngineConfig:
       b *= 2
     return tuple(out) + (self.max_len,)
 
-  def spec(self) -> AdapterSpec:
-    return AdapterSpec(targets=tuple(self.targets), max_rank=self.max_rank,
-                       num_slots=self.num_slots + 1, dtype=self.adapter_dtype)
+  def spec(self) -> BankSpec:
+    """The serving bank's spec: `num_slots` adapters plus the null slot."""
+    return BankSpec.for_adapters(self.num_slots, targets=tuple(self.targets),
+                                 max_rank=self.max_rank,
+                                 dtype=self.adapter_dtype)
 
 
 @dataclasses.dataclass(frozen=True)

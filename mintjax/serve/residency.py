@@ -10,11 +10,11 @@ between the tiers and counts hits, misses, loads, evictions and load time.
 Policy: least recently used at both tiers; a slot used by a running request
 (refcount > 0) or pinned is never evicted; pinned host entries stay cached.
 
-VeRA adapters (`mintjax.adapters.vera.VeraWeights`) stay in their stored
-form in the host cache, which counts their stored (vector) bytes, so many
-more of them fit a budget; they are materialised to LoRA factors only when
-written into a device slot (`bank.pad_weights`), where they take a slot like
-any LoRA adapter.
+Adapters of every family stay in their stored form in the host cache, which
+counts their stored bytes (`weights.nbytes`: a VeRA adapter's vectors, so
+many more of them fit a budget); they are materialised to LoRA factors only
+when written into a device slot (`bank.pad_weights`), where they take a slot
+like any LoRA adapter.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import jax
 
 from mintjax.adapters import bank as bank_lib
 from mintjax.adapters.spec import AdapterSpec, AdapterWeights
-from mintjax.adapters.vera import VeraWeights
 from mintjax.config import ModelConfig
 
 
@@ -42,8 +41,9 @@ class AdapterSource(Protocol):
 
   `resolve` returns an object with `.adapter_id`, `.revision`, `.ref` and
   `.base_fingerprint`; `load_many` returns `[(revision, weights)]` in
-  the order of `refs` (weights: `AdapterWeights` or `VeraWeights`) and raises when any ref is unknown or was trained on a
-  different base. `mintjax.store.registry.Registry` satisfies this.
+  the order of `refs` (weights: the family's host weights, e.g.
+  `AdapterWeights` or `VeraWeights`) and raises when any ref is unknown or
+  was trained on a different base. `mintjax.store.registry.Registry` satisfies this.
   """
 
   def resolve(self, ref: str) -> Any: ...
@@ -157,12 +157,10 @@ class TierStats:
     return d
 
 
-def weights_nbytes(weights: AdapterWeights | VeraWeights) -> int:
-  """Host bytes of an adapter as cached (VeRA: its vectors, not materialised)."""
-  if isinstance(weights, VeraWeights):
-    return weights.nbytes
-  return sum(int(x.nbytes) for x in weights.lora_a.values()) + sum(
-      int(x.nbytes) for x in weights.lora_b.values())
+def weights_nbytes(weights) -> int:
+  """Host bytes of an adapter as cached, in its stored form (VeRA: its
+  vectors, not the materialised factors)."""
+  return int(weights.nbytes)
 
 
 class HostCache:

@@ -1,9 +1,11 @@
 """Adapter identity: ids, references, what an adapter is, code version.
 
 Owns `check_name` (ids and tags: letters, digits, '-', '_', '.', never a
-path), `parse_ref` ('alice', 'alice@3', 'alice:prod'), `AdapterInfo` (an
-adapter's fixed spec: targets, rank, alpha rule, variant, dtype, VeRA basis
-seed), `check_weights` (publish-time checks of weights against it) and
+path), `parse_ref` ('alice', 'alice@3', 'alice:prod'), `parse_info` (the
+store's door for an adapter spec: `mintjax.adapters.spec.AdapterInfo`, the
+one type saying what an adapter is, or its stored dict form; errors become
+`InvalidAdapterError`), `check_weights` (publish-time checks of weights
+against the spec, the family-specific ones asked of its family) and
 `build_provenance` (what every revision records about where it came from:
 base and data fingerprints, training config, code version, steps, seed,
 host). Used
@@ -23,9 +25,7 @@ import socket
 import subprocess
 from typing import Any, Mapping
 
-from mintjax.adapters.spec import (AdapterError, AdapterSpec,
-                                   AdapterWeights, lora_scale)
-from mintjax.adapters.vera import VeraWeights
+from mintjax.adapters.spec import AdapterError, AdapterInfo
 from mintjax.store.errors import BaseMismatchError, InvalidAdapterError
 
 # \Z, not $: '$' also matches before a trailing newline, so 'alice\n' would
@@ -66,124 +66,48 @@ def parse_ref(ref: str) -> tuple[str, int | None, str | None]:
   return aid, None, None
 
 
-@dataclasses.dataclass(frozen=True)
-class AdapterInfo:
-  """What an adapter is (fixed at creation; every revision must match).
+def parse_info(spec) -> AdapterInfo:
+  """The adapter spec from an `AdapterInfo` or its dict form (the stored
+  JSON, or a hand-written {targets, rank, alpha, ...}).
 
-  Attributes:
-    targets: projections carrying LoRA, subset of ALL_TARGETS.
-    rank: LoRA rank r (rows are stored at exactly this rank).
-    alpha: LoRA alpha; scale = alpha / r (or alpha / sqrt(r) with rsLoRA).
-    use_rslora: rank-stabilised scale rule.
-    variant: adapter family ('lora' or 'vera').
-    dtype: stored dtype ('float32', 'bfloat16', 'float16').
-    basis_seed: VeRA only (default 0): seed of the shared frozen basis; None
-      for LoRA. Part of the shape class: rows store only the vectors.
+  A bank spec (`BankSpec`) is refused: it has no alpha, and none is
+  invented; use `AdapterInfo.for_bank(spec, alpha=...)`.
+
+  Raises:
+    InvalidAdapterError: naming what is wrong with the spec.
   """
-
-  targets: tuple[str, ...]
-  rank: int
-  alpha: float
-  use_rslora: bool = False
-  variant: str = "lora"
-  dtype: str = "float32"
-  basis_seed: int | None = None
-
-  def __post_init__(self):
-    if self.variant == "vera" and self.basis_seed is None:
-      object.__setattr__(self, "basis_seed", 0)
-    if self.variant != "vera" and self.basis_seed is not None:
-      raise InvalidAdapterError(
-          f"invalid adapter spec: basis_seed={self.basis_seed!r} is only "
-          f"meaningful for variant 'vera', got variant {self.variant!r}")
-    if isinstance(self.rank, bool) or not isinstance(self.rank,
-                                                      numbers.Integral):
-      raise InvalidAdapterError(
-          f"invalid adapter spec: rank must be an integer, got "
-          f"{self.rank!r}; pass e.g. rank=8")
-    try:
-      spec = AdapterSpec(targets=tuple(self.targets), max_rank=int(self.rank),
-                         dtype=self.dtype, variant=self.variant,
-                         basis_seed=self.basis_seed or 0)
-    except (AdapterError, TypeError, ValueError) as e:
-      raise InvalidAdapterError(f"invalid adapter spec: {e}") from None
-    object.__setattr__(self, "targets", spec.targets)
-    if not isinstance(self.alpha, (int, float)) or not math.isfinite(
-        self.alpha) or self.alpha <= 0:
-      raise InvalidAdapterError(
-          f"invalid adapter spec: alpha must be a positive finite number, got "
-          f"{self.alpha!r}")
-    object.__setattr__(self, "alpha", float(self.alpha))
-    object.__setattr__(self, "use_rslora", bool(self.use_rslora))
-    if self.variant == "vera" and self.use_rslora:
-      raise InvalidAdapterError(
-          "invalid adapter spec: VeRA adapters use scale alpha / r; "
-          "use_rslora must be False")
-
-  @property
-  def scale(self) -> float:
-    return lora_scale(self.rank, self.alpha, self.use_rslora)
-
-  def to_dict(self) -> dict:
-    d = dataclasses.asdict(self)
-    d["targets"] = list(self.targets)
-    if d["basis_seed"] is None:  # LoRA specs keep their original JSON.
-      del d["basis_seed"]
-    return d
-
-  @classmethod
-  def from_any(cls, spec) -> "AdapterInfo":
-    """From an AdapterInfo, a dict, or an AdapterSpec (alpha = max_rank)."""
-    if isinstance(spec, AdapterInfo):
-      return spec
-    if isinstance(spec, AdapterSpec):
-      return cls(spec.targets, spec.max_rank, float(spec.max_rank),
-                 variant=spec.variant, dtype=spec.dtype,
-                 basis_seed=spec.basis_seed if spec.variant == "vera" else
-                 None)
-    if isinstance(spec, Mapping):
-      d = dict(spec)
-      if "rank" not in d and "max_rank" in d:
-        d["rank"] = d.pop("max_rank")
-      d.pop("num_slots", None)
-      d.setdefault("alpha", d.get("rank"))
-      unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-      if unknown:
-        raise InvalidAdapterError(
-            f"invalid adapter spec: unknown keys {sorted(unknown)}; expected "
-            "targets, rank, alpha, use_rslora, variant, dtype, basis_seed")
-      try:
-        return cls(**d)
-      except TypeError as e:
-        raise InvalidAdapterError(f"invalid adapter spec: {e}") from None
+  if isinstance(spec, AdapterInfo):
+    return spec
+  if not isinstance(spec, Mapping):
     raise InvalidAdapterError(
         f"invalid adapter spec of type {type(spec).__name__}; pass an "
-        "AdapterInfo, an AdapterSpec or a dict with targets and rank")
+        "AdapterInfo (e.g. AdapterInfo.for_bank(bank_spec, alpha=...)) or a "
+        "dict with targets, rank and alpha")
+  try:
+    return AdapterInfo.from_dict(spec)
+  except (AdapterError, TypeError) as e:
+    raise InvalidAdapterError(f"invalid adapter spec: {e}") from None
 
 
 def check_weights(adapter_id: str, info: AdapterInfo, weights) -> None:
   """Checks weights against the adapter's fixed spec (before any write).
 
-  LoRA adapters take `AdapterWeights`; VeRA adapters take `VeraWeights`
-  whose basis seed, rank, targets and alpha match the spec.
+  The weights must be the host type of the spec's family (LoRA:
+  `AdapterWeights`, VeRA: `VeraWeights`) with the spec's rank, alpha and
+  scale rule, plus whatever the family checks (VeRA: basis seed, targets).
 
   Raises:
     InvalidAdapterError: saying what differs and how to fix it.
   """
-  want = VeraWeights if info.variant == "vera" else AdapterWeights
+  family = info.family
+  want = family.weights_type
   if not isinstance(weights, want):
     raise InvalidAdapterError(
         f"weights for {adapter_id!r} must be {want.__name__} (the adapter's "
         f"variant is {info.variant!r}), got {type(weights).__name__}")
-  if info.variant == "vera":
-    if weights.basis_seed != info.basis_seed or set(
-        weights.lambda_d) != set(info.targets):
-      raise InvalidAdapterError(
-          f"VeRA weights for {adapter_id!r} have basis_seed "
-          f"{weights.basis_seed}, targets {sorted(weights.lambda_d)}; the "
-          f"adapter was created with basis_seed {info.basis_seed}, targets "
-          f"{list(info.targets)}. The vectors only mean something on their "
-          "own basis: publish to an adapter created with that spec")
+  problem = family.check_weights(adapter_id, info, weights)
+  if problem:
+    raise InvalidAdapterError(problem)
   if weights.rank != info.rank:
     raise InvalidAdapterError(
         f"weights for {adapter_id!r} have rank {weights.rank}, the adapter "

@@ -16,8 +16,6 @@ from typing import Sequence
 
 import numpy as np
 
-from mintjax.adapters.spec import AdapterWeights
-from mintjax.adapters.vera import VeraWeights
 from mintjax.store import records
 from mintjax.store.catalog import Catalog
 from mintjax.store.errors import StoreCorruptionError, UnknownRefError
@@ -115,8 +113,8 @@ class Loader:
                 ) -> list[LoadedAdapter]:
     """Resolves many refs and reads all their rows in one batched read.
 
-    LoRA revisions come back as `AdapterWeights`, VeRA revisions as the
-    stored `VeraWeights`; `.to_lora(config)` gives LoRA factors for both.
+    Each comes back as its family's host weights (LoRA `AdapterWeights`,
+    VeRA the stored `VeraWeights`); `.to_lora(config)` gives LoRA factors.
     """
     found = self.resolve_many(list(refs))
     for rev, _, _ in found:
@@ -135,17 +133,8 @@ class Loader:
     return rev, a, b
 
 
-def _weights(rev: Revision, spec_json: str, layout, row: np.ndarray
-             ) -> AdapterWeights | VeraWeights:
+def _weights(rev: Revision, spec_json: str, layout, row: np.ndarray):
+  """A row as its family's host weights (LoRA folds PEFT's per-layer B
+  factors from the revision's meta; VeRA keeps only its vectors)."""
   info = records.info_json(spec_json)
-  a, b = layout.unpack(row)
-  if info.variant == "vera":  # Only the vectors: materialised by consumers.
-    return VeraWeights(a, b, info.rank, info.basis_seed, info.alpha)
-  # PEFT imports store per-module alpha ratios as per-layer B factors
-  # (`mintjax.store.peft_io`); fold them in so consumers see one scale.
-  for t, f in (rev.meta.get("b_scale") or {}).items():
-    f = np.asarray(f, np.float64)
-    if not np.all(f == 1.0):
-      b[t] = (b[t].astype(np.float64) * f[:, None, None]).astype(b[t].dtype)
-  return AdapterWeights(a, b, rank=info.rank, alpha=info.alpha,
-                        use_rslora=info.use_rslora)
+  return info.family.from_tensors(info, *layout.unpack(row), rev.meta)

@@ -59,6 +59,7 @@ import safetensors.numpy
 from mintjax.adapters.spec import ALL_TARGETS, AdapterWeights, lora_scale
 from mintjax.config import ModelConfig
 from mintjax.store.errors import InvalidAdapterError
+from mintjax.store.identity import parse_info
 from mintjax.store.registry import AdapterInfo, Registry, Revision, parse_ref
 from mintjax.store.weights import RowLayout
 
@@ -528,21 +529,20 @@ def _check_export_target(folder: str) -> None:
 def export_peft(reg: Registry, ref: str, folder: str) -> Revision:
   """Writes revision `ref` as a PEFT LoRA folder that `PeftModel` loads.
 
-  A VeRA adapter is written as its materialised (equivalent) LoRA factors.
+  Each family maps itself to LoRA factors (`AdapterFamily.peft_factors`): a
+  VeRA adapter is written as its materialised (equivalent) LoRA factors.
   The folder must be new or hold no adapter files: an export never
   overwrites one.
   """
   _check_export_target(folder)
   rec = reg.adapter(parse_ref(ref)[0])
-  info = AdapterInfo.from_any(rec["spec"])
-  if info.variant == "vera":
-    rev, w = reg.load(ref)
-    w = w.to_lora(RowLayout.from_dict(rec["layout"]))
-    info = AdapterInfo(info.targets, info.rank, info.alpha, dtype=info.dtype)
-    write_peft(folder, info, w.lora_a, w.lora_b, rev.meta)
-    return rev
-  rev, lora_a, lora_b = reg.read_raw(ref)
-  write_peft(folder, info, lora_a, lora_b, rev.meta)
+  info = parse_info(rec["spec"])
+  rev, first, second = reg.read_raw(ref)
+  # The family maps its stored tensors to LoRA factors (LoRA: as stored,
+  # per-layer B factors staying in meta; VeRA: materialised).
+  lora_info, lora_a, lora_b = info.family.peft_factors(
+      info, first, second, RowLayout.from_dict(rec["layout"]).shapes)
+  write_peft(folder, lora_info, lora_a, lora_b, rev.meta)
   return rev
 
 

@@ -30,6 +30,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from mintjax.adapters.spec import AdapterError
 from mintjax.store.catalog import Catalog
 from mintjax.store.errors import (InvalidAdapterError, StoreCorruptionError,
                                   UnknownRefError)
@@ -141,15 +142,9 @@ class Publisher:
     info = records.info_of(rec)
     check_weights(adapter_id, info, weights)
     layout_new = rec["layout"] is None
-    if layout_new and info.variant == "vera":
-      raise InvalidAdapterError(
-          f"VeRA adapter {adapter_id!r} has no recorded shapes (its vectors "
-          "do not determine d_in); create it with config= or shapes=")
     layout = (_layout_from_weights(adapter_id, info, weights) if layout_new
               else records.layout_of(rec))
-    row = layout.pack(*((weights.lambda_d, weights.lambda_b) if
-                        info.variant == "vera" else
-                        (weights.lora_a, weights.lora_b)))
+    row = layout.pack(*info.family.tensors(weights))
     if parent is not None and (isinstance(parent, bool) or
                                not isinstance(parent, int) or parent < 1):
       raise InvalidAdapterError(
@@ -183,17 +178,20 @@ class Publisher:
 
 def _layout_from_weights(adapter_id: str, info: AdapterInfo, weights
                          ) -> RowLayout:
-  """The row layout a LoRA adapter's first publish fixes from its shapes."""
-  shapes = {}
-  for t in info.targets:
-    if t not in weights.lora_a or t not in weights.lora_b:
-      raise InvalidAdapterError(
-          f"weights for {adapter_id!r} lack target {t!r}; the adapter's "
-          f"targets are {list(info.targets)}")
-    a, b = np.shape(weights.lora_a[t]), np.shape(weights.lora_b[t])
-    if len(a) != 3 or len(b) != 3 or a[0] != b[0]:
-      raise InvalidAdapterError(
-          f"lora_a[{t!r}] {a} / lora_b[{t!r}] {b} must be [L, d_in, r] / "
-          "[L, r, d_out]")
-    shapes[t] = (a[0], a[1], b[2])
+  """The row layout an adapter's first publish fixes from its weights'
+  shapes (families whose weights determine them, e.g. LoRA)."""
+  try:
+    shapes = info.family.shapes_of(weights)
+  except AdapterError as e:
+    raise InvalidAdapterError(f"weights for {adapter_id!r}: {e}") from None
+  if shapes is None:
+    raise InvalidAdapterError(
+        f"{info.variant} adapter {adapter_id!r} has no recorded shapes "
+        "(its stored tensors do not determine d_in); create it with "
+        "config= or shapes=")
+  missing = [t for t in info.targets if t not in shapes]
+  if missing:
+    raise InvalidAdapterError(
+        f"weights for {adapter_id!r} lack targets {missing}; the adapter's "
+        f"targets are {list(info.targets)}")
   return RowLayout.for_info(info, shapes)

@@ -13,7 +13,7 @@ import json
 
 from mintjax.store.catalog import Catalog
 from mintjax.store.errors import UnknownRefError
-from mintjax.store.identity import AdapterInfo, check_name
+from mintjax.store.identity import AdapterInfo, check_name, parse_info
 from mintjax.store.weights import RowLayout
 
 
@@ -30,7 +30,7 @@ def adapter_record(catalog: Catalog, adapter_id) -> dict:
 
 @functools.lru_cache(maxsize=256)
 def info_json(spec_json: str) -> AdapterInfo:
-  return AdapterInfo.from_any(json.loads(spec_json))
+  return parse_info(json.loads(spec_json))
 
 
 @functools.lru_cache(maxsize=256)

@@ -34,7 +34,8 @@ from mintjax.config import ModelConfig
 from mintjax.store import records
 from mintjax.store.catalog import Catalog
 from mintjax.store.errors import InvalidAdapterError, RegistryError
-from mintjax.store.identity import AdapterInfo, check_name, parse_ref
+from mintjax.store.identity import (AdapterInfo, check_name, parse_info,
+                                    parse_ref)
 from mintjax.store.lifecycle import Lifecycle
 from mintjax.store.loader import Loader
 from mintjax.store.maintenance import collect_garbage, verify_all
@@ -115,7 +116,9 @@ class Registry:
 
     Args:
       adapter_id: stable id (see `check_name`).
-      spec: AdapterInfo, AdapterSpec or dict (targets, rank, alpha, ...).
+      spec: the adapter spec, an `AdapterInfo` or its dict form (targets,
+        rank, alpha, ...); a bank spec gives one with
+        `AdapterInfo.for_bank(bank_spec, alpha=...)`.
       base_fingerprint: the base model's 'sha256:...' fingerprint.
       owner: owner / tenant name.
       exist_ok: return the existing adapter if it has the same spec and base.
@@ -131,7 +134,7 @@ class Registry:
                              config=config, shapes=shapes)
     existing = self.catalog.adapter(adapter_id)
     if existing is not None:
-      if (exist_ok and existing["spec"] == info.to_dict() and
+      if (exist_ok and records.info_of(existing) == info and
           existing["base_fingerprint"] == base_fingerprint):
         return existing
       raise InvalidAdapterError(
@@ -289,9 +292,10 @@ class Registry:
       lacks counts as a zero delta; shapes must agree.
     """
     (ra, wa), (rb, wb) = [
-        (r, w if isinstance(w, AdapterWeights) else w.to_lora(
-            records.layout_of(self.adapter(r.adapter_id))))
-        for r, w in self.load_many([ref_a, ref_b])]
+        (r, records.info_of(rec).family.to_lora(
+            w, records.layout_of(rec).shapes))
+        for r, w in self.load_many([ref_a, ref_b])
+        for rec in [self.adapter(r.adapter_id)]]
     out = {}
     for t in ALL_TARGETS:
       if t not in wa.lora_a and t not in wb.lora_a:
@@ -320,7 +324,7 @@ class Registry:
 def _adapter_row(adapter_id: str, *, spec, base_fingerprint, owner, config,
                  shapes) -> tuple[tuple, AdapterInfo]:
   """Validates a new adapter; returns its catalog row and parsed spec."""
-  info = AdapterInfo.from_any(spec)
+  info = parse_info(spec)
   if not isinstance(base_fingerprint, str) or not base_fingerprint:
     raise InvalidAdapterError(
         f"base_fingerprint must be a non-empty string like 'sha256:...', "

@@ -1,33 +1,29 @@
 """Cohorts: more users than slots, trained a slot-bank-full at a time.
 
 Owns `plan_cohorts` (users -> fixed-size groups), `SlotMap` (slot <-> user
-for the cohort currently in the bank, with checks), `init_adapter` (a new
-user's adapter initialised like PEFT: A random, B zero, so a fresh adapter is
-exactly the base model) and `cohort_bank` (the host-built bank holding one
+for the cohort currently in the bank, with checks), `init_for_spec` (a new
+user's adapter as its family initialises it: LoRA like PEFT, A random and B
+zero; VeRA per its paper, lambda_b = 0; either way exactly the base model)
+and `cohort_bank` (the host-built bank of the spec's family holding one
 cohort, placed with the step's shardings). `init_cohort` + `cohort_state`
 are the one way to set a cohort up for training (slot map, bank, optimizer
 state), shared by the training workflow, the scaling study and the
 benchmarks. Loading the next cohort replaces array values only; the compiled
-step is reused. For `AdapterSpec(variant=
-'vera')` a new adapter is initialised per the VeRA paper (lambda_b = 0,
-lambda_d = 0.1: again exactly the base model), the cohort bank is a
-`VeraBank`, and `read_adapter` reads a slot back as `VeraWeights`.
+step is reused. Everything family-specific (init, the trainer's bank type,
+reading a slot back as the weights the store keeps) is asked of the bank
+spec's family (`mintjax.adapters.family`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import math
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 
-from mintjax.adapters.bank import AdapterBank, bank_from_weights, read_slot
-from mintjax.adapters.spec import AdapterSpec, AdapterWeights
-from mintjax.adapters.vera import (VeraBank, VeraWeights, read_vera_slot,
-                                   vera_bank_from_weights)
+from mintjax.adapters.lora import init_lora
+from mintjax.adapters.spec import AdapterInfo, AdapterWeights, BankSpec
 from mintjax.config import ModelConfig
 from mintjax.train import optimizer as opt_lib
 
@@ -93,55 +89,37 @@ class SlotMap:
     return cls(dict(d["slot_of_user"]), int(d["num_slots"]))
 
 
-def _seed_for(seed: int, user: str) -> int:
-  digest = hashlib.sha256(f"init:{seed}:{user}".encode()).digest()
-  return int.from_bytes(digest[:8], "little")
-
-
 def init_adapter(config: ModelConfig, targets: Sequence[str], rank: int,
                  alpha: float, user: str, seed: int, *,
                  use_rslora: bool = False) -> AdapterWeights:
-  """A fresh adapter initialised like PEFT (seeded by seed and user).
-
-  A is Kaiming-uniform (PEFT's `kaiming_uniform_(a=sqrt(5))`, i.e.
-  U(-1/sqrt(d_in), 1/sqrt(d_in))) and B is zero, so the new adapter leaves
-  the base model's outputs unchanged until it is trained.
-  """
-  rng = np.random.default_rng(_seed_for(seed, user))
-  a, b = {}, {}
-  for t in targets:
-    d_in, d_out = config.projection_shape(t)
-    bound = 1.0 / math.sqrt(d_in)
-    a[t] = rng.uniform(-bound, bound, (config.num_layers, d_in, rank)
-                       ).astype(np.float32)
-    b[t] = np.zeros((config.num_layers, rank, d_out), np.float32)
-  return AdapterWeights(a, b, rank=rank, alpha=float(alpha),
-                        use_rslora=use_rslora)
+  """A fresh LoRA adapter initialised like PEFT (seeded by seed and user):
+  A Kaiming-uniform, B zero (`mintjax.adapters.lora.init_lora`)."""
+  return init_lora(config, AdapterInfo(tuple(targets), rank, alpha,
+                                       use_rslora), user=user, seed=seed)
 
 
-def init_for_spec(config: ModelConfig, spec: AdapterSpec, rank: int,
+def init_for_spec(config: ModelConfig, spec: BankSpec, rank: int,
                   alpha: float, user: str, seed: int, *,
-                  use_rslora: bool = False) -> AdapterWeights | VeraWeights:
-  """A fresh adapter of the spec's variant (see `init_adapter`)."""
-  if spec.variant == "vera":
-    return VeraWeights.init(config, spec.targets, rank, spec.basis_seed,
-                            alpha=alpha)
-  return init_adapter(config, spec.targets, rank, alpha, user, seed,
-                      use_rslora=use_rslora)
+                  use_rslora: bool = False) -> Any:
+  """A fresh adapter of the bank spec's family (its `init`)."""
+  info = AdapterInfo.for_bank(spec, alpha=alpha, rank=rank,
+                              use_rslora=use_rslora)
+  return spec.family.init(config, info, user=user, seed=seed)
 
 
-def read_adapter(spec: AdapterSpec, bank, slot: int, alpha: float,
-                 use_rslora: bool = False) -> AdapterWeights | VeraWeights:
-  """One slot of a (host) cohort bank as the weights the registry stores."""
-  if isinstance(bank, VeraBank):
-    return read_vera_slot(bank, slot, spec.basis_seed, alpha=alpha)
-  return read_slot(bank, slot, alpha=alpha, use_rslora=use_rslora)
+def read_adapter(spec: BankSpec, bank, slot: int, alpha: float,
+                 use_rslora: bool = False) -> Any:
+  """One slot of a (host) cohort bank as the weights the registry stores
+  (the family's host weights, at the slot's true rank)."""
+  info = AdapterInfo.for_bank(spec, alpha=alpha, rank=int(bank.rank[slot]),
+                              use_rslora=use_rslora)
+  return spec.family.read_slot(bank, slot, info)
 
 
-def cohort_bank(config: ModelConfig, spec: AdapterSpec, slot_map: SlotMap,
-                weights_of_user: Mapping[str, AdapterWeights | VeraWeights],
-                shardings=None) -> AdapterBank | VeraBank:
-  """The bank holding one cohort's adapters (empty slots are null).
+def cohort_bank(config: ModelConfig, spec: BankSpec, slot_map: SlotMap,
+                weights_of_user: Mapping[str, Any], shardings=None) -> Any:
+  """The trainer's bank (of the spec's family) holding one cohort's adapters
+  (empty slots are null).
 
   Args:
     config: base config.
@@ -153,9 +131,7 @@ def cohort_bank(config: ModelConfig, spec: AdapterSpec, slot_map: SlotMap,
   missing = [u for u in slot_map.users if u not in weights_of_user]
   if missing:
     raise SlotMapError(f"no initial weights for users {missing}")
-  build = vera_bank_from_weights if spec.variant == "vera" else (
-      bank_from_weights)
-  bank = build(config, spec, {
+  bank = spec.family.bank_from_weights(config, spec, {
       slot_map.slot(u): weights_of_user[u] for u in slot_map.users})
   if shardings is not None:
     bank = place_on_mesh(bank, shardings)
@@ -181,14 +157,10 @@ def zero_opt_state(bank) -> opt_lib.SlotOptState:
                       jax.eval_shape(opt_lib.init_opt_state, bank))
 
 
-def init_cohort(config: ModelConfig, spec: AdapterSpec, users: Sequence[str],
-                *, alpha: float | None, seed: int = 0,
-                use_rslora: bool = False
-                ) -> dict[str, AdapterWeights | VeraWeights]:
-  """Fresh adapters of rank `spec.max_rank` for `users` (`init_for_spec`).
-
-  `alpha` None is allowed for VeRA only (its own default, alpha = r).
-  """
+def init_cohort(config: ModelConfig, spec: BankSpec, users: Sequence[str],
+                *, alpha: float, seed: int = 0, use_rslora: bool = False
+                ) -> dict[str, Any]:
+  """Fresh adapters of rank `spec.max_rank` for `users` (`init_for_spec`)."""
   return {u: init_for_spec(config, spec, spec.max_rank, alpha, u, seed,
                            use_rslora=use_rslora) for u in users}
 
@@ -199,18 +171,19 @@ class CohortState:
 
   Attributes:
     slot_map: user <-> slot (slot 0 is the null adapter).
-    bank: `AdapterBank` or `VeraBank` with [S, ...] leaves holding the
-      cohort's adapters (empty slots null).
+    bank: the trainer's bank of the spec's family (LoRA `AdapterBank`,
+      VeRA `VeraBank`) with [S, ...] leaves holding the cohort's adapters
+      (empty slots null).
     opt: `SlotOptState`, zero moments and counters for every slot.
   """
 
   slot_map: SlotMap
-  bank: AdapterBank | VeraBank
+  bank: Any
   opt: opt_lib.SlotOptState
 
 
-def cohort_state(config: ModelConfig, spec: AdapterSpec, users: Sequence[str],
-                 weights_of_user: Mapping[str, AdapterWeights | VeraWeights],
+def cohort_state(config: ModelConfig, spec: BankSpec, users: Sequence[str],
+                 weights_of_user: Mapping[str, Any],
                  *, shardings=None) -> CohortState:
   """The slot map, bank and fresh optimizer state of one cohort.
 

@@ -2,9 +2,11 @@
 
 Owns `OptimizerConfig`, `SlotOptState` (Adam moments shaped like the bank's
 LoRA factors plus a per-slot step counter), the per-slot learning-rate
-schedule, per-slot gradient clipping and `apply_updates`, and which part of
-a bank is trained: the A/B factors of an `AdapterBank`, or the scaling
-vectors of a `VeraBank` (whose frozen basis gets no optimizer state).
+schedule, per-slot gradient clipping and `apply_updates`. Which part of a
+bank is trained, and its per-slot rank mask, is the adapter family's answer
+(`mintjax.adapters.family`): the A/B factors of a LoRA `AdapterBank`, the
+scaling vectors of a VeRA bank (whose frozen basis gets no optimizer state),
+or whatever a new family declares.
 
 Why not optax: an optax transform keeps one step count and one schedule for
 the whole tree, and its momentum and weight decay would move every slot on
@@ -23,10 +25,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from mintjax.adapters.bank import AdapterBank, bank_logical_axes, bank_shapes
-from mintjax.adapters.spec import AdapterSpec
-from mintjax.adapters.vera import (VeraBank, vera_bank_logical_axes,
-                                   vera_bank_shapes)
+from mintjax.adapters.bank import AdapterBank
+from mintjax.adapters.family import family_of_bank
+from mintjax.adapters.spec import BankSpec
 
 SCHEDULES = ("constant", "cosine", "linear")
 
@@ -79,9 +80,9 @@ class SlotOptState:
   """Optimizer state of every slot.
 
   Attributes:
-    mu: first moments, {'lora_a': {t: [S, L, d_in, R]}, 'lora_b': {t: [S, L,
-      R, d_out]}} (VeRA: {'lambda_d': {t: [S, L, R]}, 'lambda_b': {t: [S, L,
-      d_out]}}), i.e. shaped like `trainable_params(bank)`.
+    mu: first moments, shaped like `trainable_params(bank)`: LoRA
+      {'lora_a': {t: [S, L, d_in, R]}, 'lora_b': {t: [S, L, R, d_out]}},
+      VeRA {'lambda_d': {t: [S, L, R]}, 'lambda_b': {t: [S, L, d_out]}}.
     nu: second moments, same tree as `mu`.
     count: [S] int32, optimizer steps taken by each slot.
   """
@@ -91,50 +92,42 @@ class SlotOptState:
   count: jax.Array
 
 
-def trainable_params(bank: AdapterBank | VeraBank) -> dict:
-  """The differentiated part of the bank, keyed by its field names.
-
-  {'lora_a', 'lora_b'} for LoRA; {'lambda_d', 'lambda_b'} for VeRA, so
-  `bank.replace(**trainable)` puts updated values back for either.
-  """
-  if isinstance(bank, VeraBank):
-    return {"lambda_d": bank.lambda_d, "lambda_b": bank.lambda_b}
-  return {"lora_a": bank.lora_a, "lora_b": bank.lora_b}
+def trainable_params(bank) -> dict:
+  """The differentiated part of a trainer's bank, keyed by its field names
+  ({'lora_a', 'lora_b'} for LoRA, {'lambda_d', 'lambda_b'} for VeRA), so
+  `bank.replace(**trainable)` puts updated values back for any family."""
+  return family_of_bank(bank).trainable(bank)
 
 
-def forward_bank(bank: AdapterBank | VeraBank, trainable: dict
-                 ) -> AdapterBank:
+def forward_bank(bank, trainable: dict) -> AdapterBank:
   """The LoRA bank the model runs with `trainable` substituted (jit-able).
 
-  A VeRA bank is materialised from its vectors and frozen basis here, inside
-  the differentiated function, so gradients reach the vectors only.
+  Families with derived factors (VeRA: vectors times a frozen basis)
+  materialise here, inside the differentiated function, so gradients reach
+  the trained leaves only.
   """
   bank = bank.replace(**trainable)
-  return bank.materialize() if isinstance(bank, VeraBank) else bank
+  return family_of_bank(bank).to_lora_bank(bank)
 
 
-def train_bank_shapes(config, spec: AdapterSpec):
-  """Shapes of the trainer's bank for `spec`: AdapterBank or VeraBank."""
-  if spec.variant == "vera":
-    return vera_bank_shapes(config, spec)
-  return bank_shapes(config, spec)
+def train_bank_shapes(config, spec: BankSpec):
+  """Shapes of the trainer's bank for `spec` (its family's bank type)."""
+  return spec.family.bank_shapes(config, spec)
 
 
-def train_bank_logical_axes(spec: AdapterSpec):
+def train_bank_logical_axes(spec: BankSpec):
   """Logical axes of the trainer's bank for `spec` (same tree as shapes)."""
-  if spec.variant == "vera":
-    return vera_bank_logical_axes(spec)
-  return bank_logical_axes(spec)
+  return spec.family.bank_logical_axes(spec)
 
 
-def init_opt_state(bank: AdapterBank) -> SlotOptState:
+def init_opt_state(bank) -> SlotOptState:
   """Zero moments and counters for every slot of `bank`."""
   zeros = jax.tree.map(jnp.zeros_like, trainable_params(bank))
   return SlotOptState(mu=zeros, nu=jax.tree.map(jnp.zeros_like, zeros),
                       count=jnp.zeros(bank.scale.shape, jnp.int32))
 
 
-def opt_logical_axes(spec: AdapterSpec) -> SlotOptState:
+def opt_logical_axes(spec: BankSpec) -> SlotOptState:
   """Logical axis names of the optimizer state (moments follow the bank)."""
   moments = trainable_params(train_bank_logical_axes(spec))
   return SlotOptState(mu=moments, nu=moments, count=("slot",))
@@ -195,26 +188,14 @@ def _bcast(v_s, x):
   return v_s.reshape((-1,) + (1,) * (x.ndim - 1))
 
 
-def rank_mask(bank: AdapterBank | VeraBank) -> dict:
-  """1.0 on each slot's true-rank columns/rows of A/B, 0.0 on the padding.
+def rank_mask(bank) -> dict:
+  """Per-slot gradient mask (same tree as `trainable_params(bank)`): 1.0 on
+  each slot's true-rank part, 0.0 on padding, as the bank's family says.
 
   Masking gradients with it keeps zero-padded rank exactly zero, so a
-  rank-4 adapter in a rank-8 bank stays a rank-4 adapter. For VeRA the
-  padding is lambda_d past the rank (the basis columns there are not zero,
-  so their gradient would be), and lambda_b of empty (rank-0) slots.
+  rank-4 adapter in a rank-8 bank stays a rank-4 adapter.
   """
-  r = bank.max_rank
-  keep_sr = (jnp.arange(r)[None, :] < bank.rank[:, None]).astype(jnp.float32)
-  if isinstance(bank, VeraBank):
-    used_s = (bank.rank > 0).astype(jnp.float32)
-    return {
-        "lambda_d": {t: keep_sr[:, None, :] for t in bank.lambda_d},
-        "lambda_b": {t: used_s[:, None, None] for t in bank.lambda_b},
-    }
-  return {
-      "lora_a": {t: keep_sr[:, None, None, :] for t in bank.lora_a},
-      "lora_b": {t: keep_sr[:, None, :, None] for t in bank.lora_b},
-  }
+  return family_of_bank(bank).rank_mask(bank)
 
 
 def apply_updates(cfg: OptimizerConfig, params: dict, grads: dict,

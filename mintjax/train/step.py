@@ -4,10 +4,10 @@ Owns `Batch` (the arrays one step consumes), `batch_logical_axes`, and
 `make_train_step`, the factory that builds the step once with `jax.jit`,
 explicit in/out shardings over the mesh, and the adapter bank and optimizer
 state donated. The base parameters are an ordinary (frozen) input and are
-never differentiated: the gradient is taken with respect to the bank's LoRA
-factors only (for a VeRA bank, `mintjax.adapters.vera.VeraBank`, with
-respect to its scaling vectors: the bank is materialised inside the loss
-from the frozen basis), and every row's adapter is gathered by its `adapter_idx`
+never differentiated: the gradient is taken with respect to the leaves the
+bank's adapter family trains (`AdapterFamily.trainable`: LoRA's factors,
+VeRA's scaling vectors, the bank being materialised inside the loss by
+`to_lora_bank`), and every row's adapter is gathered by its `adapter_idx`
 through the gather-LoRA op (`mintjax.model.llama.forward(lora_impl=...)`).
 Swapping which users sit in the slots changes only array values, so the
 step never recompiles across cohorts.
@@ -168,7 +168,7 @@ def state_shardings(mesh, config: ModelConfig, spec: AdapterSpec,
   """NamedShardings of (base params, bank, optimizer state, batch axes)."""
   params_sh = sharding.logical_sharding(
       llama.param_logical_axes(config), llama.param_shapes(config), mesh, rules)
-  shapes = opt_lib.train_bank_shapes(config, spec)  # AdapterBank / VeraBank
+  shapes = opt_lib.train_bank_shapes(config, spec)  # the family's bank
   bank_sh = sharding.logical_sharding(opt_lib.train_bank_logical_axes(spec),
                                       shapes, mesh, rules)
   opt_shapes = opt_lib.SlotOptState(

@@ -40,14 +40,18 @@ class Arm:
   """One adapter shape class of the sweep.
 
   Attributes:
-    rank: LoRA rank r (alpha is 2r, so every arm has scale 2).
+    rank: adapter rank r.
     targets: projections carrying the adapter.
-    variant: `AdapterSpec.variant` ('lora', or 'vera' where supported).
+    variant: the bank spec's adapter family ('lora', or 'vera' where
+      supported).
+    scale: alpha / r of every adapter of the arm (LoRA arms use 2; VeRA's
+      paper has no alpha, so its arm uses 1, i.e. alpha = r).
   """
 
   rank: int
   targets: tuple[str, ...] = QV
   variant: str = "lora"
+  scale: float = 2.0
 
   @property
   def name(self) -> str:
@@ -58,14 +62,12 @@ class Arm:
     return f"{prefix}r{self.rank}-{t}"
 
   @property
-  def alpha(self) -> float | None:
-    """LoRA: 2r (scale 2). VeRA: None, its own default (alpha = r)."""
-    return 2.0 * self.rank if self.variant == "lora" else None
+  def alpha(self) -> float:
+    return float(self.scale * self.rank)
 
   def spec(self, num_slots: int) -> AdapterSpec:
-    kw = {} if self.variant == "lora" else {"variant": self.variant}
     return AdapterSpec(targets=tuple(self.targets), max_rank=self.rank,
-                       num_slots=num_slots, **kw)
+                       num_slots=num_slots, variant=self.variant)
 
   def adapter_bytes(self, config) -> int:
     """Per-user stored bytes (float32) of one adapter of this arm."""
@@ -197,7 +199,7 @@ def train_arm(base: BaseModel, arm: Arm, workload: Workload, *, steps: int,
   curve = []
 
   def record(step):
-    lora_bank = bank.materialize() if arm.variant == "vera" else bank
+    lora_bank = spec.family.to_lora_bank(bank)
     scores = _score(base, jax.device_get(lora_bank), slot_map, workload,
                     eval_batch_size, lora_impl)
     curve.append(dict(step=step, **scores))
