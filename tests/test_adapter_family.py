@@ -161,6 +161,10 @@ class FaFamily(family_lib.AdapterFamily):
                         self.bank_shapes(config, spec))
     for slot, w in weights.items():
       for t in w.targets:
+        # Gain past the rank is 1, not 0 (this family's choice), so the
+        # padded columns of x A' are not zero: only the per-slot rank mask
+        # keeps B's padded rows from training.
+        host.gain[t][slot] = 1.0
         host.gain[t][slot, :, :w.rank] = w.gain[t]
         host.lora_b[t][slot, :, :w.rank] = w.lora_b[t]
       host.scale[slot], host.rank[slot] = w.scale, w.rank
@@ -186,6 +190,8 @@ class FaFamily(family_lib.AdapterFamily):
             "lora_b": {t: keep_sr[:, None, :, None] for t in bank.lora_b}}
 
   def to_lora_bank(self, bank):
+    # A' past a slot's rank is not zero (gain 1 there); B's padded rows are,
+    # which keeps the product exact.
     basis = jax.lax.stop_gradient(bank.basis)
     a = {t: basis[t][None] * bank.gain[t][:, :, None, :] for t in bank.gain}
     return bank_lib.AdapterBank(a, dict(bank.lora_b), bank.scale, bank.rank)
@@ -251,8 +257,8 @@ def test_a_registered_family_trains_in_the_compiled_step(fa, base):
     # Trained leaves moved on trained slots, within their true rank...
     assert not np.array_equal(after.lora_b[t][1], before.lora_b[t][1])
     assert not np.array_equal(after.gain[t][2, :, :2], before.gain[t][2, :, :2])
-    # ...the per-slot mask kept rank padding exactly zero...
-    assert not np.any(after.gain[t][2, :, 2:])
+    # ...the per-slot mask kept rank padding as it was (B's exactly zero)...
+    assert np.all(after.gain[t][2, :, 2:] == 1.0)
     assert not np.any(after.lora_b[t][2, :, 2:])
     # ...and untouched slots, the null slot and the frozen basis are
     # bit-identical.
@@ -276,7 +282,10 @@ def test_the_bank_materialises_to_the_factors_the_model_runs(fa, base):
                                          ws)
   got = jax.jit(fa.to_lora_bank)(fa_bank)
   for t in TARGETS:
-    np.testing.assert_allclose(got.lora_a[t], lora_bank.lora_a[t], atol=1e-6)
+    for slot, w in ws.items():
+      np.testing.assert_allclose(got.lora_a[t][slot, ..., :w.rank],
+                                 lora_bank.lora_a[t][slot, ..., :w.rank],
+                                 atol=1e-6)
     np.testing.assert_array_equal(got.lora_b[t], lora_bank.lora_b[t])
   np.testing.assert_allclose(got.scale, [0.0, 1.0, 2.0])
   tokens = np.random.default_rng(0).integers(3, 259, (3, 7)).astype(np.int32)
