@@ -50,7 +50,8 @@ RULE_ESCALATION = ("default", "slot_sharded")
 def request(preset: str, workload: Mapping, **changes) -> aot.AotRequest:
   topology, mesh = PLAN[preset]
   kw = dict(model=preset, topology=topology, mesh=mesh, rank=16,
-            lora_impl="auto", **workload)
+            lora_impl="auto")
+  kw.update(workload)
   kw.update(changes)
   return aot.AotRequest(**kw)
 
@@ -267,10 +268,36 @@ def render_table(rows) -> list[str]:
   return out
 
 
+def predict_largest(row) -> int | None:
+  """Slots × rank 16 predicted to fit with the `slot_sharded` rules.
+
+  Fixed per-chip bytes: params and KV cache as compiled, plus the base-only
+  step's temporaries; per slot: the factors (train: f32 factors, gradient and
+  two Adam moments, 16 bytes a number; serve: the bank dtype), split over
+  the fsdp x tensor chips. Not verified by a compile.
+  """
+  lo, base = row["lora"], row["base"]
+  if "resident_bytes" not in base or "mesh" not in base:
+    return None
+  req = aot.request_from_dict(row["request"])
+  spec = req.spec()
+  per_number = 16 if req.step == "train" else (
+      2 if spec.dtype == "bfloat16" else 4)
+  per_slot = spec.params_per_adapter(req.model_config()) * per_number
+  shards = base["mesh"]["fsdp"] * base["mesh"]["tensor"]
+  res = base["resident_bytes"]
+  fixed = (res.get("params", 0) + res.get("kv_cache", 0) +
+           res.get("temporaries", 0))
+  spare = base["hbm"] * 0.92 - fixed
+  del lo
+  return max(0, int(spare * shards / per_slot)) if spare > 0 else 0
+
+
 def _largest(row) -> str:
   big = row.get("largest")
   if not big:
-    return "not searched"
+    guess = predict_largest(row)
+    return "—" if guess is None else f"~{guess:,} (predicted)"
   if big.get("slots") is None:
     return big.get("note", "—")
   return f"≥ {big['slots']:,}" if big.get("verified") else "—"
@@ -330,9 +357,9 @@ def percent(x) -> str:
 def adapter_arithmetic(preset: str, targets, slots: int = 1024,
                        rank: int = 16) -> dict:
   """Bytes a bank of `slots` rank-`rank` adapters needs, before compiling."""
-  cfg = aot.presets.get_config(preset)
-  spec = aot.AdapterSpec(targets=tuple(targets), max_rank=rank,
-                         num_slots=slots)
+  req = request(preset, dict(DECODE, slots=slots, targets=tuple(targets),
+                            rank=rank))
+  cfg, spec = req.model_config(), req.spec()
   per = spec.params_per_adapter(cfg)
   return dict(params_per_adapter=per, bank_bf16=per * slots * 2,
               train_f32_adam=per * slots * 4 * 4,  # bank, grad, mu, nu
@@ -392,10 +419,12 @@ def render_markdown(rows, goal_rows, meta: Mapping) -> str:
       "- LoRA overhead: est. step time with the bank / the same step "
       "without it − 1 (train: the base-only step is the same step with "
       "one rank-1 adapter on q, the least a trainable step carries).",
-      "- largest bank: slots × rank 16 on the row's targets, predicted "
-      "from the compiled footprint and verified by compiling it with the "
-      "`slot_sharded` rules (≥: the verified count; the true limit may be "
-      "a little higher).",
+      "- largest bank: slots × rank 16 on the row's targets with the "
+      "`slot_sharded` rules. `≥ N`: verified by compiling N slots; "
+      "`~N (predicted)`: from the compiled base step's fixed bytes plus the "
+      "bank's analytic bytes per slot (`mintjax.scale_up.predict_largest`),"
+      " not compiled (the search is `tools.scale_up` without "
+      "`--no_search`).",
       "- impl: `pallas_sgmv` is the TPU kernel; `gather` means the kernel "
       "did not compile for that mesh and the XLA gather formulation was "
       "compiled instead (the note says why).",
@@ -464,17 +493,20 @@ def render_markdown(rows, goal_rows, meta: Mapping) -> str:
     lines += ["- no row needed a rule change."]
   lines += [
       "", "## The kernel path and sharded banks", "",
-      "The rows were compiled with the XLA `gather` formulation where the "
-      "Pallas kernel did not compile (see the note above). The kernel's "
-      "`shard_map` (`lora_op`) splits tokens over the batch axes and the "
-      "factors' d_in/d_out like the activations, but keeps every slot on "
-      "every shard: with the `slot_sharded` rules XLA must all-gather each "
-      "layer's whole bank before the kernel runs (1,024 all-seven Llama-3.1-"
-      "8B slots: 2.7 GB per layer per step), which defeats the point of "
-      "sharding it. Large banks on the kernel path need a slot-parallel "
-      "dispatch (route each token to the shard that owns its slot and back, "
-      "as expert-parallel MoE layers do); until then large banks use the "
-      "gather formulation, and the kernel serves banks that fit replicated."]
+      "The impl column says which gather-LoRA implementation each row was "
+      "compiled with: `pallas_sgmv` where the TPU kernel compiled, the XLA "
+      "`gather` formulation where it did not when the row ran (the kernel's "
+      "multi-chip `shard_map` landed during this sweep; rows compiled "
+      "before it used `gather`, and the goal rows were compiled with "
+      "`--lora_impl=gather` on purpose so their rule sets compare like for "
+      "like). The kernel's `shard_map` (`lora_op`) splits tokens over the "
+      "batch axes and the factors' d_in/d_out like the activations, but "
+      "keeps every slot on every shard: with the `slot_sharded` rules XLA "
+      "all-gathers each layer's slots before the kernel runs (1,024 "
+      "all-seven Llama-3.1-8B slots: 2.7 GB per layer per step over ICI, "
+      "not counted in the estimates). Large banks on the kernel path want "
+      "a slot-parallel dispatch (route each token to the shard that owns "
+      "its slot and back, as expert-parallel MoE layers do)."]
   mixed = aot.mixed_rank_saving(request("llama-3.1-8b", DECODE),
                                 [1, 2, 4, 8, 16])
   lines += [

@@ -44,6 +44,9 @@ def main(argv=None) -> int:
   p.add_argument("--no_goals", action="store_true")
   p.add_argument("--render_only", action="store_true",
                  help="rebuild the markdown from the cache, compile nothing")
+  p.add_argument("--lora_impl", default="auto",
+                 help="gather-LoRA implementation for every row ('auto': "
+                      "the TPU kernel, XLA gather where it does not compile)")
   p.add_argument("--cache", default="docs/scale_up.json")
   p.add_argument("--rows", default="docs/scale_up_rows.json")
   p.add_argument("--out", default="docs/SCALE_UP.md")
@@ -63,15 +66,20 @@ def main(argv=None) -> int:
     presets = [x for x in args.only.split(",") if x] or list(scale_up.PLAN)
     steps = [s for s in args.steps.split(",") if s]
     if not args.no_goals:
-      for goal in scale_up.GOALS:
-        print(f"goal: {goal[0]}", flush=True)
-        saved["goals"][goal[0]] = scale_up.run_goal(cache, goal)
+      for name, preset, workload, max_overhead in scale_up.GOALS:
+        print(f"goal: {name}", flush=True)
+        goal = (name, preset, dict(workload, lora_impl=args.lora_impl),
+                max_overhead)
+        saved["goals"][name] = scale_up.run_goal(cache, goal)
         save()
     for preset in presets:
       for step in steps:
         print(f"{preset} {step}", flush=True)
+        workload = dict(scale_up.TRAIN if step == "train" else
+                        scale_up.DECODE, lora_impl=args.lora_impl)
         saved["rows"][f"{preset} {step}"] = scale_up.run_row(
-            cache, preset, step, search=not args.no_search)
+            cache, preset, step, search=not args.no_search,
+            workload=workload)
         save()
 
   order = {(pr, st): i for i, (pr, st) in enumerate(
