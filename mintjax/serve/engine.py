@@ -548,6 +548,8 @@ class Engine:
     self.scheduler.finish(seq)
     if seq.finish_reason == "error":
       self._counters["errors"] += 1
+    if self.tokenizer is not None and seq.tokens and not seq.params.stop:
+      seq.text = self.tokenizer.decode(seq.tokens)
     result = GenerationResult(
         request_id=seq.request_id, tokens=list(seq.tokens),
         text=seq.text, logprobs=list(seq.logprobs),
@@ -562,7 +564,9 @@ class Engine:
     seq.logprobs.append(logprob)
     self._counters["generated_tokens"] += 1
     yield TokenEvent(seq.request_id, seq.index, token, logprob)
-    if self.tokenizer is not None:
+    if self.tokenizer is not None and seq.params.stop:
+      # Only stop strings need the text while decoding; other requests are
+      # decoded once, in `_finish` (no per-token work growing with length).
       seq.text = self.tokenizer.decode(seq.tokens)
     cut = min((seq.text.find(s) for s in seq.params.stop
                if s in seq.text), default=-1)
