@@ -46,7 +46,7 @@ import numpy as np
 from mintjax import sharding
 from mintjax.adapters import bank as bank_lib
 from mintjax.adapters import lora_op
-from mintjax.adapters.spec import ALL_TARGETS, AdapterSpec
+from mintjax.adapters.spec import ALL_TARGETS, BankSpec
 from mintjax.config import ModelConfig
 from mintjax.model import llama
 from mintjax.model import presets
@@ -176,11 +176,11 @@ class AotRequest:
   def model_config(self) -> ModelConfig:
     return presets.get_config(self.model, dtype=self.dtype)
 
-  def spec(self) -> AdapterSpec:
+  def spec(self) -> BankSpec:
     bank_dtype = self.bank_dtype or (
         "float32" if self.step == "train" else self.dtype)
-    return AdapterSpec(targets=self.targets, max_rank=self.rank,
-                       num_slots=self.slots, dtype=bank_dtype)
+    return BankSpec(targets=self.targets, max_rank=self.rank,
+                    num_slots=self.slots, dtype=bank_dtype)
 
   def rules_dict(self) -> dict[str, Any]:
     if self.rule_set not in sharding.RULE_SETS:
@@ -257,7 +257,7 @@ def _rows(batch: int, sh) -> sampling_lib.RowSampling:
       stop_bk=s((batch, sampling_lib.MAX_STOP_TOKENS), jnp.int32))
 
 
-def _train_args(req: AotRequest, cfg: ModelConfig, spec: AdapterSpec, mesh,
+def _train_args(req: AotRequest, cfg: ModelConfig, spec: BankSpec, mesh,
                 rules, impl: str):
   step_fn = train_lib.make_train_step(
       cfg, spec, opt_lib.OptimizerConfig(), mesh,
@@ -284,7 +284,7 @@ def _train_args(req: AotRequest, cfg: ModelConfig, spec: AdapterSpec, mesh,
   return step_fn.jitted, (params, bank, opt, batch), groups
 
 
-def _serve_args(req: AotRequest, cfg: ModelConfig, spec: AdapterSpec | None,
+def _serve_args(req: AotRequest, cfg: ModelConfig, spec: BankSpec | None,
                 mesh, rules, impl: str):
   fns = serve_steps.make_step_fns(
       cfg, batch=req.batch, max_len=req.cache_len, steps_per_call=1,
@@ -318,7 +318,7 @@ def _serve_args(req: AotRequest, cfg: ModelConfig, spec: AdapterSpec | None,
 
 # --- analytic cost ------------------------------------------------------------
 
-def step_cost(req: AotRequest, cfg: ModelConfig, spec: AdapterSpec | None,
+def step_cost(req: AotRequest, cfg: ModelConfig, spec: BankSpec | None,
               n_devices: int, bytes_per_device: Mapping[str, int]) -> dict:
   """Analytic FLOPs and HBM bytes per device for one step (module doc).
 
@@ -377,11 +377,11 @@ def step_cost(req: AotRequest, cfg: ModelConfig, spec: AdapterSpec | None,
               optimizer_bytes=float(optimizer), tokens_per_step=int(tokens))
 
 
-def _base_train_spec(req: AotRequest) -> AdapterSpec:
+def _base_train_spec(req: AotRequest) -> BankSpec:
   # A trainable step needs a bank; the base-only step trains the least there
   # is (one rank-1 adapter on q), i.e. the base's forward + backward.
-  return AdapterSpec(targets=("q",), max_rank=1, num_slots=2,
-                     dtype=req.spec().dtype)
+  return BankSpec(targets=("q",), max_rank=1, num_slots=2,
+                  dtype=req.spec().dtype)
 
 
 def add_estimates(req: AotRequest, out: dict) -> dict:

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from mintjax import sharding
-from mintjax.adapters.spec import AdapterSpec
+from mintjax.adapters.spec import BankSpec
 from mintjax.model.base import random_base
 from mintjax.model.sources import RANDOM_VARIANTS
 from mintjax.train import optimizer as opt_lib
@@ -54,7 +54,7 @@ def bench_one(variant: str, users: int, seq_len: int, rank: int, reps: int,
               lora_impl: str = "auto"):
   cfg = RANDOM_VARIANTS[variant]
   base = random_base(cfg, seed=0)
-  spec = AdapterSpec(targets=TARGETS, max_rank=rank, num_slots=users + 1)
+  spec = BankSpec(targets=TARGETS, max_rank=rank, num_slots=users + 1)
   mesh = sharding.make_mesh(fsdp=-1)
   step = make_train_step(cfg, spec, opt_lib.OptimizerConfig(1e-3), mesh,
                          StepConfig(lora_impl=lora_impl))

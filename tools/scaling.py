@@ -92,8 +92,9 @@ def _train(base, arm, workload, p):
   t0 = time.perf_counter()
   r = sa.train_arm(base, arm, workload, steps=p["steps"],
                    batch_size=p["batch_size"], eval_every=p["eval_every"],
-                   learning_rate=p["vera_learning_rate"] if arm.variant ==
-                   "vera" else p["learning_rate"])
+                   # A family may have its own rate ('vera_learning_rate').
+                   learning_rate=p.get(f"{arm.variant}_learning_rate",
+                                       p["learning_rate"]))
   _log(f"{arm.name}: held-out EM {r['heldout_em']:.3f}, train EM "
        f"{r['train_em']:.3f} ({time.perf_counter() - t0:.0f} s)")
   return r

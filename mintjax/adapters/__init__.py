@@ -4,5 +4,6 @@ from mintjax.adapters.bank import (AdapterBank, bank_from_weights,
                                    bank_logical_axes, bank_shapes, init_bank,
                                    read_slot, write_slot)
 from mintjax.adapters.lora_op import lora_delta, lora_project
-from mintjax.adapters.spec import (ALL_TARGETS, AdapterError, AdapterSpec,
-                                   AdapterWeights, lora_scale)
+from mintjax.adapters.spec import (ALL_TARGETS, AdapterError, AdapterInfo,
+                                   AdapterSpec, AdapterWeights, BankSpec,
+                                   lora_scale)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mintjax.adapters.spec import AdapterError, AdapterSpec, AdapterWeights
+from mintjax.adapters.spec import AdapterError, BankSpec, AdapterWeights
 from mintjax.config import ModelConfig
 
 # Logical axis names per bank tensor; `mintjax.sharding` maps them to a mesh.
@@ -89,7 +89,7 @@ def activation_axes(target: str) -> tuple[str, str]:
   return act(_IN_AXIS[target]), act(_OUT_AXIS[target])
 
 
-def bank_shapes(config: ModelConfig, spec: AdapterSpec
+def bank_shapes(config: ModelConfig, spec: BankSpec
                 ) -> AdapterBank:
   """The bank's shapes as `jax.ShapeDtypeStruct` leaves."""
   dtype = jnp.dtype(spec.dtype)
@@ -103,14 +103,14 @@ def bank_shapes(config: ModelConfig, spec: AdapterSpec
                      jax.ShapeDtypeStruct((s,), jnp.int32))
 
 
-def bank_logical_axes(spec: AdapterSpec) -> AdapterBank:
+def bank_logical_axes(spec: BankSpec) -> AdapterBank:
   """Logical axis names of every bank tensor (same tree as the bank)."""
   a = {t: ("slot", "layers", _IN_AXIS[t], "lora_rank") for t in spec.targets}
   b = {t: ("slot", "layers", "lora_rank", _OUT_AXIS[t]) for t in spec.targets}
   return AdapterBank(a, b, ("slot",), ("slot",))
 
 
-def init_bank(config: ModelConfig, spec: AdapterSpec, sharding=None
+def init_bank(config: ModelConfig, spec: BankSpec, sharding=None
               ) -> AdapterBank:
   """An all-zero bank: every slot is the null adapter.
 
@@ -128,7 +128,7 @@ def init_bank(config: ModelConfig, spec: AdapterSpec, sharding=None
 
 
 def pad_weights(weights: AdapterWeights, config: ModelConfig,
-                spec: AdapterSpec) -> dict:
+                spec: BankSpec) -> dict:
   """Host-side padded slot contents: the arrays `write_slot` stores.
 
   Targets the adapter does not have are zeros. Validates first, so bad
@@ -163,7 +163,7 @@ def _write_slot(bank: AdapterBank, slot, contents) -> AdapterBank:
 
 
 def write_slot(bank: AdapterBank, slot: int, weights: AdapterWeights | None,
-               config: ModelConfig, spec: AdapterSpec) -> AdapterBank:
+               config: ModelConfig, spec: BankSpec) -> AdapterBank:
   """Returns the bank with `slot` holding `weights` (None clears the slot).
 
   The old bank is donated: do not use it afterwards. The slot index is a
@@ -206,7 +206,7 @@ def read_slot(bank: AdapterBank, slot: int, alpha: float | None = None,
                         use_rslora=use_rslora)
 
 
-def bank_from_weights(config: ModelConfig, spec: AdapterSpec,
+def bank_from_weights(config: ModelConfig, spec: BankSpec,
                       weights: Mapping[int, AdapterWeights]) -> AdapterBank:
   """A bank with the given slots filled (others null); built on the host."""
   shapes = bank_shapes(config, spec)

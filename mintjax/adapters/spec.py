@@ -302,7 +302,7 @@ def check_factor(name: str, arr, want: tuple[int, ...], config: ModelConfig,
     raise AdapterError(f"{name} contains NaN or Inf values; refusing to use it")
 
 
-def check_fits_spec(targets, rank, spec: "AdapterSpec | None") -> None:
+def check_fits_spec(targets, rank, spec: "BankSpec | None") -> None:
   """Raises AdapterError unless rank > 0 and (targets, rank) fit `spec`."""
   if not isinstance(rank, (int, np.integer)) or rank <= 0:
     raise AdapterError(f"rank must be a positive int, got {rank!r}")
@@ -362,7 +362,7 @@ class AdapterWeights:
     del config
     return self
 
-  def validate(self, config: ModelConfig, spec: AdapterSpec | None = None
+  def validate(self, config: ModelConfig, spec: BankSpec | None = None
                ) -> "AdapterWeights":
     """Checks shapes, targets, rank and finiteness; returns self.
 

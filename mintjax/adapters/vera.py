@@ -53,7 +53,7 @@ import numpy as np
 from mintjax.adapters.bank import AdapterBank
 from mintjax.adapters.bank import _IN_AXIS, _OUT_AXIS  # pylint: disable=protected-access
 from mintjax.adapters.family import AdapterFamily
-from mintjax.adapters.spec import (AdapterError, AdapterInfo, AdapterSpec,
+from mintjax.adapters.spec import (AdapterError, AdapterInfo, BankSpec,
                                    AdapterWeights, check_factor,
                                    check_fits_spec, _check_targets,
                                    lora_scale)
@@ -163,7 +163,7 @@ class VeraWeights:
     return sum(int(np.asarray(x).nbytes) for x in self.lambda_d.values()) + sum(
         int(np.asarray(x).nbytes) for x in self.lambda_b.values())
 
-  def validate(self, config: ModelConfig, spec: AdapterSpec | None = None
+  def validate(self, config: ModelConfig, spec: BankSpec | None = None
                ) -> "VeraWeights":
     """Checks targets, rank, shapes and finiteness; returns self.
 
@@ -316,7 +316,7 @@ def materialize_bank(basis: VeraBasis, lambda_d, lambda_b, scale_s, rank_s
   return AdapterBank(a, b, scale_s, rank_s)
 
 
-def vera_bank_shapes(config: ModelConfig, spec: AdapterSpec) -> VeraBank:
+def vera_bank_shapes(config: ModelConfig, spec: BankSpec) -> VeraBank:
   """The VeRA bank's shapes as `jax.ShapeDtypeStruct` leaves."""
   dtype = jnp.dtype(spec.dtype)
   s, l, r = spec.num_slots, config.num_layers, spec.max_rank
@@ -331,7 +331,7 @@ def vera_bank_shapes(config: ModelConfig, spec: AdapterSpec) -> VeraBank:
                   jax.ShapeDtypeStruct((s,), jnp.int32), VeraBasis(ba, bb))
 
 
-def vera_bank_logical_axes(spec: AdapterSpec) -> VeraBank:
+def vera_bank_logical_axes(spec: BankSpec) -> VeraBank:
   """Logical axis names of every VeRA bank tensor (same tree as the bank)."""
   ts = spec.targets
   return VeraBank(
@@ -343,7 +343,7 @@ def vera_bank_logical_axes(spec: AdapterSpec) -> VeraBank:
           b={t: ("layers", "lora_rank", _OUT_AXIS[t]) for t in ts}))
 
 
-def vera_bank_from_weights(config: ModelConfig, spec: AdapterSpec,
+def vera_bank_from_weights(config: ModelConfig, spec: BankSpec,
                            weights: Mapping[int, VeraWeights]) -> VeraBank:
   """A VeRA bank with the given slots filled (others empty), built on host.
 
@@ -353,7 +353,7 @@ def vera_bank_from_weights(config: ModelConfig, spec: AdapterSpec,
   """
   if spec.variant != "vera":
     raise AdapterError(
-        f"a VeRA bank needs AdapterSpec(variant='vera'), got variant "
+        f"a VeRA bank needs BankSpec(variant='vera'), got variant "
         f"{spec.variant!r}; LoRA banks are built by bank_from_weights")
   shapes = vera_bank_shapes(config, spec)
   host = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)

@@ -41,7 +41,7 @@ import ml_collections
 import numpy as np
 
 from mintjax.adapters.bank import bank_from_weights
-from mintjax.adapters.spec import AdapterSpec, AdapterWeights
+from mintjax.adapters.spec import BankSpec, AdapterWeights
 from mintjax.apps import personal_data
 from mintjax.apps.train_workflow import train_and_publish
 from mintjax.model import checkpoint as base_checkpoint
@@ -190,7 +190,7 @@ def foundation_section(base: BaseModel, progress: Progress,
     completions[p] = tok.decode(ids)
     progress(f"{p!r} -> {completions[p]!r}")
   targets = ("q", "v", "gate", "up", "down")
-  spec = AdapterSpec(targets=targets, max_rank=8, num_slots=3)
+  spec = BankSpec(targets=targets, max_rank=8, num_slots=3)
   # std 0.1 makes the random deltas large enough to change greedy outputs
   # (at PEFT's usual init the B factor is zero and nothing would change).
   bank = bank_from_weights(base.config, spec, {

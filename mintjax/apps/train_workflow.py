@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 
 from mintjax import sharding
-from mintjax.adapters.spec import AdapterInfo, AdapterSpec
+from mintjax.adapters.spec import AdapterInfo, BankSpec
 from mintjax.eval import prompt_format
 from mintjax.eval.evaluate import evaluate_jobs
 from mintjax.model.base import BaseModel
@@ -56,15 +56,15 @@ from mintjax.train.cohort import (CohortState, SlotMap, cohort_state,
 from mintjax.train.step import Batch, StepConfig, TrainStep, make_train_step
 
 
-def make_spec(cfg) -> AdapterSpec:
+def make_spec(cfg) -> BankSpec:
   targets = cfg.lora.targets
   if isinstance(targets, str):
     targets = tuple(t.strip() for t in targets.split(",") if t.strip())
   # lora.variant 'vera' trains VeRA vectors on a frozen basis instead.
-  return AdapterSpec(targets=tuple(targets), max_rank=int(cfg.lora.rank),
-                     num_slots=int(cfg.num_slots),
-                     variant=str(cfg.lora.get("variant", "lora")),
-                     basis_seed=int(cfg.lora.get("basis_seed", 0)))
+  return BankSpec(targets=tuple(targets), max_rank=int(cfg.lora.rank),
+                  num_slots=int(cfg.num_slots),
+                  variant=str(cfg.lora.get("variant", "lora")),
+                  basis_seed=int(cfg.lora.get("basis_seed", 0)))
 
 
 def make_opt_config(cfg) -> opt_lib.OptimizerConfig:
@@ -92,7 +92,7 @@ class RunPlan:
 
   cfg: ml_collections.ConfigDict
   base: BaseModel
-  spec: AdapterSpec
+  spec: BankSpec
   records: Mapping[str, list]
   heldout: Mapping[str, list]
   examples: Mapping[str, list]

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mintjax.adapters.bank import AdapterBank, bank_from_weights
-from mintjax.adapters.spec import AdapterSpec
+from mintjax.adapters.spec import BankSpec
 from mintjax.eval import prompt_format as pf
 from mintjax.eval.promotion import promote
 from mintjax.model import llama
@@ -217,9 +217,9 @@ def evaluate_revisions(base: BaseModel, registry, refs: Sequence[str],
   weights = {ref: w for ref, (_, w) in zip(to_load, loaded)}
   slot_of = {ref: i + 1 for i, ref in enumerate(to_load)}
   targets = sorted({t for w in weights.values() for t in w.targets})
-  spec = AdapterSpec(targets=tuple(targets),
-                     max_rank=max(w.rank for w in weights.values()),
-                     num_slots=len(to_load) + 1)
+  spec = BankSpec(targets=tuple(targets),
+                  max_rank=max(w.rank for w in weights.values()),
+                  num_slots=len(to_load) + 1)
   bank = bank_from_weights(base.config, spec, {
       slot_of[r]: w for r, w in weights.items()})
   # Examples per (adapter, format): two revisions of one adapter trained in

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Protocol, Sequence
 import jax
 
 from mintjax.adapters import bank as bank_lib
-from mintjax.adapters.spec import AdapterSpec, AdapterWeights
+from mintjax.adapters.spec import BankSpec, AdapterWeights
 from mintjax.config import ModelConfig
 
 
@@ -267,7 +267,7 @@ class Residency:
   """
 
   def __init__(self, source: AdapterSource, base_fingerprint: str,
-               config: ModelConfig, spec: AdapterSpec,
+               config: ModelConfig, spec: BankSpec,
                bank: bank_lib.AdapterBank, host_budget_bytes: int):
     self.source = source
     self.base_fingerprint = base_fingerprint

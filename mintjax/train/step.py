@@ -26,7 +26,7 @@ import numpy as np
 
 from mintjax import sharding
 from mintjax.adapters.bank import AdapterBank
-from mintjax.adapters.spec import AdapterSpec
+from mintjax.adapters.spec import BankSpec
 from mintjax.config import ModelConfig
 from mintjax.model import llama
 from mintjax.train import loss as loss_lib
@@ -163,7 +163,7 @@ def train_step(base_params: dict, bank: AdapterBank,
   return new_bank, new_state, metrics
 
 
-def state_shardings(mesh, config: ModelConfig, spec: AdapterSpec,
+def state_shardings(mesh, config: ModelConfig, spec: BankSpec,
                     rules=None):
   """NamedShardings of (base params, bank, optimizer state, batch axes)."""
   params_sh = sharding.logical_sharding(
@@ -179,7 +179,7 @@ def state_shardings(mesh, config: ModelConfig, spec: AdapterSpec,
   return params_sh, bank_sh, opt_sh
 
 
-def make_train_step(config: ModelConfig, spec: AdapterSpec,
+def make_train_step(config: ModelConfig, spec: BankSpec,
                     opt_cfg: opt_lib.OptimizerConfig, mesh,
                     step_cfg: StepConfig = StepConfig(), rules=None
                     ) -> Callable:

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from mintjax import sharding
-from mintjax.adapters.spec import ALL_TARGETS, AdapterSpec
+from mintjax.adapters.spec import ALL_TARGETS, BankSpec
 from mintjax.apps.personal_data import make_personal_data
 from mintjax.eval.evaluate import evaluate_jobs
 from mintjax.model.base import BaseModel, random_base
@@ -65,9 +65,9 @@ class Arm:
   def alpha(self) -> float:
     return float(self.scale * self.rank)
 
-  def spec(self, num_slots: int) -> AdapterSpec:
-    return AdapterSpec(targets=tuple(self.targets), max_rank=self.rank,
-                       num_slots=num_slots, variant=self.variant)
+  def spec(self, num_slots: int) -> BankSpec:
+    return BankSpec(targets=tuple(self.targets), max_rank=self.rank,
+                    num_slots=num_slots, variant=self.variant)
 
   def adapter_bytes(self, config) -> int:
     """Per-user stored bytes (float32) of one adapter of this arm."""

@@ -24,7 +24,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from mintjax.adapters.spec import AdapterSpec, AdapterWeights
+from mintjax.adapters.spec import BankSpec, AdapterWeights
 from mintjax.apps.scaling.adapters import mesh_for_batch
 from mintjax.config import ModelConfig
 from mintjax.model.base import BaseModel
@@ -197,8 +197,8 @@ def train_vs_users(base: BaseModel, users: Sequence[int], *, batch: int,
     raise ValueError(f"batch {batch} must be a multiple of the largest user "
                      f"count {most}")
   cfg = base.config
-  spec = AdapterSpec(targets=tuple(targets), max_rank=rank,
-                     num_slots=most + 1)
+  spec = BankSpec(targets=tuple(targets), max_rank=rank,
+                  num_slots=most + 1)
   mesh = mesh_for_batch(batch)
   step = make_train_step(cfg, spec, opt_lib.OptimizerConfig(1e-3), mesh,
                          StepConfig())

@@ -220,7 +220,7 @@ def section_down(data: Mapping) -> list[str]:
             f"{small['heldout_em']:.3f})."]
   if data.get("vera") == "pending":
     out.append("")
-    out.append("The VeRA-style variant (`AdapterSpec(variant=\"vera\")`) was "
+    out.append("The VeRA-style variant (`BankSpec(variant=\"vera\")`) was "
                "not trainable when this was run; its row is pending.")
   return out + [""]
 
