@@ -32,6 +32,7 @@ from mintjax.model import llama
 from mintjax.model.base import random_base
 from mintjax.store.errors import InvalidAdapterError
 from mintjax.store.registry import Registry
+from mintjax.store.weights import RowLayout
 from mintjax.train import optimizer as opt_lib
 from mintjax.train.cohort import cohort_state, init_cohort, read_adapter
 from mintjax.train.step import Batch, StepConfig, make_train_step
@@ -242,7 +243,8 @@ def test_a_registered_family_trains_in_the_compiled_step(fa, base):
       learning_rate=1e-2), sharding.make_mesh(data=2, fsdp=4),
                          StepConfig(lora_impl="gather"))
   # Slot 2 holds a rank-2 adapter in the rank-4 bank; slot 4 stays empty.
-  init = {"u1": _random_fa(4, 1), "u2": _random_fa(2, 2), "u3": _random_fa(4, 3)}
+  init = {"u1": _random_fa(4, 1), "u2": _random_fa(2, 2),
+          "u3": _random_fa(4, 3)}
   state = cohort_state(CFG, spec, list(init), init)
   bank, opt = state.bank, state.opt
   assert isinstance(bank, FaBank) and set(opt.mu) == {"gain", "lora_b"}
@@ -314,13 +316,13 @@ def test_the_store_keeps_a_registered_family(fa, tmp_path):
                      config=CFG)
   w = _random_fa(3, 7)
   rev = reg.publish("f", w)
-  row_bytes = reg.adapter("f")
+  rec = reg.adapter("f")
   (_, got), = reg.load_many(["f"])
   assert isinstance(got, FaWeights)
   for t in TARGETS:
     np.testing.assert_array_equal(got.gain[t], w.gain[t])
     np.testing.assert_array_equal(got.lora_b[t], w.lora_b[t])
-  assert row_bytes["layout"]["variant"] == "fa"
+  assert rec["layout"]["variant"] == "fa"  # its own shape class
   assert spec.stored_bytes(CFG) == 4 * sum(2 * (3 + 3 * CFG.projection_shape(
       t)[1]) for t in TARGETS)
   assert rev.revision == 1 and reg.verify()["ok"]
@@ -386,7 +388,6 @@ def test_num_slots_counts_the_null_slot_and_converts_in_one_place():
 
 
 def test_row_layout_is_derived_from_the_adapter_spec():
-  from mintjax.store.weights import RowLayout  # pylint: disable=g-import-not-at-top
   shapes = {t: (CFG.num_layers, *CFG.projection_shape(t)) for t in ("q", "v")}
   for old, per_target in ((OLD_LORA, lambda d_in, d_out: 4 * (d_in + d_out)),
                           (OLD_VERA, lambda d_in, d_out: 4 + d_out)):

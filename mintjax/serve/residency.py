@@ -43,7 +43,8 @@ class AdapterSource(Protocol):
   `.base_fingerprint`; `load_many` returns `[(revision, weights)]` in
   the order of `refs` (weights: the family's host weights, e.g.
   `AdapterWeights` or `VeraWeights`) and raises when any ref is unknown or
-  was trained on a different base. `mintjax.store.registry.Registry` satisfies this.
+  was trained on a different base. `mintjax.store.registry.Registry`
+  satisfies this.
   """
 
   def resolve(self, ref: str) -> Any: ...

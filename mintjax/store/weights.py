@@ -84,6 +84,10 @@ _MAX_SHARDS = 1 << 32
 # row costs an extra copy and is never hit by random loads.
 CONTEXT_SPEC = {"cache_pool": {"total_bytes_limit": 32 << 20}}
 _CACHED_ROW_BYTES = 1 << 20
+# Layouts were stored before they named their family, and those (LoRA) keep
+# that JSON, so their class keys (array names) never change; every other
+# family's layout records its name and basis seed.
+_UNNAMED_FAMILY = "lora"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +162,7 @@ class RowLayout:
     d = dict(targets=list(self.targets),
              shapes={t: list(s) for t, s in self.shapes.items()},
              rank=self.rank, dtype=self.dtype)
-    if self.variant != "lora":  # LoRA layouts (and class keys) unchanged.
+    if self.variant != _UNNAMED_FAMILY:
       d.update(variant=self.variant, basis_seed=self.basis_seed)
     return d
 
@@ -166,7 +170,7 @@ class RowLayout:
   def from_dict(cls, d: Mapping) -> "RowLayout":
     return cls(tuple(d["targets"]), {t: tuple(s) for t, s in
                                      d["shapes"].items()},
-               int(d["rank"]), d["dtype"], d.get("variant", "lora"),
+               int(d["rank"]), d["dtype"], d.get("variant", _UNNAMED_FAMILY),
                d.get("basis_seed"))
 
   def class_key(self, base_fingerprint: str) -> str:
