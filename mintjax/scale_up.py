@@ -140,6 +140,15 @@ def fit(cache: Cache, req: aot.AotRequest, log=print,
         break
     elif "error" in result and not result.get("oom"):
       return r, result, notes
+  if not fitting and req.lora_impl == "auto" and result.get("oom"):
+    # The kernel's shard_map keeps every slot on every shard, so a bank
+    # that fits sharded can still run out of HBM on the kernel path.
+    r2, result2, notes2 = fit(cache, req.replace(lora_impl="gather"),
+                              log=log, best_of_rules=best_of_rules)
+    if result2.get("fits"):
+      return r2, result2, notes + notes2 + [
+          f"kernel path out of HBM with every rule set "
+          f"({result['error'][:120]}); XLA `gather` fits"]
   if not fitting:
     return r, result, notes
   r, result = min(fitting, key=lambda rr: rr[1]["est_step_s"])
