@@ -12,9 +12,11 @@ be re-created byte for byte) and that no alpha is ever invented.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import math
+import os
 
 import flax.struct
 import jax
@@ -399,3 +401,46 @@ def test_row_layout_is_derived_from_the_adapter_spec():
     assert layout.row_len == BankSpec(
         targets=info.targets, max_rank=4, variant=info.variant
     ).params_per_adapter(CFG)
+
+
+# ------------------------------------------- no family branches elsewhere
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The modules allowed to know family names: the families and their registry.
+_FAMILY_MODULES = {"mintjax/adapters/family.py", "mintjax/adapters/lora.py",
+                   "mintjax/adapters/vera.py"}
+
+
+def _family_branches(path: str) -> list[str]:
+  """`<x>.variant ==/!= '<name>'` and `isinstance(_, Vera...)` in a file."""
+  with open(os.path.join(_ROOT, path), encoding="utf-8") as f:
+    tree = ast.parse(f.read())
+  found = []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Compare):
+      sides = [node.left, *node.comparators]
+      named = any(isinstance(s, (ast.Attribute, ast.Name)) and (
+          getattr(s, "attr", None) or getattr(s, "id", "")) == "variant"
+                  for s in sides)
+      literal = any(isinstance(s, ast.Constant) and isinstance(s.value, str)
+                    for s in sides)
+      if named and literal:
+        found.append(f"{path}:{node.lineno}")
+    if (isinstance(node, ast.Call) and getattr(node.func, "id", "") ==
+        "isinstance" and len(node.args) == 2 and
+        "Vera" in ast.unparse(node.args[1])):
+      found.append(f"{path}:{node.lineno}")
+  return found
+
+
+def test_no_family_branches_outside_the_family_modules():
+  found = []
+  for top in ("mintjax", "tools"):
+    for d, _, names in os.walk(os.path.join(_ROOT, top)):
+      for n in names:
+        rel = os.path.relpath(os.path.join(d, n), _ROOT)
+        if n.endswith(".py") and rel not in _FAMILY_MODULES:
+          found += _family_branches(rel)
+  assert not found, (
+      f"adapter-family branches outside the family modules: {found}; ask "
+      "the family (spec.family / get_family) instead")

@@ -58,7 +58,8 @@ class Arm:
     t = "qv" if tuple(self.targets) == QV else (
         "all7" if tuple(self.targets) == ALL_TARGETS else
         "".join(self.targets))
-    prefix = "" if self.variant == "lora" else f"{self.variant}-"
+    # Arms of the default family keep their published names ('r1-qv').
+    prefix = "" if self.variant == Arm.variant else f"{self.variant}-"
     return f"{prefix}r{self.rank}-{t}"
 
   @property
