@@ -24,7 +24,7 @@ from __future__ import annotations
 import abc
 import importlib
 import math
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Protocol
 
 if TYPE_CHECKING:  # Annotations only: spec imports this module.
   from mintjax.adapters.bank import AdapterBank
@@ -35,6 +35,46 @@ if TYPE_CHECKING:  # Annotations only: spec imports this module.
 # nor the specs import the families (which import the specs).
 _BUILTIN = {"lora": "mintjax.adapters.lora", "vera": "mintjax.adapters.vera"}
 _FAMILIES: dict[str, "AdapterFamily"] = {}
+
+
+class HostWeights(Protocol):
+  """One adapter on the host, of any family (what the store keeps and the
+  host cache holds): LoRA's `AdapterWeights`, VeRA's `VeraWeights`, ..."""
+
+  rank: int
+  alpha: float
+  use_rslora: bool
+  variant: str  # the family's name
+
+  @property
+  def targets(self) -> tuple[str, ...]: ...
+
+  @property
+  def scale(self) -> float: ...
+
+  @property
+  def nbytes(self) -> int: ...
+
+  def validate(self, config: "ModelConfig", spec: "BankSpec | None" = None
+               ) -> "HostWeights": ...
+
+  def to_lora(self, config: "ModelConfig") -> "AdapterWeights": ...
+
+
+class TrainerBank(Protocol):
+  """The trainer's stacked bank of any family: a pytree with [S, ...] leaves
+  (LoRA's `AdapterBank`, VeRA's `VeraBank`, ...)."""
+
+  scale: Any  # [S] float32
+  rank: Any  # [S] int32, 0 = empty slot
+
+  @property
+  def num_slots(self) -> int: ...
+
+  @property
+  def max_rank(self) -> int: ...
+
+  def replace(self, **changes) -> "TrainerBank": ...
 
 
 class FamilyError(ValueError):
@@ -48,11 +88,10 @@ class AdapterFamily(abc.ABC):
     name: the name specs record ('lora').
     tensor_names: names of the two tensors a stored row holds per target,
       in row order (LoRA: ('lora_a', 'lora_b')).
-    weights_type: the host type of one adapter (what the store returns).
-    bank_type: the trainer's stacked bank type: a pytree (flax struct)
-      with [S, ...] leaves, `scale` [S] float32, `rank` [S] int32 (0 =
-      empty), `.replace(**fields)`, and `num_slots` / `max_rank`
-      properties; for LoRA the serving `AdapterBank` itself.
+    weights_type: the host type of one adapter (what the store returns), a
+      `HostWeights`.
+    bank_type: the trainer's stacked bank type, a `TrainerBank` (a flax
+      struct); for LoRA the serving `AdapterBank` itself.
     supports_rslora: whether alpha / sqrt(r) scaling is allowed.
     extras: the family's own adapter-spec fields and their defaults (VeRA:
       {'basis_seed': 0}); `AdapterInfo` refuses them for other families.

@@ -28,6 +28,7 @@ from typing import Any, Iterable, Protocol, Sequence
 import jax
 
 from mintjax.adapters import bank as bank_lib
+from mintjax.adapters.family import HostWeights
 from mintjax.adapters.spec import BankSpec, AdapterWeights
 from mintjax.config import ModelConfig
 
@@ -158,7 +159,7 @@ class TierStats:
     return d
 
 
-def weights_nbytes(weights) -> int:
+def weights_nbytes(weights: HostWeights) -> int:
   """Host bytes of an adapter as cached, in its stored form (VeRA: its
   vectors, not the materialised factors)."""
   return int(weights.nbytes)

@@ -17,11 +17,12 @@ spec's family (`mintjax.adapters.family`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import jax
 import numpy as np
 
+from mintjax.adapters.family import HostWeights, TrainerBank
 from mintjax.adapters.lora import init_lora
 from mintjax.adapters.spec import AdapterInfo, AdapterWeights, BankSpec
 from mintjax.config import ModelConfig
@@ -100,15 +101,15 @@ def init_adapter(config: ModelConfig, targets: Sequence[str], rank: int,
 
 def init_for_spec(config: ModelConfig, spec: BankSpec, rank: int,
                   alpha: float, user: str, seed: int, *,
-                  use_rslora: bool = False) -> Any:
+                  use_rslora: bool = False) -> HostWeights:
   """A fresh adapter of the bank spec's family (its `init`)."""
   info = AdapterInfo.for_bank(spec, alpha=alpha, rank=rank,
                               use_rslora=use_rslora)
   return spec.family.init(config, info, user=user, seed=seed)
 
 
-def read_adapter(spec: BankSpec, bank, slot: int, alpha: float,
-                 use_rslora: bool = False) -> Any:
+def read_adapter(spec: BankSpec, bank: TrainerBank, slot: int, alpha: float,
+                 use_rslora: bool = False) -> HostWeights:
   """One slot of a (host) cohort bank as the weights the registry stores
   (the family's host weights, at the slot's true rank)."""
   info = AdapterInfo.for_bank(spec, alpha=alpha, rank=int(bank.rank[slot]),
@@ -117,7 +118,8 @@ def read_adapter(spec: BankSpec, bank, slot: int, alpha: float,
 
 
 def cohort_bank(config: ModelConfig, spec: BankSpec, slot_map: SlotMap,
-                weights_of_user: Mapping[str, Any], shardings=None) -> Any:
+                weights_of_user: Mapping[str, HostWeights], shardings=None
+                ) -> TrainerBank:
   """The trainer's bank (of the spec's family) holding one cohort's adapters
   (empty slots are null).
 
@@ -159,7 +161,7 @@ def zero_opt_state(bank) -> opt_lib.SlotOptState:
 
 def init_cohort(config: ModelConfig, spec: BankSpec, users: Sequence[str],
                 *, alpha: float, seed: int = 0, use_rslora: bool = False
-                ) -> dict[str, Any]:
+                ) -> dict[str, HostWeights]:
   """Fresh adapters of rank `spec.max_rank` for `users` (`init_for_spec`)."""
   return {u: init_for_spec(config, spec, spec.max_rank, alpha, u, seed,
                            use_rslora=use_rslora) for u in users}
@@ -178,12 +180,12 @@ class CohortState:
   """
 
   slot_map: SlotMap
-  bank: Any
+  bank: TrainerBank
   opt: opt_lib.SlotOptState
 
 
 def cohort_state(config: ModelConfig, spec: BankSpec, users: Sequence[str],
-                 weights_of_user: Mapping[str, Any],
+                 weights_of_user: Mapping[str, HostWeights],
                  *, shardings=None) -> CohortState:
   """The slot map, bank and fresh optimizer state of one cohort.
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from mintjax.adapters.bank import AdapterBank
-from mintjax.adapters.family import family_of_bank
+from mintjax.adapters.family import TrainerBank, family_of_bank
 from mintjax.adapters.spec import BankSpec
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -92,14 +92,14 @@ class SlotOptState:
   count: jax.Array
 
 
-def trainable_params(bank) -> dict:
+def trainable_params(bank: TrainerBank) -> dict:
   """The differentiated part of a trainer's bank, keyed by its field names
   ({'lora_a', 'lora_b'} for LoRA, {'lambda_d', 'lambda_b'} for VeRA), so
   `bank.replace(**trainable)` puts updated values back for any family."""
   return family_of_bank(bank).trainable(bank)
 
 
-def forward_bank(bank, trainable: dict) -> AdapterBank:
+def forward_bank(bank: TrainerBank, trainable: dict) -> AdapterBank:
   """The LoRA bank the model runs with `trainable` substituted (jit-able).
 
   Families with derived factors (VeRA: vectors times a frozen basis)
@@ -120,7 +120,7 @@ def train_bank_logical_axes(spec: BankSpec):
   return spec.family.bank_logical_axes(spec)
 
 
-def init_opt_state(bank) -> SlotOptState:
+def init_opt_state(bank: TrainerBank) -> SlotOptState:
   """Zero moments and counters for every slot of `bank`."""
   zeros = jax.tree.map(jnp.zeros_like, trainable_params(bank))
   return SlotOptState(mu=zeros, nu=jax.tree.map(jnp.zeros_like, zeros),
@@ -188,7 +188,7 @@ def _bcast(v_s, x):
   return v_s.reshape((-1,) + (1,) * (x.ndim - 1))
 
 
-def rank_mask(bank) -> dict:
+def rank_mask(bank: TrainerBank) -> dict:
   """Per-slot gradient mask (same tree as `trainable_params(bank)`): 1.0 on
   each slot's true-rank part, 0.0 on padding, as the bank's family says.
 
