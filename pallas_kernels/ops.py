@@ -1,7 +1,8 @@
 """Differentiable gather-LoRA ops over the Pallas kernels, and their dispatch.
 
-Owns the `jax.custom_vjp` wrappers and the registration with
-`mintjax.adapters.lora_op`:
+Owns the `jax.custom_vjp` wrappers and `KERNELS`, the table of named kernels
+that `mintjax.adapters.lora_op` reads when it selects an implementation
+(the op finds kernels by name; this package imports nothing from mintjax):
 
   sgmv_lora  TPU segment-grouped kernel (`sgmv_tpu.fused_lora`).
              backward: dx = the same fused kernel reading the bank
@@ -16,7 +17,7 @@ Owns the `jax.custom_vjp` wrappers and the registration with
 Both compute y[t] = scale[slot[t]] * (x[t] @ A[slot[t]]) @ B[slot[t]] with
 slot 0 skipped, and agree with `pallas_kernels.reference`.
 
-Registered names (token level, see `lora_op.register`):
+Names in `KERNELS` (token level, see `lora_op.register`):
   pallas_sgmv            chosen automatically on 'tpu'
   pallas_gpu             chosen automatically on 'gpu'
   pallas_sgmv_interpret  explicit only (tests): TPU interpret mode
@@ -27,12 +28,12 @@ Interpret mode is never chosen by `select_impl`.
 from __future__ import annotations
 
 import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
-from mintjax.adapters import lora_op
 from pallas_kernels import gpu, metadata, sgmv_tpu
 
 # Interpret modes are named by strings so they can be static, hashable
@@ -215,16 +216,25 @@ def gpu_lora(x_td, a_sdr, b_sro, scale_s, slot_t, rank_s=None, *,
 # ---------------------------------------------------------------- dispatch
 
 
-def _register():
-  lora_op.register("pallas_sgmv", sgmv_lora, backends=("tpu",))
-  lora_op.register("pallas_gpu", gpu_lora, backends=("gpu",),
-                   supports=gpu.supports)
-  lora_op.register(
-      "pallas_sgmv_interpret",
-      functools.partial(sgmv_lora, tile_rows=8, interpret="tpu"))
-  lora_op.register(
-      "pallas_gpu_interpret",
-      functools.partial(gpu_lora, tile_rows=16, interpret="generic"))
+class KernelEntry(NamedTuple):
+  """One named kernel as the op sees it.
+
+  token_impl: `(x_td, a_sdr, b_sro, scale_s, slot_t, rank_s) -> y_to`.
+  backends: backends ('tpu', 'gpu') on which the op may choose it.
+  supports: `(d_in, d_out) -> bool`, the widths it lowers for.
+  """
+  token_impl: Callable
+  backends: tuple[str, ...] = ()
+  supports: Callable[[int, int], bool] = lambda d_in, d_out: True
 
 
-_register()
+# Interpret-mode entries name no backend, so they run only when a caller
+# asks for them by name (tests); they are never selected automatically.
+KERNELS: dict[str, KernelEntry] = {
+    "pallas_sgmv": KernelEntry(sgmv_lora, ("tpu",)),
+    "pallas_gpu": KernelEntry(gpu_lora, ("gpu",), gpu.supports),
+    "pallas_sgmv_interpret": KernelEntry(
+        functools.partial(sgmv_lora, tile_rows=8, interpret="tpu")),
+    "pallas_gpu_interpret": KernelEntry(
+        functools.partial(gpu_lora, tile_rows=16, interpret="generic")),
+}

@@ -67,22 +67,17 @@ ALLOWED: dict[str, frozenset[str]] = {
 
 # (importing module, imported module) -> why a function-level import is
 # right there. Anything else imported inside a function fails the test.
-LAZY_ALLOWED: dict[tuple[str, str], str] = {
-    # The op picks its kernels by name at kernel-selection time, so
-    # importing the op (and running it on CPU) loads no kernel code. It is
-    # a downward edge, allowed only here and only lazily (issue 11).
-    ("mintjax.adapters.lora_op", "pallas_kernels.ops"):
-        "kernels are found by name when an implementation is selected",
-}
+# (The op finds its kernels by name through importlib, so even that needs no
+# function-level import statement; the table is kept for the rare honest
+# case, e.g. an optional heavy dependency.)
+LAZY_ALLOWED: dict[tuple[str, str], str] = {}
 
-# Upward edges that issue 11's kernel work is removing right now (the
-# kernels still import the op to register themselves). Each entry must still
-# exist: the test fails once one is gone, so the list only shrinks.
-PENDING: dict[tuple[str, str], str] = {
-    ("pallas_kernels.ops", "mintjax.adapters.lora_op"):
-        "kernel registration moves to lookup by name in lora_op",
-    ("pallas_kernels.reference", "mintjax.adapters.lora_op"):
-        "the kernels' oracle stops importing the op",
+# Module-level edges allowed across a package boundary the table forbids.
+EXACT_ALLOWED: dict[tuple[str, str], str] = {
+    # The op's oracle is the kernels' token-level oracle over [B, T]: one
+    # definition of the math. pallas_kernels.reference imports only jax.
+    ("mintjax.adapters.lora_op", "pallas_kernels.reference"):
+        "the op and the kernels share one oracle",
 }
 
 
@@ -172,11 +167,11 @@ def import_edges(root: str = ROOT) -> tuple[list[Edge], set[str]]:
 
 
 def layer_violations(edges: list[Edge]) -> list[str]:
-  """Edges the ALLOWED table forbids (PENDING ones excepted)."""
+  """Edges the ALLOWED table forbids (EXACT_ALLOWED ones excepted)."""
   bad = []
   for e in edges:
     src, dst = package_of(e.src), package_of(e.dst)
-    if src == dst or (e.src, e.dst) in PENDING:
+    if src == dst or (e.src, e.dst) in EXACT_ALLOWED:
       continue
     if e.lazy and (e.src, e.dst) in LAZY_ALLOWED:
       continue
@@ -265,8 +260,7 @@ def test_no_upward_or_sideways_imports(graph):
 
 def test_no_import_cycles_between_modules(graph):
   edges, modules = graph
-  cycles = [c for c in module_cycles(edges, modules)
-            if not any((a, b) in PENDING for a in c for b in c)]
+  cycles = module_cycles(edges, modules)
   assert not cycles, f"import cycles: {cycles}"
 
 
@@ -276,12 +270,12 @@ def test_no_function_level_imports_of_project_modules(graph):
   assert not bad, "\n".join(bad)
 
 
-def test_pending_exceptions_are_still_needed(graph):
+def test_allowed_exceptions_are_still_needed(graph):
   edges, _ = graph
   present = {(e.src, e.dst) for e in edges}
-  stale = sorted(set(PENDING) - present)
-  assert not stale, (f"{stale} no longer exist; remove them from PENDING in "
-                     "tests/test_layering.py")
+  stale = sorted((set(EXACT_ALLOWED) | set(LAZY_ALLOWED)) - present)
+  assert not stale, (f"{stale} no longer exist; remove them from "
+                     "EXACT_ALLOWED / LAZY_ALLOWED in tests/test_layering.py")
 
 
 def _write(root, rel, text):

@@ -130,7 +130,6 @@ def test_materialised_bank_equals_per_adapter_materialisation():
 
 
 def test_kernel_path_and_xla_path_agree_on_a_materialised_vera_bank(base):
-  import pallas_kernels.ops  # noqa: F401  (registers the interpret kernels)
   _, vbank = _vera_bank()
   bank = vbank.materialize()
   rng = np.random.default_rng(0)

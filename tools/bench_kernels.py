@@ -47,7 +47,6 @@ def _impls(backend: str, num_tokens: int) -> list[str]:
   if num_tokens <= 256:
     names.insert(0, "reference")
   if backend in ("gpu", "tpu"):
-    import pallas_kernels.ops  # pylint: disable=g-import-not-at-top,unused-import
     names.append("pallas_gpu" if backend == "gpu" else "pallas_sgmv")
   return names
 

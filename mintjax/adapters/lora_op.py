@@ -15,7 +15,8 @@ Implementations (all agree with `reference` up to float rounding):
              groups, then unsorted.
   onehot     dense over all slots: x @ A for every slot, masked by a one-hot
              row selector (what most JAX serving stacks do).
-  pallas_*   Pallas kernels registered by `pallas_kernels` (see `register`).
+  pallas_*   Pallas kernels, found by name in `pallas_kernels.ops.KERNELS`
+             the first time a kernel is selected or named (see `register`).
 
 `select_impl` picks one per call from the backend and the static shapes; see
 docs/BENCHMARKS.md for the measurements behind the CPU choice. Interpret-mode
@@ -32,6 +33,7 @@ added with a psum.
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 import jax
@@ -39,6 +41,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from mintjax import sharding
+from pallas_kernels import reference as kernel_reference
 
 # A token-level kernel: (x_td, a_sdr, b_sro, scale_s, slot_t, rank_s) -> y_to.
 TokenImpl = Callable[..., jax.Array]
@@ -47,16 +50,17 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def reference(x_btd, a_sdr, b_sro, scale_s, adapter_idx_b):
-  """The oracle. Shapes: x [B, T, d_in], a [S, d_in, R], b [S, R, d_out]."""
-  bsz, t, _ = x_btd.shape
+  """The oracle. Shapes: x [B, T, d_in], a [S, d_in, R], b [S, R, d_out].
+
+  Every token is its own example of the kernels' token-level oracle
+  (`pallas_kernels.reference`), so the op and the kernels share one
+  definition of the math.
+  """
+  bsz, t, d_in = x_btd.shape
   slot_t = jnp.repeat(adapter_idx_b, t)
-  x_td = x_btd.reshape(bsz * t, -1).astype(jnp.float32)
-  a_tdr = a_sdr.astype(jnp.float32)[slot_t]
-  b_tro = b_sro.astype(jnp.float32)[slot_t]
-  h_tr = jnp.einsum("td,tdr->tr", x_td, a_tdr, precision=_HIGHEST)
-  y_to = jnp.einsum("tr,tro->to", h_tr, b_tro, precision=_HIGHEST)
-  y_to = y_to * scale_s.astype(jnp.float32)[slot_t][:, None]
-  return y_to.reshape(bsz, t, -1).astype(x_btd.dtype)
+  y_to = kernel_reference.reference_tokens(x_btd.reshape(bsz * t, d_in),
+                                           a_sdr, b_sro, scale_s, slot_t)
+  return y_to.reshape(bsz, t, -1)
 
 
 def gather(x_btd, a_sdr, b_sro, scale_s, adapter_idx_b):
@@ -146,7 +150,27 @@ def register(name: str, token_impl: TokenImpl,
   _KERNEL_SUPPORTS[name] = supports
 
 
+# The module whose `KERNELS` table names the Pallas kernels. It is imported
+# by name on first need, so importing the op (and running it on CPU) loads
+# no kernel code, and the kernels import nothing from mintjax.
+_KERNEL_MODULE = "pallas_kernels.ops"
+_kernels_loaded = False
+
+
+def _load_kernels() -> None:
+  """Registers every kernel of `_KERNEL_MODULE.KERNELS` (once)."""
+  global _kernels_loaded
+  if _kernels_loaded:
+    return
+  kernels = importlib.import_module(_KERNEL_MODULE).KERNELS
+  for name, entry in kernels.items():
+    register(name, entry.token_impl, backends=entry.backends,
+             supports=entry.supports)
+  _kernels_loaded = True
+
+
 def available_impls() -> tuple[str, ...]:
+  _load_kernels()
   return tuple(_IMPLS)
 
 
@@ -163,9 +187,7 @@ def select_impl(backend: str, num_tokens: int, batch: int, num_slots: int,
   """
   del num_tokens, batch, num_slots  # CPU choice is shape-independent so far.
   if backend in ("tpu", "gpu"):
-    # Importing registers the Pallas kernels; done lazily so that mintjax
-    # imports (and runs on CPU) without compiling or loading any kernel code.
-    import pallas_kernels.ops  # pylint: disable=g-import-not-at-top,unused-import
+    _load_kernels()
   for name, backends in _KERNEL_BACKENDS.items():
     if backend in backends and (dims is None or _KERNEL_SUPPORTS[name](*dims)):
       return name
@@ -258,6 +280,8 @@ def lora_delta(x_btd, a_sdr, b_sro, scale_s, adapter_idx_b,
     impl = select_impl(jax.default_backend(), x_btd.shape[0] * x_btd.shape[1],
                        x_btd.shape[0], a_sdr.shape[0],
                        dims=(a_sdr.shape[1], b_sro.shape[2]))
+  if impl not in _IMPLS:
+    _load_kernels()
   try:
     fn = _IMPLS[impl]
   except KeyError:
