@@ -237,3 +237,19 @@ def test_bf16_forward_close_to_f32():
   got = llama.jit_forward(params16, bank, idx, tokens, config=cfg16)
   assert got.dtype == jnp.float32
   np.testing.assert_allclose(got, ref, atol=0.05 * float(jnp.abs(ref).max()))
+
+
+@pytest.mark.parametrize("impl", ["reference", "gather", "ragged", "onehot"])
+def test_traced_out_of_range_slot_reads_the_null_adapter_not_a_tenant(impl):
+  # Inside jit the op cannot raise on a bad index; it must never be clamped
+  # onto another tenant's slot (7 or -1 with 3 slots used to read slot 2).
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(4, 2, 8)), jnp.float32)
+  a = jnp.asarray(rng.normal(size=(3, 8, 2)), jnp.float32).at[0].set(0)
+  b = jnp.asarray(rng.normal(size=(3, 2, 5)), jnp.float32).at[0].set(0)
+  scale = jnp.ones((3,), jnp.float32)
+  idx = jnp.asarray([7, -1, 2, 3], jnp.int32)
+  y = jax.jit(lambda i: lora_op.lora_delta(x, a, b, scale, i, impl))(idx)
+  y = np.asarray(y)
+  np.testing.assert_array_equal(y[[0, 1, 3]], 0.0)
+  assert np.abs(y[2]).max() > 0

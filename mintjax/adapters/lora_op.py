@@ -276,6 +276,12 @@ def lora_delta(x_btd, a_sdr, b_sro, scale_s, adapter_idx_b,
   Returns:
     [B, T, d_out] in x's dtype.
   """
+  # Public entry points reject out-of-range slots (they can see the values);
+  # inside a trace they cannot, so a stray index reads the null slot 0 (the
+  # base alone) instead of being clamped to another tenant's last slot.
+  num_slots = a_sdr.shape[0]
+  adapter_idx_b = jnp.where((adapter_idx_b >= 0) & (adapter_idx_b < num_slots),
+                            adapter_idx_b, 0)
   if impl == "auto":
     impl = select_impl(jax.default_backend(), x_btd.shape[0] * x_btd.shape[1],
                        x_btd.shape[0], a_sdr.shape[0],

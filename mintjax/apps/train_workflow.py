@@ -375,7 +375,9 @@ def train_cohort(plan: RunPlan, rt: Runtime, start: CohortStart,
   pipeline = data_lib.make_pipeline(
       plan.examples, slot_map.slot_of_user, global_batch=int(cfg.batch_size),
       num_steps=steps, buckets=plan.buckets, seed=int(cfg.seed) + c,
-      pad_id=plan.base.tokenizer.pad_id, process_index=pi, process_count=pc)
+      pad_id=plan.base.tokenizer.pad_id, process_index=pi, process_count=pc,
+      vocab_size=plan.base.config.vocab_size,
+      num_slots=plan.spec.num_slots)
   it = iter(pipeline.to_iter_dataset())
   if start.iter_state is not None:
     it.set_state(start.iter_state)
