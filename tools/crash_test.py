@@ -75,7 +75,8 @@ _WORKER = flags.DEFINE_integer("worker", 0, "worker index")
 _TRIAL = flags.DEFINE_integer("trial", 0, "trial number (writer)")
 _COUNT = flags.DEFINE_integer("count", 8, "revisions per worker (concurrent)")
 _LEDGER = flags.DEFINE_string("ledger", None, "ack ledger file (writer)")
-_OUT = flags.DEFINE_string("out", None, "result JSON (reader, writer)")
+_OUT = flags.DEFINE_string("result_json", None,
+                           "result JSON (reader, writer)")
 _HOST = flags.DEFINE_string("host", "", "gc: run as if on this host")
 _DURATION = flags.DEFINE_float("duration_s", 0.0,
                                "stop after this long (0: run until killed)")
@@ -450,13 +451,13 @@ def run_scenario(path: str, duration_s: float, writers: int = 3,
     outs.append(os.path.join(path, f"writer{w}.json"))
     commands.append(["--mode=writer", f"--path={path}", f"--worker={w}",
                      f"--seed={w + 1}", f"--ledger={ledger}",
-                     f"--duration_s={duration_s}", f"--out={outs[-1]}"])
+                     f"--duration_s={duration_s}", f"--result_json={outs[-1]}"])
   commands.append(["--mode=gc", f"--path={path}", "--host=gc-host",
                    f"--duration_s={duration_s}"])
   for r in range(readers):
     outs.append(os.path.join(path, f"reader{r}.json"))
     commands.append(["--mode=reader", f"--path={path}", f"--ledger={ledger}",
-                     f"--duration_s={duration_s}", f"--out={outs[-1]}",
+                     f"--duration_s={duration_s}", f"--result_json={outs[-1]}",
                      f"--seed={r}"])
   procs = _start(*commands)
   failures = []
