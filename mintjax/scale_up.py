@@ -286,7 +286,7 @@ def predict_largest(row) -> int | None:
   the fsdp x tensor chips. Not verified by a compile.
   """
   lo, base = row["lora"], row["base"]
-  if "resident_bytes" not in base or "mesh" not in base:
+  if "total_per_device" not in base:  # the base step itself did not fit
     return None
   req = aot.request_from_dict(row["request"])
   spec = req.spec()
