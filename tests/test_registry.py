@@ -9,6 +9,7 @@ import time
 import ml_dtypes
 import numpy as np
 import pytest
+import xxhash
 
 from mintjax.adapters.spec import AdapterInfo, AdapterSpec, AdapterWeights
 from mintjax.config import ModelConfig
@@ -157,6 +158,25 @@ def test_gc_reclaims_only_expired_reservations_and_never_reuses_shards(reg):
   assert reg.verify()["ok"] and _same(reg.load("alice@1")[1], _w(0))
 
 
+def test_loads_check_the_xxh3_64_recorded_at_publish(reg, tmp_path):
+  rev = reg.publish("alice", _w(0))
+  layout = RowLayout.from_dict(reg.adapter("alice")["layout"])
+  (row,) = reg.loader.read_rows([rev], [layout], verify=False)
+  # Computed here, independently of mintjax: xxh3-64 of the row's bytes as
+  # a signed 64-bit integer, in a column named for the algorithm.
+  want = xxhash.xxh3_64_intdigest(np.ascontiguousarray(row, "<f4").tobytes())
+  want -= (1 << 64) if want >= (1 << 63) else 0
+  (stored,), = reg.catalog.query("SELECT xxh3_64 FROM revisions")
+  assert stored == want == reg.resolve("alice@1").xxh3_64
+  # Same bytes, another recorded checksum: the load compares against the
+  # catalog and refuses (a load that skipped the check would pass).
+  reg.catalog._db.execute("UPDATE revisions SET xxh3_64 = xxh3_64 + 1")
+  with pytest.raises(StoreCorruptionError, match="alice@1.*xxh3-64"):
+    reg.load("alice")
+  assert _same(Registry.open(str(tmp_path / "reg"), verify_checksums=False
+                             ).load("alice")[1], _w(0))
+
+
 def test_verify_lists_every_bad_ref_and_loads_check_crc(reg):
   revs = [reg.publish("alice", _w(s)) for s in range(4)]
   layout = RowLayout.from_dict(reg.adapter("alice")["layout"])
@@ -173,7 +193,7 @@ def test_verify_lists_every_bad_ref_and_loads_check_crc(reg):
   with pytest.raises(StoreCorruptionError) as e:
     reg.load("alice@1")
   assert "alice@1" in str(e.value) and paths[0] in str(e.value)
-  assert "crc32c" in str(e.value)
+  assert "xxh3-64" in str(e.value)
   with pytest.raises(StoreCorruptionError, match="missing") as e:
     reg.load_many(["alice@2", "alice@3"])
   assert "alice@3" in str(e.value) and paths[2] in str(e.value)
@@ -462,17 +482,19 @@ def test_load_returns_a_named_tuple(reg):
   assert rev == r1 and w is loaded.weights
 
 
-def test_old_schema_catalog_is_refused_unchanged(tmp_path):
+@pytest.mark.parametrize("version", ["1", "2"])
+def test_old_schema_catalog_is_refused_unchanged(tmp_path, version):
   import sqlite3
   path = tmp_path / "old"
   path.mkdir()
   db = sqlite3.connect(path / "catalog.sqlite")
   db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-  db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+  db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (version,))
   db.commit()
   db.close()
   before = open(path / "catalog.sqlite", "rb").read()
-  with pytest.raises(CatalogError, match="schema version 1.*export-peft"):
+  with pytest.raises(CatalogError,
+                     match=f"schema version {version}.*export-peft"):
     Registry.open(str(path))
   assert open(path / "catalog.sqlite", "rb").read() == before
   (tmp_path / "junk").mkdir()

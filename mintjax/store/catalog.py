@@ -134,7 +134,7 @@ class Catalog(abc.ABC):
     """Inserts revisions under reservation `token` and drops it (fenced).
 
     Each item has adapter_id, parent ('latest' or a number or None),
-    array_key, row, sha256, crc32c, provenance_json, meta_json.
+    array_key, row, sha256, xxh3_64, provenance_json, meta_json.
 
     Returns:
       (revision numbers, parents, commit time).

@@ -3,7 +3,7 @@
 Owns `Loader` (the read half of the registry): resolving 'alice',
 'alice@3', 'alice:prod' in one catalog query per batch, explaining why a
 reference names nothing, reading rows in one batched store read, checking
-each row's crc32c against the catalog (on by default; `verify_checksums=
+each row's xxh3-64 against the catalog (on by default; `verify_checksums=
 False` is the explicit opt-out for benchmarks) and turning rows into
 `AdapterWeights` / `VeraWeights`. A row that is missing or fails its
 checksum raises `StoreCorruptionError` naming the reference and the file;
@@ -21,7 +21,7 @@ from mintjax.store.catalog import Catalog
 from mintjax.store.errors import StoreCorruptionError, UnknownRefError
 from mintjax.store.identity import parse_ref
 from mintjax.store.revision import LoadedAdapter, Revision, check_base
-from mintjax.store.weights import WeightsStore, row_crc32c
+from mintjax.store.weights import WeightsStore, row_xxh3_64
 
 
 class Loader:
@@ -80,7 +80,7 @@ class Loader:
     Args:
       revs: revisions to read.
       layouts: the `RowLayout` of each.
-      verify: check crc32c (default: this loader's `verify_checksums`).
+      verify: check xxh3-64 (default: this loader's `verify_checksums`).
       errors: if given, filled with {index: message} and bad rows come back
         as None; otherwise the first bad row raises StoreCorruptionError.
     """
@@ -93,11 +93,11 @@ class Loader:
              for i, (path, problem) in bad.items()}
     if verify:
       for i, (rev, row) in enumerate(zip(revs, rows)):
-        if row is not None and row_crc32c(row) != rev.crc32c:
+        if row is not None and row_xxh3_64(row) != rev.xxh3_64:
           where = self.store.shard_location(rev.array_key, layouts[i],
                                             rev.row)
           found[i] = (f"{rev.ref}: row {rev.row} of shard file {where} "
-                      "fails its crc32c checksum (the stored bytes changed "
+                      "fails its xxh3-64 checksum (the stored bytes changed "
                       "after publish)")
     if errors is not None:
       errors.update(found)

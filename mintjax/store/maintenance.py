@@ -16,7 +16,7 @@ A shard referenced by a committed revision is never touched: commits need
 a live reservation, shard numbers are never reused, and a commit moves a
 shard from reserved to referenced in one transaction.
 
-verify re-reads every revision, checks its crc32c and sha256, and lists
+verify re-reads every revision, checks its xxh3-64 and sha256, and lists
 every bad reference with the file and the problem (it never stops at the
 first).
 """
@@ -69,7 +69,7 @@ def collect_garbage(catalog: Catalog, store: WeightsStore,
 
 
 def verify_all(catalog: Catalog, loader: Loader, batch: int = 256) -> dict:
-  """Re-reads every revision's row and checks crc32c and sha256.
+  """Re-reads every revision's row and checks xxh3-64 and sha256.
 
   Returns:
     {'ok': bool, 'checked': n, 'bad': [every bad ref], 'problems':
@@ -88,7 +88,7 @@ def verify_all(catalog: Catalog, loader: Loader, batch: int = 256) -> dict:
       if k in errors:
         problems[rev.ref] = errors[k]
       elif row_sha256(row) != rev.sha256:
-        problems[rev.ref] = (f"{rev.ref}: bytes pass crc32c but hash to "
+        problems[rev.ref] = (f"{rev.ref}: bytes pass xxh3-64 but hash to "
                              f"{row_sha256(row)[:19]}, the catalog recorded "
                              f"{rev.sha256[:19]}")
   bad = list(problems)

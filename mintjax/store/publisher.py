@@ -5,7 +5,7 @@ Owns `Publisher` (the write half of the registry). Protocol of one
 
   1. validate every item (spec, shapes, rank, alpha, NaN/Inf, base,
      parent, provenance) and pack it into a row; compute its sha256
-     (content identity) and crc32c (checked on every load);
+     (content identity) and xxh3-64 (checked on every load);
   2. one catalog transaction reserves ceil(n / rows_per_shard) shards that
      were never used before (a counter that only grows), under a lease and
      a unique token; the array itself is created here on first use;
@@ -37,7 +37,7 @@ from mintjax.store.errors import (InvalidAdapterError, StoreCorruptionError,
 from mintjax.store.identity import (AdapterInfo, build_provenance,
                                     check_meta, check_weights)
 from mintjax.store.revision import Revision
-from mintjax.store.weights import (RowLayout, WeightsStore, row_crc32c,
+from mintjax.store.weights import (RowLayout, WeightsStore, row_xxh3_64,
                                    row_sha256, rows_per_shard_for)
 from mintjax.store import records
 
@@ -101,7 +101,7 @@ class Publisher:
       back = self.store.read_rows_many([(key, layout, r) for r in rows],
                                        errors)
       for k, (p, row) in enumerate(zip(items, back)):
-        if k in errors or row_crc32c(row) != p["crc32c"]:
+        if k in errors or row_xxh3_64(row) != p["xxh3_64"]:
           raise StoreCorruptionError(
               f"row read back for {p['adapter_id']} does not match what was "
               f"written ({errors.get(k, 'checksum differs')}); the storage "
@@ -109,7 +109,7 @@ class Publisher:
       numbers, parents, created = self.catalog.commit_revisions(
           res.token, [dict(adapter_id=p["adapter_id"], parent=p["parent"],
                            array_key=key, row=r, sha256=p["sha256"],
-                           crc32c=p["crc32c"],
+                           xxh3_64=p["xxh3_64"],
                            provenance_json=p["provenance_json"],
                            meta_json=p["meta_json"])
                       for p, r in zip(items, rows)])
@@ -118,7 +118,7 @@ class Publisher:
       raise
     return [Revision(p["adapter_id"], n, parent, p["base_fingerprint"],
                      p["sha256"], p["provenance_json"], created, key, r,
-                     p["meta_json"], p["crc32c"])
+                     p["meta_json"], p["xxh3_64"])
             for p, n, parent, r in zip(items, numbers, parents, rows)]
 
   def _abandon(self, key: str, res) -> None:
@@ -170,7 +170,7 @@ class Publisher:
                 base_fingerprint=rec["base_fingerprint"],
                 array_key=rec["array_key"] or layout.class_key(
                     rec["base_fingerprint"]),
-                row=row, sha256=row_sha256(row), crc32c=row_crc32c(row),
+                row=row, sha256=row_sha256(row), xxh3_64=row_xxh3_64(row),
                 parent="latest" if parent is None else parent,
                 provenance_json=json.dumps(prov, sort_keys=True),
                 meta_json=meta_json)

@@ -35,7 +35,8 @@ class Revision:
     row: row index in that array (shard = row // rows_per_shard).
     meta: (property) storage details, e.g. PEFT per-module ranks/alphas;
       stored as `meta_json`.
-    crc32c: crc32c of the stored row bytes, checked on every load.
+    xxh3_64: xxh3-64 of the stored row bytes (signed 64-bit), checked on
+      every load.
   """
 
   adapter_id: str
@@ -48,7 +49,7 @@ class Revision:
   array_key: str = ""
   row: int = -1
   meta_json: str = dataclasses.field(default="{}", repr=False)
-  crc32c: int = dataclasses.field(default=-1, repr=False)
+  xxh3_64: int | None = dataclasses.field(default=None, repr=False)
 
   @property
   def ref(self) -> str:

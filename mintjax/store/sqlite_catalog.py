@@ -1,7 +1,7 @@
 """The SQLite implementation of the catalog (`mintjax.store.catalog`).
 
 Owns the schema and all SQL of an embedded registry: adapters, immutable
-revisions (number, parent, storage row, sha256, crc32c, provenance),
+revisions (number, parent, storage row, sha256, xxh3-64, provenance),
 evaluations, tags and their move history, residency counters, arrays with
 their never-decreasing shard counter, and leased shard reservations.
 
@@ -10,9 +10,9 @@ across processes; others wait up to `busy_timeout`) in WAL mode, so readers
 never block and never see half a transaction. `sqlite3` errors are turned
 into `CatalogError` with the database path and a fix.
 
-Schema version 2 (write-once shards). A version-1 catalog (rewritable
-shards, reused rows) is refused with an error saying how to move its
-adapters over; it is never modified.
+Schema version 3 (write-once shards, per-row xxh3-64). Older catalogs
+(1: rewritable shards, reused rows; 2: per-row crc32c) are refused with an
+error saying how to move their adapters over; they are never modified.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from mintjax.store.errors import (CatalogError, InvalidAdapterError,
 from mintjax.store.identity import hostname
 from mintjax.store.revision import Revision
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS adapters (
@@ -42,7 +42,7 @@ CREATE TABLE IF NOT EXISTS adapters (
 CREATE TABLE IF NOT EXISTS revisions (
   adapter_id TEXT NOT NULL REFERENCES adapters(id), revision INTEGER NOT NULL,
   parent INTEGER, array_key TEXT NOT NULL, row INTEGER NOT NULL,
-  sha256 TEXT NOT NULL, crc32c INTEGER NOT NULL, created REAL NOT NULL,
+  sha256 TEXT NOT NULL, xxh3_64 INTEGER NOT NULL, created REAL NOT NULL,
   provenance TEXT NOT NULL, meta TEXT NOT NULL,
   PRIMARY KEY (adapter_id, revision));
 CREATE UNIQUE INDEX IF NOT EXISTS revisions_row ON revisions(array_key, row);
@@ -138,7 +138,8 @@ class SqliteCatalog(Catalog):
         db.close()
         raise CatalogError(
             f"catalog {self.path} has schema version {found}; this mintjax "
-            f"reads version {SCHEMA_VERSION} (write-once shards). Export its "
+            f"reads version {SCHEMA_VERSION} (write-once shards, xxh3-64 row "
+            "checksums). Export its "
             "adapters with the mintjax that wrote it (`python -m tools.mint "
             "export-peft REF DIR`) and import them into a new registry")
     db.execute("PRAGMA journal_mode=WAL")
@@ -328,7 +329,7 @@ class SqliteCatalog(Catalog):
         db.execute(
             "INSERT INTO revisions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (aid, latest[aid], parent, it["array_key"], it["row"],
-             it["sha256"], it["crc32c"], now, it["provenance_json"],
+             it["sha256"], it["xxh3_64"], now, it["provenance_json"],
              it["meta_json"]))
       db.execute("DELETE FROM reservations WHERE token=?", (token,))
     return numbers, parents, now
@@ -388,7 +389,7 @@ class SqliteCatalog(Catalog):
 
   _REV_COLS = ("r.adapter_id, r.revision, r.parent, a.base_fingerprint, "
                "r.sha256, r.provenance, r.created, r.array_key, r.row, "
-               "r.meta, r.crc32c")
+               "r.meta, r.xxh3_64")
 
   @staticmethod
   def _revision(t: tuple) -> Revision:

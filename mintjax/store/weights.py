@@ -5,7 +5,7 @@ back), `kvstore_spec` (local path, `file://`, `gs://`, `s3://` or a
 tensorstore spec dict), `ShardFileReader` (reads rows of local uncompressed
 arrays with `pread`, bypassing tensorstore's per-read overhead and extra
 copy; everything else reads through tensorstore), the row checksums
-(`row_crc32c`, `row_sha256`) and `WeightsStore` (create, write, batched
+(`row_xxh3_64`, `row_sha256`) and `WeightsStore` (create, write, batched
 read, list and delete shards). Writes always go through tensorstore.
 
 Layout. One zarr3 array per *shape class* (same base, targets, per-target
@@ -52,10 +52,10 @@ import shutil
 import sys
 from typing import Mapping, Sequence
 
-import google_crc32c
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 import numpy as np
 import tensorstore as ts
+import xxhash
 
 from mintjax.adapters.family import FamilyError, get_family
 from mintjax.adapters.spec import ALL_TARGETS
@@ -66,7 +66,7 @@ from mintjax.store.shard_reader import (ShardFileReader,
 
 __all__ = ["RowLayout", "WeightsStore", "ShardFileReader",
            "direct_rows_per_shard", "kvstore_spec", "rows_per_shard_for",
-           "row_crc32c", "row_sha256"]
+           "row_xxh3_64", "row_sha256"]
 
 DTYPES = ("float32", "bfloat16", "float16")
 # Shard files aim at this many bytes: big enough that a million small
@@ -238,7 +238,7 @@ def _le_bytes(row: np.ndarray) -> np.ndarray:
   if row.dtype.byteorder == ">":
     row = row.byteswap().view(row.dtype.newbyteorder("<"))
   view = row.view()
-  view.flags.writeable = False  # google_crc32c wants a read-only buffer.
+  view.flags.writeable = False  # Hashers take read-only buffers.
   return view
 
 
@@ -247,10 +247,17 @@ def row_sha256(row: np.ndarray) -> str:
   return "sha256:" + hashlib.sha256(_le_bytes(row)).hexdigest()
 
 
-def row_crc32c(row: np.ndarray) -> int:
-  """crc32c of a row's little-endian bytes (checked on every load; ~6 GB/s,
-  4x cheaper than sha256)."""
-  return google_crc32c.value(_le_bytes(row))
+def row_xxh3_64(row: np.ndarray) -> int:
+  """xxh3-64 of a row's little-endian bytes, as a signed 64-bit integer
+  (what a SQL INTEGER column holds); checked on every load.
+
+  xxh3 rather than crc32c: on this CPU google_crc32c has no hardware path
+  and ran at 1.4-1.8 GB/s (busy) against ~4.9 GB/s for xxh3, which made the
+  check cost more than the read of a big row (docs/store_benchmark.md).
+  It is not cryptographic; sha256 stays the content identity.
+  """
+  h = xxhash.xxh3_64_intdigest(_le_bytes(row))
+  return h - (1 << 64) if h >= (1 << 63) else h
 
 
 def kvstore_spec(location) -> dict:
