@@ -11,7 +11,6 @@ metrics). Promotion refuses degenerate evaluations: see
 mintjax/eval/promotion.py for the rules.
 """
 
-import os
 import sys
 
 from absl import app
@@ -47,7 +46,10 @@ def main(argv):
   from mintjax.store.registry import Registry  # pylint: disable=g-import-not-at-top
   from mintjax.model.sources import load_base_source  # pylint: disable=g-import-not-at-top
   out = evaluate_and_promote(
-      load_base_source(_BASE.value), Registry.open(_REGISTRY.value),
+      load_base_source(_BASE.value),
+      # create=False: a mistyped --registry is an error, not a new, empty
+      # registry evaluated as if it held nothing.
+      Registry.open(_REGISTRY.value, create=False),
       _HELDOUT.value, _REFS.value, _PROMOTE.value, _TOL.value,
       prompt_style=_STYLE.value, fallback_prompt_style=_FALLBACK.value,
       max_length=_MAXLEN.value)
@@ -58,11 +60,6 @@ def main(argv):
 
 def _main_reporting_errors(argv):
   """`main`, with bad input reported as one line and a non-zero exit."""
-  if not os.path.isdir(_REGISTRY.value):
-    # Registry.open would create an empty registry there; evaluating
-    # nothing and saying so is less useful than naming the typo.
-    sys.exit(f"error: registry {_REGISTRY.value!r} is not a directory; "
-             "pass an existing --registry")
   try:
     return main(argv)
   except (ValueError, LookupError, OSError) as e:

@@ -253,7 +253,7 @@ CASES = [
          match="--config"),
     Case("sub_eval_missing_registry", sub(
         "launch.eval", "--base=random:tiny", "--registry={tmp}/nope",
-        "--heldout={data}"), match="registry .* is not a directory"),
+        "--heldout={data}"), match="is not a mintjax registry"),
     Case("sub_eval_missing_heldout", sub(
         "launch.eval", "--base=random:tiny", "--registry={reg}",
         "--heldout=/nonexistent/h.jsonl"), match="does not exist"),

@@ -9,6 +9,7 @@ import sys
 import pytest
 from absl import flags
 
+from mintjax.store import records
 from mintjax.store.errors import RegistryError, UnknownRefError
 from mintjax.store.registry import Registry
 from tools import crash_test, mint
@@ -96,3 +97,55 @@ def test_subprocess_json(reg):
       [sys.executable, "-m", "tools.mint", f"--registry={path}", "show",
        "nobody"], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert bad.returncode == 1 and "unknown adapter 'nobody'" in bad.stderr
+
+
+def _main(capsys, registry: str, *args: str) -> tuple[int, str, str]:
+  """`python -m tools.mint --registry=REGISTRY ARGS` in this process."""
+  flags.FLAGS.registry = registry
+  rc = mint.main(["mint", *args])
+  out = capsys.readouterr()
+  return rc, out.out, out.err
+
+
+def test_verify_exits_nonzero_listing_every_bad_ref(reg, capsys):
+  path = os.path.dirname(reg.catalog.path)
+  assert _main(capsys, path, "verify")[0] == 0
+  damaged = []
+  for ref in ("alice@1", "alice@3"):
+    rev = reg.resolve(ref)
+    layout = records.layout_of(reg.adapter("alice"))
+    damaged.append(reg.store.shard_location(rev.array_key, layout, rev.row))
+  with open(damaged[0], "r+b") as f:  # Flip one data byte of alice@1.
+    b = f.read(1)
+    f.seek(0)
+    f.write(bytes([b[0] ^ 0x01]))
+  os.remove(damaged[1])  # Lose alice@3's shard.
+  rc, out, _ = _main(capsys, path, "verify")
+  assert rc == 1 and "2 CORRUPT" in out
+  assert "alice@1" in out and "alice@3" in out and "alice@2" not in out
+  with pytest.raises(mint.ProblemsFound, match="alice@1"):
+    mint.run(reg, ["verify"], as_json=True)
+
+
+@pytest.mark.parametrize("args", [("list",), ("show", "alice"),
+                                  ("log", "alice"), ("verify",), ("gc",),
+                                  ("tag", "alice@1", "prod")])
+def test_a_mistyped_registry_is_refused_not_created(tmp_path, capsys, args):
+  typo = str(tmp_path / "regsitry")
+  rc, out, err = _main(capsys, typo, *args)
+  assert rc == 1 and not out
+  assert "is not a mintjax registry" in err and "import-peft" in err
+  assert len(err.strip().splitlines()) == 1
+  assert not os.path.exists(typo)
+  (tmp_path / "empty_dir").mkdir()  # A directory, but not a registry.
+  rc, _, err = _main(capsys, str(tmp_path / "empty_dir"), *args)
+  assert rc == 1 and "is not a mintjax registry" in err
+  assert os.listdir(tmp_path / "empty_dir") == []
+
+
+def test_open_create_false_opens_existing_and_default_still_creates(tmp_path):
+  with pytest.raises(RegistryError, match="not a mintjax registry"):
+    Registry.open(str(tmp_path / "new"), create=False)
+  assert not os.path.exists(tmp_path / "new")
+  Registry.open(str(tmp_path / "new")).close()  # Library default: create.
+  Registry.open(str(tmp_path / "new"), create=False).close()

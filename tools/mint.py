@@ -1,8 +1,11 @@
 """`python -m tools.mint`: the adapter registry's command line.
 
 Owns the CLI only; every command is a thin call into
-`mintjax.store.registry.Registry` or `mintjax.store.peft_io`. Output is a
-readable table, or JSON with `--json`.
+`mintjax.store.registry.Registry`, `mintjax.store.peft_io` or
+`mintjax.store.diff`. Output is a readable table, or JSON with `--json`.
+Only `import-peft` creates a registry that does not exist yet; every other
+command refuses a path without one (a typo never makes an empty registry).
+`verify` exits 1 when it finds damaged revisions, listing each.
 
     python -m tools.mint --registry=DIR list
     python -m tools.mint --registry=DIR show alice:prod
@@ -27,7 +30,7 @@ from typing import Sequence
 
 from absl import app, flags
 
-from mintjax.store import peft_io
+from mintjax.store import diff, peft_io
 from mintjax.store.errors import RegistryError
 from mintjax.store.registry import Registry, Revision
 
@@ -74,8 +77,20 @@ def _rev_dict(rev: Revision) -> dict:
               provenance=rev.provenance, array_key=rev.array_key, row=rev.row)
 
 
+# Commands that may create the registry they are pointed at.
+CREATING = frozenset({"import-peft"})
+
+
+class ProblemsFound(Exception):
+  """A command ran and found problems (`verify`); carries its report."""
+
+
 def run(reg: Registry, args: Sequence[str], as_json: bool = False) -> str:
   """Runs one command; returns its output text.
+
+  Raises:
+    ProblemsFound: `verify` found damaged revisions (its report is the
+      message; the CLI prints it and exits 1).
 
   Raises:
     RegistryError: from the registry; usage errors as RegistryError too.
@@ -156,7 +171,7 @@ def run(reg: Registry, args: Sequence[str], as_json: bool = False) -> str:
     out = _rev_dict(rev), f"{rev.adapter_id}:{_TAG.value} -> {rev.ref}"
   elif cmd == "diff":
     need(2, "REF_A REF_B")
-    data = reg.diff(rest[0], rest[1])
+    data = diff.diff_revisions(reg, rest[0], rest[1])
     out = data, table(("target", "|dW_a|", "|dW_b|", "|dW_a - dW_b|",
                        "relative"), [
         (t, f"{d['norm_a']:.6g}", f"{d['norm_b']:.6g}", f"{d['delta']:.6g}",
@@ -167,6 +182,9 @@ def run(reg: Registry, args: Sequence[str], as_json: bool = False) -> str:
     text = f"verified {data['checked']} revisions: " + (
         "all OK" if data["ok"] else f"{len(data['bad'])} CORRUPT\n" +
         "\n".join(f"  {data['problems'][r]}" for r in data["bad"]))
+    if not data["ok"]:
+      raise ProblemsFound(json.dumps(data, indent=2, sort_keys=True) if (
+          as_json) else text)
     out = data, text
   elif cmd == "gc":
     need(0, "no arguments")
@@ -225,8 +243,12 @@ def main(argv):
     return 2
   reg = None
   try:
-    reg = Registry.open(_REGISTRY.value)
+    reg = Registry.open(_REGISTRY.value,
+                        create=len(argv) > 1 and argv[1] in CREATING)
     print(run(reg, argv[1:], _JSON.value))
+  except ProblemsFound as e:
+    print(str(e))
+    return 1
   except sqlite3.DatabaseError as e:
     print(f"error: the registry catalog in {_REGISTRY.value} is not a "
           f"readable SQLite database ({' '.join(str(e).split())}); point "

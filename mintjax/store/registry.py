@@ -18,7 +18,7 @@ with a letter or digit and are never paths.
 
 Durability: once `publish` returns, the revision's bytes are in a shard
 file that nothing rewrites or deletes, and every load checks them against
-the crc32c recorded at publish (see `publisher.py` and `maintenance.py`).
+the xxh3-64 checksum recorded at publish (see `publisher.py` and `maintenance.py`).
 """
 
 from __future__ import annotations
@@ -27,12 +27,11 @@ import json
 import os
 from typing import Mapping, Sequence
 
-import numpy as np
-
-from mintjax.adapters.spec import ALL_TARGETS, AdapterWeights
+from mintjax.adapters.spec import AdapterWeights
 from mintjax.config import ModelConfig
 from mintjax.store import records
 from mintjax.store.catalog import Catalog
+from mintjax.store.diff import diff_revisions
 from mintjax.store.errors import InvalidAdapterError, RegistryError
 from mintjax.store.identity import (AdapterInfo, check_name, parse_info,
                                     parse_ref)
@@ -62,16 +61,20 @@ class Registry:
 
   @classmethod
   def open(cls, path_or_spec, compression: str | None = None, *,
-           verify_checksums: bool = True, lease_s: float = DEFAULT_LEASE_S,
+           create: bool = True, verify_checksums: bool = True,
+           lease_s: float = DEFAULT_LEASE_S,
            verify_on_load: bool | None = None) -> "Registry":
-    """Opens (creating if missing) a registry.
+    """Opens a registry, creating it if missing unless `create=False`.
 
     Args:
       path_or_spec: a local directory (catalog.sqlite + arrays/ inside it),
         or a dict {'catalog': local sqlite path, 'store': directory, URL
         ('gs://b/p', 's3://b/p') or tensorstore kvstore spec}.
       compression: None or 'zstd' for arrays created from now on.
-      verify_checksums: check every loaded row's crc32c (default). Pass
+      create: create an empty registry when there is none (the default,
+        for library callers). Read-only tools pass False, so a mistyped
+        path is an error instead of a new, empty registry.
+      verify_checksums: check every loaded row's xxh3-64 (default). Pass
         False only to measure the raw read path (benchmarks).
       lease_s: how long a publish may hold its reserved shards before
         `gc` (from any process or host) may reclaim them.
@@ -98,6 +101,12 @@ class Registry:
             f"'{path}'}} instead")
       path = path[len("file://"):] if path.startswith("file://") else path
       cat_path, store = os.path.join(path, "catalog.sqlite"), path
+    if not create and not os.path.isfile(cat_path):
+      raise RegistryError(
+          f"{path_or_spec!r} is not a mintjax registry (no catalog at "
+          f"{cat_path}); check the path, or create one with "
+          "Registry.open(path) or `python -m tools.mint --registry=DIR "
+          "import-peft ...`")
     weights = WeightsStore(store, compression)
     return cls(SqliteCatalog(cat_path), weights,
                verify_checksums=verify_checksums, lease_s=lease_s)
@@ -234,10 +243,6 @@ class Registry:
     """Stored factors exactly as written (no b_scale folding): (rev, A, B)."""
     return self.loader.read_raw(ref)
 
-  @staticmethod
-  def _check_base(rev: Revision, expect_base: str | None) -> None:
-    check_base(rev.ref, rev.base_fingerprint, expect_base)
-
   # --- tags, evals, residency, history (lifecycle.py) ----------------------
 
   def history(self, adapter_id: str) -> list[Revision]:
@@ -271,7 +276,7 @@ class Registry:
   def residency(self, adapter_id: str) -> list[dict]:
     return self.lifecycle.residency(adapter_id)
 
-  # --- gc, verify (maintenance.py), diff -----------------------------------
+  # --- gc, verify (maintenance.py), diff (diff.py) ------------------------
 
   def gc(self, grace_s: float = 0.0) -> dict:
     """Reclaims reservations whose lease expired and unreferenced shard
@@ -284,41 +289,9 @@ class Registry:
     return verify_all(self.catalog, self.loader, batch)
 
   def diff(self, ref_a: str, ref_b: str) -> dict[str, dict]:
-    """Per-target norms of the effective weight deltas scale * A @ B.
-
-    Returns:
-      target -> {'norm_a', 'norm_b', 'delta' (||dW_a - dW_b||_F), 'rel'
-      (delta / max(norm_a, norm_b))}, over all layers. A target one side
-      lacks counts as a zero delta; shapes must agree.
-    """
-    (ra, wa), (rb, wb) = [
-        (r, records.info_of(rec).family.to_lora(
-            w, records.layout_of(rec).shapes))
-        for r, w in self.load_many([ref_a, ref_b])
-        for rec in [self.adapter(r.adapter_id)]]
-    out = {}
-    for t in ALL_TARGETS:
-      if t not in wa.lora_a and t not in wb.lora_a:
-        continue
-      dw = []
-      for w in (wa, wb):
-        if t in w.lora_a:
-          a = np.asarray(w.lora_a[t], np.float64)
-          b = np.asarray(w.lora_b[t], np.float64)
-          dw.append(w.scale * np.einsum("lir,lro->lio", a, b))
-        else:
-          dw.append(None)
-      shape = next(d.shape for d in dw if d is not None)
-      dw = [np.zeros(shape) if d is None else d for d in dw]
-      if dw[0].shape != dw[1].shape:
-        raise InvalidAdapterError(
-            f"cannot diff {ra.ref} and {rb.ref}: target {t!r} has shapes "
-            f"{dw[0].shape} and {dw[1].shape}")
-      na, nb = float(np.linalg.norm(dw[0])), float(np.linalg.norm(dw[1]))
-      delta = float(np.linalg.norm(dw[0] - dw[1]))
-      out[t] = dict(norm_a=na, norm_b=nb, delta=delta,
-                    rel=delta / max(na, nb) if max(na, nb) > 0 else 0.0)
-    return out
+    """Per-target weight-delta norms of two revisions (`mint diff`; see
+    `mintjax.store.diff.diff_revisions`)."""
+    return diff_revisions(self, ref_a, ref_b)
 
 
 def _adapter_row(adapter_id: str, *, spec, base_fingerprint, owner, config,
