@@ -126,7 +126,8 @@ class AdapterFamily(abc.ABC):
   def from_tensors(self, info: "AdapterInfo", first: Mapping, second: Mapping,
                    meta: Mapping) -> Any:
     """Host weights from a row's tensors (inverse of `tensors`); `meta` is
-    the revision's storage metadata (e.g. PEFT's per-layer B factors)."""
+    the revision's storage metadata (PEFT's per-layer B scales are already
+    folded into `second` by the loader: `mintjax.store.peft_io`)."""
 
   @abc.abstractmethod
   def to_lora(self, weights, shapes: Mapping[str, tuple[int, int, int]]

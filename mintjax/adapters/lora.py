@@ -86,15 +86,11 @@ class LoraFamily(AdapterFamily):
     return weights.lora_a, weights.lora_b
 
   def from_tensors(self, info, first, second, meta):
-    b = dict(second)
-    # PEFT imports store per-module alpha ratios as per-layer B factors
-    # (`mintjax.store.peft_io`); fold them in so consumers see one scale.
-    for t, f in (meta.get("b_scale") or {}).items():
-      f = np.asarray(f, np.float64)
-      if not np.all(f == 1.0):
-        b[t] = (b[t].astype(np.float64) * f[:, None, None]).astype(b[t].dtype)
-    return AdapterWeights(dict(first), b, rank=info.rank, alpha=info.alpha,
-                          use_rslora=info.use_rslora)
+    # The loader has folded PEFT's per-module scales into B already
+    # (`mintjax.store.peft_io.fold_b_scale`): the factors are as used.
+    del meta
+    return AdapterWeights(dict(first), dict(second), rank=info.rank,
+                          alpha=info.alpha, use_rslora=info.use_rslora)
 
   def to_lora(self, weights, shapes):
     del shapes

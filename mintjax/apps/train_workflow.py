@@ -45,8 +45,9 @@ from mintjax.eval import prompt_format
 from mintjax.eval.evaluate import evaluate_jobs
 from mintjax.model.base import BaseModel
 from mintjax.model.sources import load_base_source
-from mintjax.store.errors import BaseMismatchError, UnknownRefError
+from mintjax.store.errors import UnknownRefError
 from mintjax.store.registry import Registry
+from mintjax.store.revision import check_base
 from mintjax.train import data as data_lib
 from mintjax.train import optimizer as opt_lib
 from mintjax.train.checkpoint import TrainCheckpointer
@@ -174,13 +175,12 @@ def check_registry_base(plan: RunPlan, registry: Registry) -> None:
       rec = registry.adapter(u)
     except Exception:  # pylint: disable=broad-except  # not created yet
       continue
-    if rec["base_fingerprint"] != base.fingerprint:
-      raise BaseMismatchError(
-          f"adapter {u!r} in registry {cfg.registry} was trained on base "
-          f"{rec['base_fingerprint'][:19]}..., this config's base "
-          f"{cfg.base!r} is {base.fingerprint[:19]}...; use the matching "
-          "base or train under new adapter ids. Nothing was trained or "
-          "published.")
+    check_base(
+        u, rec["base_fingerprint"], base.fingerprint,
+        in_use=f"in registry {cfg.registry}; this config's base {cfg.base!r}"
+        " is",
+        fix="use the matching base or train under new adapter ids. Nothing "
+        "was trained or published.")
 
 
 # ------------------------------------------------------------ start run

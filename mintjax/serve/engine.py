@@ -39,6 +39,7 @@ from mintjax.serve import steps as steps_lib
 from mintjax.serve.residency import AdapterSource, Residency
 from mintjax.serve.sampling import SamplingError, SamplingParams
 from mintjax.serve.scheduler import Scheduler, Sequence
+from mintjax.store.revision import check_base
 
 
 class RequestError(ValueError):
@@ -420,20 +421,16 @@ class Engine:
     if not isinstance(ref, str) or not ref:
       raise RequestError(f"adapter ref must be a non-empty string, got {ref!r}")
     rev = self.residency.source.resolve(ref)
-    key = f"{rev.adapter_id}@{rev.revision}"
-    if rev.base_fingerprint != self.base.fingerprint:
-      raise RequestError(
-          f"adapter {key!r} was trained on base {rev.base_fingerprint[:19]}, "
-          f"this engine serves {self.base.fingerprint[:19]}; convert or "
-          "retrain the adapter")
-    return key
+    check_base(rev.ref, rev.base_fingerprint, self.base.fingerprint)
+    return rev.ref
 
   def resolve(self, ref: str) -> str:
     """The 'id@revision' an adapter ref names.
 
     Raises:
       LookupError: no such adapter, revision or tag.
-      RequestError: no adapter source, or the adapter is for another base.
+      RequestError: no adapter source.
+      BaseMismatchError: the adapter was trained on another base.
     """
     return self._resolve(ref)
 

@@ -2,8 +2,9 @@
 
 Owns the `AdapterSource` contract (what the engine needs from a registry:
 resolve a ref, batch-load weights, record residency statistics),
-`InMemoryAdapters` (a complete source held in memory, for adapters handed to
-an engine directly), the byte-budgeted LRU `HostCache`, the refcounted
+`InMemoryAdapters` (a public, complete source held in memory, for adapters
+handed to an engine directly; it uses the store's one ref parser, `Revision`
+and base check), the byte-budgeted LRU `HostCache`, the refcounted
 `SlotTable` of device bank slots, and `Residency`, which moves adapters
 between the tiers and counts hits, misses, loads, evictions and load time.
 
@@ -21,9 +22,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import re
 import time
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Iterable, Protocol, Sequence
 
 import jax
 
@@ -31,6 +31,9 @@ from mintjax.adapters import bank as bank_lib
 from mintjax.adapters.family import HostWeights
 from mintjax.adapters.spec import BankSpec, AdapterWeights
 from mintjax.config import ModelConfig
+from mintjax.store.errors import UnknownRefError
+from mintjax.store.identity import check_name, parse_ref
+from mintjax.store.revision import LoadedAdapter, Revision, check_base
 
 
 class ResidencyError(RuntimeError):
@@ -40,100 +43,94 @@ class ResidencyError(RuntimeError):
 class AdapterSource(Protocol):
   """What the engine needs from an adapter registry.
 
-  `resolve` returns an object with `.adapter_id`, `.revision`, `.ref` and
-  `.base_fingerprint`; `load_many` returns `[(revision, weights)]` in
-  the order of `refs` (weights: the family's host weights, e.g.
-  `AdapterWeights` or `VeraWeights`) and raises when any ref is unknown or
-  was trained on a different base. `mintjax.store.registry.Registry`
-  satisfies this.
+  `resolve` returns the `mintjax.store.revision.Revision` a ref names;
+  `load_many` returns `LoadedAdapter(revision, weights)` per ref, in the
+  order of `refs` (weights: the family's host weights, e.g.
+  `AdapterWeights` or `VeraWeights`) and raises when any ref is unknown
+  (a LookupError) or was trained on a different base (`check_base`'s
+  `BaseMismatchError`). `mintjax.store.registry.Registry` and
+  `InMemoryAdapters` satisfy this.
   """
 
-  def resolve(self, ref: str) -> Any: ...
+  def resolve(self, ref: str) -> Revision: ...
 
   def load_many(self, refs: Sequence[str], expect_base: str | None = None
-                ) -> list[tuple[Any, AdapterWeights]]: ...
+                ) -> list[LoadedAdapter]: ...
 
   def record_residency(self, ref: str, served: int = 0, loads: int = 0
                        ) -> None: ...
 
 
-@dataclasses.dataclass(frozen=True)
-class Revision:
-  """A resolved adapter revision (the fields the engine reads)."""
-
-  adapter_id: str
-  revision: int
-  base_fingerprint: str
-
-  @property
-  def ref(self) -> str:
-    return f"{self.adapter_id}@{self.revision}"
-
-
-_REF = re.compile(r"^([A-Za-z0-9_.\-/]+)(?:@(\d+)|:([A-Za-z0-9_.\-]+))?$")
-
-
 class InMemoryAdapters:
-  """An `AdapterSource` over adapters held in memory (revisions and tags).
+  """An `AdapterSource` over adapters held in memory: revisions and tags,
+  no files.
 
-  Refs: 'alice' (latest revision), 'alice@3', 'alice:prod' (a tag).
+  For adapters handed to an engine directly (benchmarks, studies, tests).
+  It speaks the registry's language: the same references ('alice',
+  'alice@3', 'alice:prod'; parsed by `mintjax.store.identity.parse_ref`),
+  the same `mintjax.store.revision.Revision` records, the same base check
+  (`check_base`) and the same errors (`UnknownRefError`, a LookupError;
+  `BaseMismatchError`, `InvalidAdapterError`, ValueErrors). Nothing is
+  persisted or checksummed: revisions carry no sha256 and no provenance.
+
+  Example:
+    >>> src = InMemoryAdapters()
+    >>> rev = src.publish("alice", weights, base.fingerprint)  # alice@1
+    >>> src.tag("alice", "prod", rev.revision)
+    >>> engine = Engine(base, src, EngineConfig(num_slots=4))
+    >>> engine.generate([GenerationRequest(prompt=(1, 2), adapter="alice:prod")])
   """
 
   def __init__(self):
-    self._revs: dict[str, list[tuple[AdapterWeights, str]]] = {}
+    self._revs: dict[str, list[Revision]] = {}
+    self._weights: dict[str, HostWeights] = {}
     self._tags: dict[tuple[str, str], int] = {}
     self.residency: dict[str, dict[str, int]] = collections.defaultdict(
         lambda: {"served": 0, "loads": 0})
 
-  def publish(self, adapter_id: str, weights: AdapterWeights,
+  def publish(self, adapter_id: str, weights: HostWeights,
               base_fingerprint: str) -> Revision:
-    """Adds a new revision (1, 2, ...) of `adapter_id` and returns it."""
-    if not _REF.match(adapter_id) or "@" in adapter_id or ":" in adapter_id:
-      raise ValueError(
-          f"adapter id {adapter_id!r} must be letters, digits, '_', '-', '.', "
-          "'/' (no '@' or ':', which start a revision or tag)")
+    """Adds revision 1, 2, ... of `adapter_id` (its parent: the latest)."""
+    check_name(adapter_id)
     revs = self._revs.setdefault(adapter_id, [])
-    revs.append((weights, base_fingerprint))
-    return Revision(adapter_id, len(revs), base_fingerprint)
+    rev = Revision(adapter_id, len(revs) + 1, len(revs) or None,
+                   base_fingerprint, sha256="", provenance_json="{}",
+                   created=time.time())
+    revs.append(rev)
+    self._weights[rev.ref] = weights
+    return rev
 
   def tag(self, adapter_id: str, tag: str, revision: int) -> None:
+    """Points `adapter_id:tag` at an existing revision."""
     self.resolve(f"{adapter_id}@{revision}")
-    self._tags[(adapter_id, tag)] = revision
+    self._tags[(adapter_id, check_name(tag, "tag"))] = revision
 
   def resolve(self, ref: str) -> Revision:
-    m = _REF.match(ref) if isinstance(ref, str) else None
-    if m is None:
-      raise LookupError(
-          f"malformed adapter ref {ref!r}; expected 'id', 'id@revision' or "
-          "'id:tag'")
-    adapter_id, rev, tag = m.groups()
-    if adapter_id not in self._revs:
-      raise LookupError(
+    """'alice' | 'alice@3' | 'alice:prod' -> Revision."""
+    adapter_id, number, tag = parse_ref(ref)
+    revs = self._revs.get(adapter_id)
+    if revs is None:
+      raise UnknownRefError(
           f"unknown adapter {adapter_id!r}; known adapters: "
           f"{sorted(self._revs)[:10]}{' ...' if len(self._revs) > 10 else ''}")
-    revs = self._revs[adapter_id]
-    if tag is not None:
-      if (adapter_id, tag) not in self._tags:
-        raise LookupError(f"adapter {adapter_id!r} has no tag {tag!r}")
+    if tag is not None and (adapter_id, tag) in self._tags:
       number = self._tags[(adapter_id, tag)]
-    else:
-      number = int(rev) if rev is not None else len(revs)
+    elif tag is not None and tag != "latest":
+      raise UnknownRefError(f"adapter {adapter_id!r} has no tag {tag!r}")
+    number = len(revs) if number is None else number
     if not 1 <= number <= len(revs):
-      raise LookupError(
+      raise UnknownRefError(
           f"adapter {adapter_id!r} has revisions 1..{len(revs)}, not {number}")
-    return Revision(adapter_id, number, revs[number - 1][1])
+    return revs[number - 1]
 
   def load_many(self, refs: Sequence[str], expect_base: str | None = None
-                ) -> list[tuple[Revision, AdapterWeights]]:
-    out = []
-    for ref in refs:
-      rev = self.resolve(ref)
-      if expect_base is not None and rev.base_fingerprint != expect_base:
-        raise ValueError(
-            f"adapter {rev.ref!r} was trained on base {rev.base_fingerprint[:19]}"
-            f", this engine serves {expect_base[:19]}; convert or retrain it")
-      out.append((rev, self._revs[rev.adapter_id][rev.revision - 1][0]))
-    return out
+                ) -> list[LoadedAdapter]:
+    """`LoadedAdapter(revision, weights)` per ref, in order; refuses
+    adapters of another base (`check_base`)."""
+    revs = [self.resolve(ref) for ref in refs]
+    for rev in revs:
+      check_base(rev.ref, rev.base_fingerprint, expect_base)
+    return [LoadedAdapter(rev, self._weights[rev.ref]) for rev in revs]
 
   def record_residency(self, ref: str, served: int = 0, loads: int = 0
                        ) -> None:

@@ -5,7 +5,8 @@ Owns `Loader` (the read half of the registry): resolving 'alice',
 reference names nothing, reading rows in one batched store read, checking
 each row's xxh3-64 against the catalog (on by default; `verify_checksums=
 False` is the explicit opt-out for benchmarks) and turning rows into
-`AdapterWeights` / `VeraWeights`. A row that is missing or fails its
+`AdapterWeights` / `VeraWeights` ready to use (PEFT per-module scales
+folded in by `peft_io.fold_b_scale`). A row that is missing or fails its
 checksum raises `StoreCorruptionError` naming the reference and the file;
 it is never returned, and never read as zeros.
 """
@@ -20,6 +21,7 @@ from mintjax.store import records
 from mintjax.store.catalog import Catalog
 from mintjax.store.errors import StoreCorruptionError, UnknownRefError
 from mintjax.store.identity import parse_ref
+from mintjax.store.peft_io import fold_b_scale
 from mintjax.store.revision import LoadedAdapter, Revision, check_base
 from mintjax.store.weights import WeightsStore, row_xxh3_64
 
@@ -134,7 +136,12 @@ class Loader:
 
 
 def _weights(rev: Revision, spec_json: str, layout, row: np.ndarray):
-  """A row as its family's host weights (LoRA folds PEFT's per-layer B
-  factors from the revision's meta; VeRA keeps only its vectors)."""
+  """A row as its family's host weights, ready to use: PEFT imports' per-
+  module scale ratios (`meta['b_scale']`) are folded into B here, so every
+  consumer sees one scale per adapter (VeRA rows have none and keep only
+  their vectors)."""
   info = records.info_json(spec_json)
-  return info.family.from_tensors(info, *layout.unpack(row), rev.meta)
+  first, second = layout.unpack(row)
+  if rev.meta.get("b_scale"):
+    second = fold_b_scale(second, rev.meta)
+  return info.family.from_tensors(info, first, second, rev.meta)

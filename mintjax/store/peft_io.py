@@ -20,8 +20,9 @@ a_m per module, while `AdapterWeights` has one rank and one alpha. We store:
   * the stored row holds PEFT's factors *unchanged* (only transposed and
     padded), and the revision's `meta['b_scale'][t][l] = s_m / S` records the
     per-module scale ratio (s_m = a_m / r_m or a_m / sqrt(r_m)).
-    `Registry.load` multiplies B by that ratio (in float64, then back to the
-    stored dtype), so `S * A @ B_loaded == s_m * A_m @ B_m` up to one
+    `fold_b_scale` (which the loader applies, so `Registry.load` returns
+    weights ready to use) multiplies B by that ratio (in float64, then back
+    to the stored dtype), so `S * A @ B_loaded == s_m * A_m @ B_m` up to one
     rounding of B. Modules without a pattern have ratio exactly 1 and load
     bit-exact.
   * `meta['peft']` keeps the original `adapter_config.json` and per-module
@@ -50,7 +51,7 @@ import os
 import re
 from re import _constants as sre_c  # pylint: disable=protected-access
 from re import _parser as sre_parse  # pylint: disable=protected-access
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import ml_dtypes  # noqa: F401  (bfloat16 with numpy / safetensors)
 import numpy as np
@@ -60,8 +61,12 @@ from mintjax.adapters.spec import ALL_TARGETS, AdapterWeights, lora_scale
 from mintjax.config import ModelConfig
 from mintjax.store.errors import InvalidAdapterError
 from mintjax.store.identity import parse_info
-from mintjax.store.registry import AdapterInfo, Registry, Revision, parse_ref
+from mintjax.store.identity import AdapterInfo, parse_ref
+from mintjax.store.revision import Revision
 from mintjax.store.weights import RowLayout
+
+if TYPE_CHECKING:  # Annotations only: the loader imports this module.
+  from mintjax.store.registry import Registry
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -546,6 +551,28 @@ def export_peft(reg: Registry, ref: str, folder: str) -> Revision:
   return rev
 
 
+def fold_b_scale(lora_b: Mapping[str, np.ndarray], meta: Mapping
+                 ) -> dict[str, np.ndarray]:
+  """B factors ready to use: PEFT's per-module scale ratios folded in.
+
+  Args:
+    lora_b: target -> stored B factor [L, r, d_out].
+    meta: the revision's meta; `meta['b_scale'][t]` holds per-layer ratios
+      s_m / S (see the module docstring). Absent or all 1: B unchanged.
+
+  Returns:
+    target -> B [L, r, d_out] with B[l] * b_scale[t][l] (computed in
+    float64, stored dtype kept), so `S * A @ B == s_m * A_m @ B_m`.
+  """
+  out = dict(lora_b)
+  for t, f in (meta.get("b_scale") or {}).items():
+    f = np.asarray(f, np.float64)
+    if not np.all(f == 1.0):
+      b = out[t]
+      out[t] = (b.astype(np.float64) * f[:, None, None]).astype(b.dtype)
+  return out
+
+
 def effective_scales(meta: Mapping, info: AdapterInfo) -> dict[str, list]:
   """Per-module PEFT scales s_m (for reports): b_scale * S."""
   s = lora_scale(info.rank, info.alpha, info.use_rslora)
@@ -554,4 +581,4 @@ def effective_scales(meta: Mapping, info: AdapterInfo) -> dict[str, list]:
 
 
 __all__ = ["read_peft", "write_peft", "import_peft", "export_peft",
-           "effective_scales"]
+           "fold_b_scale", "effective_scales"]

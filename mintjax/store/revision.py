@@ -73,19 +73,24 @@ class LoadedAdapter(NamedTuple):
   weights: Any
 
 
-def check_base(ref: str, adapter_base: str, expect_base: str | None) -> None:
+def check_base(ref: str, adapter_base: str, expect_base: str | None, *,
+               in_use: str = "this engine serves",
+               fix: str = "convert or retrain the adapter for this base"
+               ) -> None:
   """Refuses an adapter trained on another base than the one in use.
 
   Args:
     ref: the adapter reference, for the message ('alice@3').
     adapter_base: the base fingerprint the adapter was trained on.
     expect_base: the base being served or trained; None checks nothing.
+    in_use: how the message names the base in use (serving by default;
+      training says which config's base).
+    fix: what the message tells the caller to do.
 
   Raises:
     BaseMismatchError: naming both fingerprints and the fix.
   """
   if expect_base is not None and adapter_base != expect_base:
     raise BaseMismatchError(
-        f"adapter {ref!r} was trained on base {adapter_base[:19]}..., this "
-        f"engine serves {expect_base[:19]}...; convert or retrain the "
-        "adapter for this base")
+        f"adapter {ref!r} was trained on base {adapter_base[:19]}..., "
+        f"{in_use} {expect_base[:19]}...; {fix}")
