@@ -10,7 +10,10 @@ from mintjax.model.base import random_base
 from mintjax.serve.engine import Engine, EngineConfig
 from mintjax.serve.residency import (HostCache, InMemoryAdapters, Residency,
                                      ResidencyError, SlotTable, weights_nbytes)
+from mintjax.store.errors import (BaseMismatchError, InvalidAdapterError,
+                                  UnknownRefError)
 from mintjax.store.registry import Registry
+from mintjax.store.revision import LoadedAdapter, Revision
 
 CFG = ModelConfig(architecture="llama", vocab_size=259, hidden_size=64,
                   intermediate_size=128, num_layers=2, num_heads=4,
@@ -94,6 +97,41 @@ def test_prefetch_isolates_unknown_and_foreign_adapters():
   assert set(errors) == {"missing@1", "foreign@1"}
   assert "good@1" in res.host
   assert "retrain" in errors["foreign@1"]
+
+
+@pytest.mark.parametrize("source", ["memory", "registry"])
+def test_in_memory_source_speaks_the_registrys_refs_types_and_errors(
+    tmp_path, source):
+  # The same calls against InMemoryAdapters and a real Registry give the
+  # same revisions and the same error types: one parser, one Revision, one
+  # base check.
+  if source == "memory":
+    src = InMemoryAdapters()
+    for i in range(3):
+      src.publish("alice", _w(i), FP)
+    src.tag("alice", "prod", 2)
+  else:
+    src = Registry.open(str(tmp_path / "reg"))
+    src.create_adapter("alice", spec=dict(targets=("q", "v"), rank=4,
+                                          alpha=4.0), base_fingerprint=FP)
+    for i in range(3):
+      src.publish("alice", _w(i))
+    src.tag("alice@2", "prod")
+  for ref, number in [("alice", 3), ("alice@1", 1), ("alice:prod", 2),
+                      ("alice:latest", 3)]:
+    rev = src.resolve(ref)
+    assert isinstance(rev, Revision) and rev.ref == f"alice@{number}"
+  (loaded,) = src.load_many(["alice:prod"], expect_base=FP)
+  assert isinstance(loaded, LoadedAdapter) and loaded.revision.revision == 2
+  np.testing.assert_array_equal(loaded.weights.lora_a["q"], _w(1).lora_a["q"])
+  for bad in ("alice@x", "alice@0", "alice\n", "al/ice", "alice@\u0663"):
+    with pytest.raises(InvalidAdapterError):
+      src.resolve(bad)
+  for unknown in ("bob", "alice@4", "alice:dev"):
+    with pytest.raises(UnknownRefError):
+      src.resolve(unknown)
+  with pytest.raises(BaseMismatchError, match="alice@3.*convert or retrain"):
+    src.load_many(["alice"], expect_base="sha256:" + "cd" * 32)
 
 
 def test_weights_that_do_not_fit_the_bank_are_refused():
