@@ -14,6 +14,7 @@ import pytest
 
 from mintjax.adapters.spec import AdapterWeights
 from mintjax.config import ModelConfig
+from mintjax.store.checksum import row_xxh3_64
 from mintjax.store.errors import StoreCorruptionError
 from mintjax.store.registry import Registry
 from mintjax.store.weights import (RowLayout, ShardFileReader,
@@ -121,3 +122,31 @@ def test_format_check_accepts_only_the_exact_layout():
   start = dict(meta, codecs=[{**meta["codecs"][0], "configuration": {
       **meta["codecs"][0]["configuration"], "index_location": "start"}}])
   assert direct_rows_per_shard(start, layout) is None
+
+
+@pytest.mark.parametrize("compression", [None, "zstd"])
+def test_digests_while_reading_equal_the_one_shot_row_checksum(
+    tmp_path, compression):
+  # Rows (~1.1 MiB) bigger than one hash piece (256 KiB), so the direct
+  # reader hashes each row in several pieces.
+  big = ModelConfig("llama", vocab_size=64, hidden_size=512,
+                    intermediate_size=1024, num_layers=8, num_heads=8,
+                    num_kv_heads=8, head_dim=64)
+  reg = Registry.open(str(tmp_path / "r"), compression=compression)
+  reg.create_adapters(["a", "b"], spec=dict(targets=("q", "v"), rank=16,
+                                            alpha=4.0),
+                      base_fingerprint=BASE, config=big)
+  reg.publish_many([(i, AdapterWeights.random(big, ("q", "v"), 16, 4.0,
+                                              seed=k))
+                    for k, i in enumerate(["a", "b"])])
+  revs = [reg.resolve(i) for i in ("a", "b", "a")]
+  layout = RowLayout.from_dict(reg.adapter("a")["layout"])
+  assert layout.row_bytes > 2 * (256 << 10)
+  reader = reg.store._readers[revs[0].array_key]
+  assert (reader is None) == (compression == "zstd")
+  digests, errors = {}, {}
+  rows = reg.store.read_rows_many(
+      [(r.array_key, layout, r.row) for r in revs], errors, digests)
+  assert not errors and sorted(digests) == [0, 1, 2]
+  for i, (rev, row) in enumerate(zip(revs, rows)):
+    assert digests[i] == row_xxh3_64(row) == rev.xxh3_64

@@ -23,7 +23,7 @@ from mintjax.store.errors import StoreCorruptionError, UnknownRefError
 from mintjax.store.identity import parse_ref
 from mintjax.store.peft_io import fold_b_scale
 from mintjax.store.revision import LoadedAdapter, Revision, check_base
-from mintjax.store.weights import WeightsStore, row_xxh3_64
+from mintjax.store.weights import WeightsStore
 
 
 class Loader:
@@ -88,14 +88,15 @@ class Loader:
     """
     verify = self.verify_checksums if verify is None else verify
     bad: dict = {}
+    digests = {} if verify else None  # Hashed as the rows are read.
     rows = self.store.read_rows_many(
         [(rev.array_key, layout, rev.row) for rev, layout in
-         zip(revs, layouts)], bad)
+         zip(revs, layouts)], bad, digests)
     found = {i: f"{revs[i].ref}: shard file {path}: {problem}"
              for i, (path, problem) in bad.items()}
     if verify:
       for i, (rev, row) in enumerate(zip(revs, rows)):
-        if row is not None and row_xxh3_64(row) != rev.xxh3_64:
+        if row is not None and digests[i] != rev.xxh3_64:
           where = self.store.shard_location(rev.array_key, layouts[i],
                                             rev.row)
           found[i] = (f"{rev.ref}: row {rev.row} of shard file {where} "

@@ -24,10 +24,18 @@ from typing import Mapping
 import google_crc32c
 import numpy as np
 
+from mintjax.store.checksum import RowHasher
+
 # zarr3 sharding marks an inner chunk that was never written with this
 # (offset, nbytes) pair.
 _MISSING = 2**64 - 1
 _FADVISE = hasattr(os, "posix_fadvise")
+# With digests asked for, a row is read in pieces of this size and each
+# piece hashed at once, while it is still in the CPU cache: the check then
+# costs no second pass over memory (measured on a 9.3 MiB row: read + hash
+# after 1.7-1.9 ms, hashed per 256 KiB piece 1.5-1.65 ms, read alone
+# 1.35 ms; 1 MiB pieces spill the cache on this machine).
+_HASH_PIECE = 256 << 10
 
 
 def direct_rows_per_shard(metadata: Mapping, layout) -> int | None:
@@ -100,14 +108,17 @@ class ShardFileReader:
     return (np.frombuffer(raw, "<u8", 2 * self.rows_per_shard).reshape(
         self.rows_per_shard, 2), size - n)
 
-  def read(self, rows: np.ndarray, errors: dict | None = None
-           ) -> np.ndarray:
+  def read(self, rows: np.ndarray, errors: dict | None = None,
+           digests: dict | None = None) -> np.ndarray:
     """Rows `rows` (sorted, unique int64) as one [len(rows), row_len] block.
 
     Args:
       rows: global row numbers (shard = row // rows_per_shard).
       errors: filled with {position in rows: (shard file, problem)} for
         rows that cannot be read; their output rows are undefined.
+      digests: if given, filled with {position in rows: xxh3-64 of the row
+        (`checksum.row_xxh3_64`)} for every row read, hashed piece by piece
+        as it is read.
     """
     out = np.empty((len(rows), self.row_len), self.dtype)
     errors = {} if errors is None else errors
@@ -154,15 +165,22 @@ class ShardFileReader:
         for _, fd, offset, _ in plan:
           os.posix_fadvise(fd, offset, self.row_bytes,
                            os.POSIX_FADV_WILLNEED)
+      piece = self.row_bytes if digests is None else _HASH_PIECE
       for j, fd, offset, path in plan:
         buf = memoryview(out[j]).cast("B")
+        hasher = None if digests is None else RowHasher()
         done = 0
         while done < self.row_bytes:  # preadv may return fewer bytes.
-          got = os.preadv(fd, [buf[done:]], offset + done)
+          got = os.preadv(fd, [buf[done:done + piece]], offset + done)
           if got <= 0:
             errors[j] = (path, f"row {row_list[j]} is truncated")
             break
+          if hasher is not None:
+            hasher.update(buf[done:done + got])
           done += got
+        else:
+          if hasher is not None:
+            digests[j] = hasher.digest()
     finally:
       for fd in fds:
         os.close(fd)

@@ -4,9 +4,10 @@ Owns `RowLayout` (how one adapter's A/B factors flatten into one row and
 back), `kvstore_spec` (local path, `file://`, `gs://`, `s3://` or a
 tensorstore spec dict), `ShardFileReader` (reads rows of local uncompressed
 arrays with `pread`, bypassing tensorstore's per-read overhead and extra
-copy; everything else reads through tensorstore), the row checksums
-(`row_xxh3_64`, `row_sha256`) and `WeightsStore` (create, write, batched
-read, list and delete shards). Writes always go through tensorstore.
+copy; everything else reads through tensorstore), `row_sha256` (the
+content identity; the load checksum is `checksum.row_xxh3_64`) and
+`WeightsStore` (create, write, batched read with optional per-row digests,
+list and delete shards). Writes always go through tensorstore.
 
 Layout. One zarr3 array per *shape class* (same base, targets, per-target
 shapes, rank and dtype), shaped `[rows, row_len]`:
@@ -55,10 +56,10 @@ from typing import Mapping, Sequence
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 import numpy as np
 import tensorstore as ts
-import xxhash
 
 from mintjax.adapters.family import FamilyError, get_family
 from mintjax.adapters.spec import ALL_TARGETS
+from mintjax.store.checksum import le_bytes, row_xxh3_64
 from mintjax.store.errors import (InvalidAdapterError, RegistryError,
                                   StoreCorruptionError)
 from mintjax.store.shard_reader import (ShardFileReader,
@@ -232,32 +233,9 @@ class RowLayout:
     return a, b
 
 
-def _le_bytes(row: np.ndarray) -> np.ndarray:
-  """The row as a read-only little-endian contiguous array (for hashing)."""
-  row = np.ascontiguousarray(row)
-  if row.dtype.byteorder == ">":
-    row = row.byteswap().view(row.dtype.newbyteorder("<"))
-  view = row.view()
-  view.flags.writeable = False  # Hashers take read-only buffers.
-  return view
-
-
 def row_sha256(row: np.ndarray) -> str:
   """sha256 of a row's little-endian bytes, as 'sha256:<hex>'."""
-  return "sha256:" + hashlib.sha256(_le_bytes(row)).hexdigest()
-
-
-def row_xxh3_64(row: np.ndarray) -> int:
-  """xxh3-64 of a row's little-endian bytes, as a signed 64-bit integer
-  (what a SQL INTEGER column holds); checked on every load.
-
-  xxh3 rather than crc32c: on this CPU google_crc32c has no hardware path
-  and ran at 1.4-1.8 GB/s (busy) against ~4.9 GB/s for xxh3, which made the
-  check cost more than the read of a big row (docs/store_benchmark.md).
-  It is not cryptographic; sha256 stays the content identity.
-  """
-  h = xxhash.xxh3_64_intdigest(_le_bytes(row))
-  return h - (1 << 64) if h >= (1 << 63) else h
+  return "sha256:" + hashlib.sha256(le_bytes(row)).hexdigest()
 
 
 def kvstore_spec(location) -> dict:
@@ -445,13 +423,17 @@ class WeightsStore:
           f"{str(e).splitlines()[0][:300]}; nothing was published") from None
 
   def read_rows_many(self, requests: Sequence[tuple[str, RowLayout, int]],
-                     errors: dict | None = None) -> list[np.ndarray | None]:
+                     errors: dict | None = None, digests: dict | None = None
+                     ) -> list[np.ndarray | None]:
     """Reads many rows (possibly of different arrays), all issued at once.
 
     Args:
       requests: (array key, layout, row) per row wanted.
       errors: filled with {request index: (file, problem)} for rows that
         are missing or unreadable (their output is None).
+      digests: if given, filled with {request index: `row_xxh3_64` of the
+        row read}; direct reads hash each row as it lands (one pass over
+        memory), tensorstore reads after the fact.
 
     Returns:
       One [row_len] array per request, in order (None where unreadable).
@@ -491,12 +473,15 @@ class WeightsStore:
     # Direct reads run while tensorstore's reads are in flight.
     for idx, inverse, reader, uniq in direct:
       bad: dict = {}
-      block = reader.read(uniq, bad)
+      sums = None if digests is None else {}
+      block = reader.read(uniq, bad, sums)
       for i, j in zip(idx, inverse):
         if j in bad:
           errors[i] = bad[j]
         else:
           out[i] = block[j]
+          if sums is not None:
+            digests[i] = sums[j]
     for idx, inverse, key, arr, uniq, fut in issued:
       try:
         block, bad = fut.result(), {}
@@ -507,6 +492,10 @@ class WeightsStore:
           errors[i] = bad[j]
         else:
           out[i] = block[j]
+    if digests is not None:
+      for i, row in enumerate(out):
+        if row is not None and i not in digests:
+          digests[i] = row_xxh3_64(row)
     return out
 
   @staticmethod
