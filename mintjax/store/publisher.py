@@ -97,11 +97,11 @@ class Publisher:
                             np.stack([p["row"] for p in items]))
       if time.time() - started > self.lease_s / 2:
         self.catalog.renew_lease(res.token, self.lease_s)
-      errors: dict = {}
-      back = self.store.read_rows_many([(key, layout, r) for r in rows],
-                                       errors)
-      for k, (p, row) in enumerate(zip(items, back)):
-        if k in errors or row_xxh3_64(row) != p["xxh3_64"]:
+      errors, digests = {}, {}
+      self.store.read_rows_many([(key, layout, r) for r in rows], errors,
+                                digests)
+      for k, p in enumerate(items):
+        if k in errors or digests[k] != p["xxh3_64"]:
           raise StoreCorruptionError(
               f"row read back for {p['adapter_id']} does not match what was "
               f"written ({errors.get(k, 'checksum differs')}); the storage "
