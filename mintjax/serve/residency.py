@@ -78,7 +78,8 @@ class InMemoryAdapters:
     >>> rev = src.publish("alice", weights, base.fingerprint)  # alice@1
     >>> src.tag("alice", "prod", rev.revision)
     >>> engine = Engine(base, src, EngineConfig(num_slots=4))
-    >>> engine.generate([GenerationRequest(prompt=(1, 2), adapter="alice:prod")])
+    >>> engine.generate([GenerationRequest(prompt=(1, 2),
+    ...                                    adapter="alice:prod")])
   """
 
   def __init__(self):

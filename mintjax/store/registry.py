@@ -18,7 +18,8 @@ with a letter or digit and are never paths.
 
 Durability: once `publish` returns, the revision's bytes are in a shard
 file that nothing rewrites or deletes, and every load checks them against
-the xxh3-64 checksum recorded at publish (see `publisher.py` and `maintenance.py`).
+the xxh3-64 checksum recorded at publish (see `publisher.py`,
+`checksum.py` and `maintenance.py`).
 """
 
 from __future__ import annotations
