@@ -12,6 +12,8 @@ visible through moments accumulated at other scales: the tests start from
 warm optimizer state or take several steps with changing norms.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,7 +116,8 @@ def _grads_with_norms(rng, shapes, norms):
               ).astype(np.float32) for k, x in g.items()}
 
 
-def test_apply_updates_clips_each_slot_by_its_own_norm():
+@pytest.mark.parametrize("sweep", ["all", "present"])
+def test_apply_updates_clips_each_slot_by_its_own_norm(sweep):
   rng = np.random.default_rng(0)
   bank = bank_lib.bank_from_weights(CFG, SPEC, {
       s: AdapterWeights.random(CFG, SPEC.targets, 4, seed=s, std=0.3)
@@ -136,7 +139,8 @@ def test_apply_updates_clips_each_slot_by_its_own_norm():
   for i, (ratios, present) in enumerate(plan):
     g32 = _grads_with_norms(rng, shapes, np.asarray(ratios) * CLIP)
     params, state, metrics = apply(
-        OPT, params, _tree(g32, params), state, jnp.asarray(present, bool))
+        dataclasses.replace(OPT, slot_sweep=sweep), params,
+        _tree(g32, params), state, jnp.asarray(present, bool))
     np.testing.assert_allclose(np.asarray(metrics["grad_norm"]),
                                np.asarray(ratios) * CLIP, rtol=1e-5)
     p64, mu64, nu64, count, _ = oracle_step(
@@ -184,7 +188,8 @@ def _norms(grads):
                      for g in grads.values()))
 
 
-def test_train_step_clips_each_slot_by_its_own_norm(base):
+@pytest.mark.parametrize("sweep", ["all", "present"])
+def test_train_step_clips_each_slot_by_its_own_norm(base, sweep):
   rng = np.random.default_rng(1)
   slots = [1, 2, 3, 1, 2, 3, 1, 0]  # slots 4 and 5 are absent
   batch = Batch.from_token_rows(rng.integers(3, 259, (8, 13)), slots)
@@ -218,7 +223,8 @@ def test_train_step_clips_each_slot_by_its_own_norm(base):
   state = opt_lib.SlotOptState(mu=_tree(mu64, like), nu=_tree(nu64, like),
                                count=jnp.asarray(count, jnp.int32))
   mesh = sharding.make_mesh(data=1, fsdp=-1)
-  step = make_train_step(CFG, SPEC, OPT, mesh, StepConfig(lora_impl="gather"))
+  step = make_train_step(CFG, SPEC, dataclasses.replace(OPT, slot_sweep=sweep),
+                         mesh, StepConfig(lora_impl="gather"))
   absent = {s: {k: np.asarray(v[s]) for k, v in p64.items()} for s in (0, 4, 5)}
   absent_mu = {s: {k: np.float32(v[s]) for k, v in mu64.items()}
                for s in (0, 4, 5)}

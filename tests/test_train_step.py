@@ -1,5 +1,7 @@
 """Tests of the multi-tenant train step and per-slot AdamW isolation."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,9 +45,13 @@ def _host(tree):
   return jax.tree.map(lambda x: np.array(x), tree)
 
 
-def test_untouched_slot_and_null_slot_are_bit_identical_after_100_steps(base):
+@pytest.mark.parametrize("sweep", ["all", "present"])
+def test_untouched_slot_and_null_slot_are_bit_identical_after_100_steps(
+    base, sweep):
   mesh = sharding.make_mesh(data=2, fsdp=4)
-  step = make_train_step(CFG, SPEC, OPT, mesh, StepConfig(lora_impl="gather"))
+  opt_cfg = dataclasses.replace(OPT, slot_sweep=sweep)
+  step = make_train_step(CFG, SPEC, opt_cfg, mesh,
+                         StepConfig(lora_impl="gather"))
   bank = _bank()
   opt = opt_lib.init_opt_state(bank)
   before_bank, before_opt = _host(bank), _host(opt)
@@ -101,9 +107,10 @@ def test_trajectory_does_not_depend_on_batch_neighbours(base):
                             np.asarray(mixed.lora_a["q"][1]))
 
 
-def test_rank_padding_stays_zero_and_loss_decreases(base):
+@pytest.mark.parametrize("sweep", ["all", "present"])
+def test_rank_padding_stays_zero_and_loss_decreases(base, sweep):
   mesh = sharding.make_mesh(data=1, fsdp=-1)
-  opt = opt_lib.OptimizerConfig(learning_rate=3e-2)
+  opt = opt_lib.OptimizerConfig(learning_rate=3e-2, slot_sweep=sweep)
   step = make_train_step(CFG, SPEC, opt, mesh, StepConfig(lora_impl="gather"))
   bank = _bank()
   state = opt_lib.init_opt_state(bank)

@@ -14,6 +14,27 @@ every step. Here each slot has its own counter (so its bias correction and
 schedule follow its own training history) and a slot with no examples in the
 batch is selected back unchanged with `jnp.where`, which keeps its weights and
 moments bit-identical. Slot 0, the null adapter, is never active.
+
+Two paths compute the same update, bit for bit (`OptimizerConfig.slot_sweep`):
+  'all'      the AdamW math runs over every slot [S, ...] and absent slots
+             are selected back with `jnp.where`: a memory-bound sweep of the
+             whole bank, its gradient and both moments every step.
+  'present'  only the slots active in this batch are touched: at most
+             P = min(S - 1, batch rows) of them (static), found with a
+             static-size `jnp.nonzero(active_s, size=P, fill_value=S)`. Their
+             params, gradients, moments and counters are gathered to
+             [P, ...], run through the same per-slot math, and scattered
+             back with `mode="drop"`, so the padding entries (index S) and
+             slot 0 (never active) are never written and absent slots are
+             not read or written at all.
+  'auto'     (default) 'present' when P < S / 2, else 'all'.
+The gradient itself still covers the whole bank (the backward of the
+gather-LoRA op produces [S, ...]), and both paths take the per-slot
+gradient norms (for clipping and the 'grad_norm' metric) over that whole
+gradient: one read of it, against the 'all' path's reads of params,
+gradient and both moments plus three writes. XLA sums a reduction in an
+order that depends on its output size, so norms of a gathered [P, ...]
+gradient would differ from the all-slot ones in the last bit.
 """
 
 from __future__ import annotations
@@ -30,6 +51,7 @@ from mintjax.adapters.family import TrainerBank, family_of_bank
 from mintjax.adapters.spec import BankSpec
 
 SCHEDULES = ("constant", "cosine", "linear")
+SLOT_SWEEPS = ("auto", "all", "present")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +67,9 @@ class OptimizerConfig:
     b1, b2, eps: Adam constants.
     weight_decay: decoupled weight decay (AdamW), applied to active slots only.
     clip_norm: per-slot global-norm gradient clipping; 0 disables it.
+    slot_sweep: which slots the update runs over: 'all', 'present' (only
+      the slots in the batch, gathered) or 'auto' (see the module
+      docstring). The result is the same bit for bit; only the cost differs.
   """
 
   learning_rate: float = 1e-3
@@ -57,8 +82,13 @@ class OptimizerConfig:
   eps: float = 1e-8
   weight_decay: float = 0.0
   clip_norm: float = 0.0
+  slot_sweep: str = "auto"
 
   def __post_init__(self):
+    if self.slot_sweep not in SLOT_SWEEPS:
+      raise ValueError(
+          f"optimizer slot_sweep must be one of {SLOT_SWEEPS}, got "
+          f"{self.slot_sweep!r}")
     if self.schedule not in SCHEDULES:
       raise ValueError(
           f"optimizer schedule must be one of {SCHEDULES}, got "
@@ -177,11 +207,21 @@ def learning_rate(cfg: OptimizerConfig, count_s):
   return jnp.where(step < cfg.warmup_steps, warm, peak * frac)
 
 
-def _per_slot_sum(tree) -> jax.Array:
-  """[S] sum of squares over every leaf's non-slot axes."""
-  leaves = jax.tree.leaves(tree)
-  return sum(jnp.sum(jnp.square(x.astype(jnp.float32)),
-                     axis=tuple(range(1, x.ndim))) for x in leaves)
+def _grad_norms(grads) -> jax.Array:
+  """[S] global norm of each slot's gradient (over every leaf's non-slot
+  axes).
+
+  Both optimizer paths call this on the whole [S, ...] gradient, not on a
+  gathered [P, ...] one: XLA:CPU's reduction emitter sums in an order that
+  depends on the number of output rows (measured: 1-ulp differences between
+  [24, 2, 4, 32] and [8, 2, 4, 32] for the same rows), which would break
+  the bit-identity of the two paths. The barriers keep the reductions
+  fusions of their own over a materialised input in both programs.
+  """
+  leaves = jax.lax.optimization_barrier(jax.tree.leaves(grads))
+  sums = [jnp.sum(jnp.square(x.astype(jnp.float32)),
+                  axis=tuple(range(1, x.ndim))) for x in leaves]
+  return jnp.sqrt(sum(jax.lax.optimization_barrier(sums)))
 
 
 def _bcast(v_s, x):
@@ -198,8 +238,79 @@ def rank_mask(bank: TrainerBank) -> dict:
   return family_of_bank(bank).rank_mask(bank)
 
 
+def present_capacity(cfg: OptimizerConfig, num_slots: int,
+                     batch_rows: int | None = None) -> int | None:
+  """Static slot count P the 'present' path gathers, or None for 'all'.
+
+  Args:
+    cfg: optimizer config (its `slot_sweep` decides).
+    num_slots: S, slots in the bank (slot 0 included).
+    batch_rows: global rows of the batch (each active slot has one at
+      least); None bounds P by S - 1 only.
+  """
+  cap = num_slots - 1 if batch_rows is None else min(num_slots - 1,
+                                                     batch_rows)
+  cap = max(cap, 1)
+  if cfg.slot_sweep == "all" or (cfg.slot_sweep == "auto" and
+                                 2 * cap >= num_slots):
+    return None
+  return cap
+
+
+def _adamw(cfg: OptimizerConfig, params: dict, grads: dict, mu: dict,
+           nu: dict, *, count_n, active_n, grad_norm_n):
+  """Clip + AdamW on N slots stacked on axis 0 (all S, or P gathered).
+
+  Rows where `active_n` [N] is False come back unchanged (selected with
+  `jnp.where`). Both paths call this, which keeps them bit-identical.
+
+  Args:
+    count_n: [N] int32 steps taken; grad_norm_n: [N] pre-clip norms.
+
+  Returns:
+    (params, mu, nu, count_n).
+  """
+  # Materialised inputs: XLA then emits one graph of elementwise ops for
+  # N = S and N = P; with a gather fused in, its simplifier and fusion may
+  # regroup the multiplies differently (1-ulp differences between paths).
+  params, grads, mu, nu, count_n, active_n, grad_norm_n = (
+      jax.lax.optimization_barrier(
+          (params, grads, mu, nu, count_n, active_n, grad_norm_n)))
+  if cfg.clip_norm > 0:
+    factor_n = jnp.minimum(1.0, cfg.clip_norm / (grad_norm_n + 1e-6))
+    grads = jax.tree.map(lambda g: g * _bcast(factor_n, g).astype(g.dtype),
+                         grads)
+  new_count_n = jnp.where(active_n, count_n + 1, count_n)
+  lr_n = learning_rate(cfg, count_n)  # elementwise: the same for S and P
+  t = new_count_n.astype(jnp.float32)
+  corr1_n = 1.0 - jnp.power(jnp.float32(cfg.b1), t)
+  corr2_n = 1.0 - jnp.power(jnp.float32(cfg.b2), t)
+
+  def update(p, g, m, v):
+    g32 = g.astype(jnp.float32)
+    m_new = cfg.b1 * m + (1.0 - cfg.b1) * g32
+    v_new = cfg.b2 * v + (1.0 - cfg.b2) * jnp.square(g32)
+    act = _bcast(active_n, p)
+    # Inactive slots have corr == 0; the where below discards their values.
+    c1 = jnp.where(act, _bcast(corr1_n, p), 1.0)
+    c2 = jnp.where(act, _bcast(corr2_n, p), 1.0)
+    step = (m_new / c1) / (jnp.sqrt(v_new / c2) + cfg.eps)
+    p32 = p.astype(jnp.float32)
+    if cfg.weight_decay > 0:
+      step = step + cfg.weight_decay * p32
+    p_new = (p32 - _bcast(lr_n, p) * step).astype(p.dtype)
+    return (jnp.where(act, p_new, p), jnp.where(act, m_new, m),
+            jnp.where(act, v_new, v))
+
+  out = jax.tree.map(update, params, grads, mu, nu)
+  is_triple = lambda x: isinstance(x, tuple) and len(x) == 3
+  pick = lambda i: jax.tree.map(lambda o: o[i], out, is_leaf=is_triple)
+  return pick(0), pick(1), pick(2), new_count_n
+
+
 def apply_updates(cfg: OptimizerConfig, params: dict, grads: dict,
-                  state: SlotOptState, active_s, rank_mask_tree=None):
+                  state: SlotOptState, active_s, rank_mask_tree=None, *,
+                  batch_rows: int | None = None):
   """One AdamW step on the active slots; inactive slots are returned as is.
 
   Args:
@@ -210,50 +321,44 @@ def apply_updates(cfg: OptimizerConfig, params: dict, grads: dict,
     active_s: [S] bool, slots that had examples in this batch (slot 0 is
       forced inactive).
     rank_mask_tree: optional `rank_mask(bank)`, applied to the gradients.
+    batch_rows: global rows of the batch (static): at most this many slots
+      are active, which sizes the 'present' path (`present_capacity`).
 
   Returns:
     (new params, new state, metrics) with metrics {'grad_norm': [S],
     'lr': [S]} (the norm before clipping).
   """
-  active_s = active_s & (jnp.arange(active_s.shape[0]) != 0)
+  num_slots = active_s.shape[0]
+  active_s = active_s & (jnp.arange(num_slots) != 0)
+  lr_s = learning_rate(cfg, state.count)
   if rank_mask_tree is not None:
     grads = jax.tree.map(lambda g, m: g * m.astype(g.dtype), grads,
                          rank_mask_tree)
-  grad_norm_s = jnp.sqrt(_per_slot_sum(grads))
-  if cfg.clip_norm > 0:
-    factor_s = jnp.minimum(1.0, cfg.clip_norm / (grad_norm_s + 1e-6))
-    grads = jax.tree.map(lambda g: g * _bcast(factor_s, g).astype(g.dtype),
-                         grads)
-  count_s = jnp.where(active_s, state.count + 1, state.count)
-  lr_s = learning_rate(cfg, state.count)
-  t = count_s.astype(jnp.float32)
-  corr1_s = 1.0 - jnp.power(jnp.float32(cfg.b1), t)
-  corr2_s = 1.0 - jnp.power(jnp.float32(cfg.b2), t)
+  norm_s = _grad_norms(grads)
+  metrics = {"grad_norm": norm_s, "lr": lr_s}
+  cap = present_capacity(cfg, num_slots, batch_rows)
+  if cap is None:
+    new_params, mu, nu, count_s = _adamw(
+        cfg, params, grads, state.mu, state.nu, count_n=state.count,
+        active_n=active_s, grad_norm_n=norm_s)
+    return new_params, SlotOptState(mu, nu, count_s), metrics
 
-  def moments(g, mu, nu):
-    g32 = g.astype(jnp.float32)
-    mu_new = cfg.b1 * mu + (1.0 - cfg.b1) * g32
-    nu_new = cfg.b2 * nu + (1.0 - cfg.b2) * jnp.square(g32)
-    return mu_new, nu_new
+  # Ascending active slots, then padding index S (out of range: gathers
+  # clip it to slot S - 1 and the result is discarded, scatters drop it).
+  (slots_p,) = jnp.nonzero(active_s, size=cap, fill_value=num_slots)
 
-  def update(p, g, mu, nu):
-    mu_new, nu_new = moments(g, mu, nu)
-    act = _bcast(active_s, p)
-    # Inactive slots have corr == 0; the where below discards their values.
-    c1 = jnp.where(act, _bcast(corr1_s, p), 1.0)
-    c2 = jnp.where(act, _bcast(corr2_s, p), 1.0)
-    step = (mu_new / c1) / (jnp.sqrt(nu_new / c2) + cfg.eps)
-    p32 = p.astype(jnp.float32)
-    if cfg.weight_decay > 0:
-      step = step + cfg.weight_decay * p32
-    p_new = (p32 - _bcast(lr_s, p) * step).astype(p.dtype)
-    return (jnp.where(act, p_new, p), jnp.where(act, mu_new, mu),
-            jnp.where(act, nu_new, nu))
+  def take(x):
+    return jnp.take(x, slots_p, axis=0, mode="clip", indices_are_sorted=True)
 
-  out = jax.tree.map(update, params, grads, state.mu, state.nu)
-  is_triple = lambda x: isinstance(x, tuple) and len(x) == 3
-  new_params = jax.tree.map(lambda o: o[0], out, is_leaf=is_triple)
-  new_mu = jax.tree.map(lambda o: o[1], out, is_leaf=is_triple)
-  new_nu = jax.tree.map(lambda o: o[2], out, is_leaf=is_triple)
-  metrics = {"grad_norm": grad_norm_s, "lr": lr_s}
-  return new_params, SlotOptState(new_mu, new_nu, count_s), metrics
+  def put(x, x_p):
+    return x.at[slots_p].set(x_p, mode="drop", indices_are_sorted=True)
+
+  take_all = lambda tree: jax.tree.map(take, tree)
+  params_p, mu_p, nu_p, count_p = _adamw(
+      cfg, take_all(params), take_all(grads), take_all(state.mu),
+      take_all(state.nu), count_n=take(state.count),
+      active_n=slots_p < num_slots, grad_norm_n=take(norm_s))
+  new_state = SlotOptState(mu=jax.tree.map(put, state.mu, mu_p),
+                           nu=jax.tree.map(put, state.nu, nu_p),
+                           count=put(state.count, count_p))
+  return jax.tree.map(put, params, params_p), new_state, metrics

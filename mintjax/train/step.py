@@ -9,6 +9,8 @@ bank's adapter family trains (`AdapterFamily.trainable`: LoRA's factors,
 VeRA's scaling vectors, the bank being materialised inside the loss by
 `to_lora_bank`), and every row's adapter is gathered by its `adapter_idx`
 through the gather-LoRA op (`mintjax.model.llama.forward(lora_impl=...)`).
+The optimizer touches only the slots present in the batch when the batch's
+rows are few next to the bank's slots (`optimizer.present_capacity`).
 Swapping which users sit in the slots changes only array values, so the
 step never recompiles across cohorts.
 """
@@ -151,7 +153,7 @@ def train_step(base_params: dict, bank: AdapterBank,
   (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
   new_trainable, new_state, opt_metrics = opt_lib.apply_updates(
       opt_cfg, trainable, grads, opt_state, aux["present_s"],
-      opt_lib.rank_mask(bank))
+      opt_lib.rank_mask(bank), batch_rows=batch.adapter_idx.shape[0])
   new_bank = bank.replace(**new_trainable)
   present_s = aux["present_s"].at[0].set(False)
   n_present = jnp.maximum(jnp.sum(present_s), 1)
