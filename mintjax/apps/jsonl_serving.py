@@ -41,7 +41,7 @@ def engine_from_config(config) -> Engine:
   base = load_base_source(config.base, seed=config.base_seed)
   source = None
   if config.registry:
-    source = Registry.open(config.registry)
+    source = Registry.open(config.registry, create=False)
   mesh = None
   if config.mesh.use:
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp,
