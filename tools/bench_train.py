@@ -1,6 +1,7 @@
 """Benchmark: multi-tenant training vs sequential and shared-adapter steps.
 
   .venv/bin/python -m tools.bench_train [--quick] [--no-peft]
+      [--slots S] [--slot_sweep all,present] [--model tiny]
 
 For each model (tiny; SmolLM2-135M shapes with random weights) and U users
 (16, 64), measured side by side in one run on the same tokens (one row of T
@@ -11,6 +12,11 @@ tokens per user):
 and, when the parity interpreter (`make parity-venv`) has torch + peft, PEFT training the same U
 adapters one after another (AdamW, same rows) in a subprocess. Prints a
 markdown table of speed-ups, overhead and peak memory.
+
+`--slots S` trains in a bank of S slots (every slot holding a user; the
+batch's rows use slots 1..U) instead of U + 1; `--slot_sweep all,present`
+measures each optimizer path (`OptimizerConfig.slot_sweep`) on that same
+bank and tokens, one table row each, side by side in one run.
 """
 
 from __future__ import annotations
@@ -51,14 +57,16 @@ def _time(fn, reps):
 
 
 def bench_one(variant: str, users: int, seq_len: int, rank: int, reps: int,
-              lora_impl: str = "auto"):
+              lora_impl: str = "auto", *, num_slots: int = 0,
+              slot_sweep: str = "auto"):
   cfg = RANDOM_VARIANTS[variant]
   base = random_base(cfg, seed=0)
-  spec = BankSpec(targets=TARGETS, max_rank=rank, num_slots=users + 1)
+  num_slots = max(num_slots, users + 1)
+  spec = BankSpec(targets=TARGETS, max_rank=rank, num_slots=num_slots)
   mesh = sharding.make_mesh(fsdp=-1)
-  step = make_train_step(cfg, spec, opt_lib.OptimizerConfig(1e-3), mesh,
-                         StepConfig(lora_impl=lora_impl))
-  names = [f"u{i}" for i in range(users)]
+  step = make_train_step(cfg, spec, opt_lib.OptimizerConfig(
+      1e-3, slot_sweep=slot_sweep), mesh, StepConfig(lora_impl=lora_impl))
+  names = [f"u{i}" for i in range(num_slots - 1)]
   cohort = cohort_state(cfg, spec, names, init_cohort(
       cfg, spec, names, alpha=2.0 * rank), shardings=step.state_shardings[1:])
   state = {"bank": cohort.bank, "opt": cohort.opt}
@@ -90,6 +98,7 @@ def bench_one(variant: str, users: int, seq_len: int, rank: int, reps: int,
   t_shared = _time(shared, reps)
   t_seq = _time(sequential, max(1, reps // 2))
   return dict(model=variant, users=users, seq_len=seq_len, rank=rank,
+              slots=num_slots, slot_sweep=slot_sweep,
               multi_s=t_multi, shared_s=t_shared, sequential_s=t_seq,
               speedup_vs_sequential=t_seq / t_multi,
               overhead_vs_shared=t_multi / t_shared,
@@ -153,31 +162,44 @@ def main():
   p.add_argument("--no-peft", action="store_true")
   p.add_argument("--lora_impl", default="auto",
                  help="gather-LoRA implementation for every step")
+  p.add_argument("--slots", type=int, default=0,
+                 help="bank slots (default U + 1)")
+  p.add_argument("--slot_sweep", default="auto",
+                 help="comma list of optimizer paths to measure side by "
+                      "side: auto, all, present")
+  p.add_argument("--model", default="",
+                 help="measure only this model of the plan (e.g. tiny)")
   args = p.parse_args()
+  sweeps = args.slot_sweep.split(",")
   if args.quick:
     plan = [("tiny", 16, 32, 4, 5)]
   else:
     plan = [("tiny", 16, 32, 4, 10), ("tiny", 64, 32, 4, 10),
             ("smollm2-135m", 16, 32, 8, 3), ("smollm2-135m", 64, 32, 8, 2)]
+  plan = [r for r in plan if args.model in ("", r[0])]
   rows = []
   for variant, users, seq, rank, reps in plan:
-    r = bench_one(variant, users, seq, rank, reps, args.lora_impl)
-    r["peft_s"] = None if args.no_peft else bench_peft(variant, rank,
-                                                       r["tokens"])
-    rows.append(r)
-    print(f"done {variant} U={users}", file=sys.stderr)
+    for sweep in sweeps:
+      r = bench_one(variant, users, seq, rank, reps, args.lora_impl,
+                    num_slots=args.slots, slot_sweep=sweep)
+      r["peft_s"] = None if args.no_peft else bench_peft(variant, rank,
+                                                         r["tokens"])
+      rows.append(r)
+      print(f"done {variant} U={users} {sweep}", file=sys.stderr)
   rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, "
         f"lora_impl {args.lora_impl}, "
         f"{jax.device_count()} device(s); process peak RSS {rss_mb:.0f} MB\n")
-  print("| model | U | T | rank | multi step (ms) | U sequential (ms) | "
+  print("| model | U | slots | optimizer path | T | rank | multi step (ms) | "
+        "U sequential (ms) | "
         "speed-up (goal >= 8x) | shared adapter (ms) | overhead (goal <= "
         "1.15x) | PEFT sequential (ms) | speed-up vs PEFT | step peak MB |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     peft = ("-", "-") if r["peft_s"] is None else (
         f"{r['peft_s'] * 1e3:.1f}", f"{r['peft_s'] / r['multi_s']:.1f}x")
-    print(f"| {r['model']} | {r['users']} | {r['seq_len']} | {r['rank']} | "
+    print(f"| {r['model']} | {r['users']} | {r['slots']} | "
+          f"{r['slot_sweep']} | {r['seq_len']} | {r['rank']} | "
           f"{r['multi_s'] * 1e3:.1f} | {r['sequential_s'] * 1e3:.1f} | "
           f"{r['speedup_vs_sequential']:.1f}x | {r['shared_s'] * 1e3:.1f} | "
           f"{r['overhead_vs_shared']:.2f}x | {peft[0]} | {peft[1]} | "

@@ -32,7 +32,7 @@ The gradient itself still covers the whole bank (the backward of the
 gather-LoRA op produces [S, ...]), and both paths take the per-slot
 gradient norms (for clipping and the 'grad_norm' metric) over that whole
 gradient: one read of it, against the 'all' path's reads of params,
-gradient and both moments plus three writes. XLA sums a reduction in an
+gradient and both moments plus three writes of the whole bank. XLA sums a reduction in an
 order that depends on its output size, so norms of a gathered [P, ...]
 gradient would differ from the all-slot ones in the last bit.
 """
@@ -207,20 +207,24 @@ def learning_rate(cfg: OptimizerConfig, count_s):
   return jnp.where(step < cfg.warmup_steps, warm, peak * frac)
 
 
-def _grad_norms(grads) -> jax.Array:
-  """[S] global norm of each slot's gradient (over every leaf's non-slot
-  axes).
+def _grad_norms(grads: dict, mask=None) -> jax.Array:
+  """[S] global norm of each slot's gradient times its rank mask (over
+  every leaf's non-slot axes).
 
   Both optimizer paths call this on the whole [S, ...] gradient, not on a
   gathered [P, ...] one: XLA:CPU's reduction emitter sums in an order that
   depends on the number of output rows (measured: 1-ulp differences between
   [24, 2, 4, 32] and [8, 2, 4, 32] for the same rows), which would break
-  the bit-identity of the two paths. The barriers keep the reductions
-  fusions of their own over a materialised input in both programs.
+  the bit-identity of the two paths. The barriers give both programs the
+  same reduction fusions over materialised inputs; the mask multiply fuses
+  into them, so this is one read of the gradient.
   """
-  leaves = jax.lax.optimization_barrier(jax.tree.leaves(grads))
-  sums = [jnp.sum(jnp.square(x.astype(jnp.float32)),
-                  axis=tuple(range(1, x.ndim))) for x in leaves]
+  if mask is None:
+    mask = jax.tree.map(lambda g: jnp.ones((), g.dtype), grads)
+  leaves, masks = jax.lax.optimization_barrier(
+      (jax.tree.leaves(grads), jax.tree.leaves(mask)))
+  sums = [jnp.sum(jnp.square((g * m.astype(g.dtype)).astype(jnp.float32)),
+                  axis=tuple(range(1, g.ndim))) for g, m in zip(leaves, masks)]
   return jnp.sqrt(sum(jax.lax.optimization_barrier(sums)))
 
 
@@ -331,13 +335,13 @@ def apply_updates(cfg: OptimizerConfig, params: dict, grads: dict,
   num_slots = active_s.shape[0]
   active_s = active_s & (jnp.arange(num_slots) != 0)
   lr_s = learning_rate(cfg, state.count)
-  if rank_mask_tree is not None:
-    grads = jax.tree.map(lambda g, m: g * m.astype(g.dtype), grads,
-                         rank_mask_tree)
-  norm_s = _grad_norms(grads)
+  norm_s = _grad_norms(grads, rank_mask_tree)
   metrics = {"grad_norm": norm_s, "lr": lr_s}
+  mask = lambda g, m: g * m.astype(g.dtype)
   cap = present_capacity(cfg, num_slots, batch_rows)
   if cap is None:
+    if rank_mask_tree is not None:
+      grads = jax.tree.map(mask, grads, rank_mask_tree)
     new_params, mu, nu, count_s = _adamw(
         cfg, params, grads, state.mu, state.nu, count_n=state.count,
         active_n=active_s, grad_norm_n=norm_s)
@@ -354,8 +358,11 @@ def apply_updates(cfg: OptimizerConfig, params: dict, grads: dict,
     return x.at[slots_p].set(x_p, mode="drop", indices_are_sorted=True)
 
   take_all = lambda tree: jax.tree.map(take, tree)
+  grads_p = take_all(grads)
+  if rank_mask_tree is not None:
+    grads_p = jax.tree.map(mask, grads_p, take_all(rank_mask_tree))
   params_p, mu_p, nu_p, count_p = _adamw(
-      cfg, take_all(params), take_all(grads), take_all(state.mu),
+      cfg, take_all(params), grads_p, take_all(state.mu),
       take_all(state.nu), count_n=take(state.count),
       active_n=slots_p < num_slots, grad_norm_n=take(norm_s))
   new_state = SlotOptState(mu=jax.tree.map(put, state.mu, mu_p),
