@@ -1,7 +1,7 @@
 """The multi-adapter decode engine: the Python serving API.
 
-Owns `EngineConfig`, `GenerationRequest`, `GenerationResult`, `TokenEvent`
-and `Engine`, which ties the compiled steps (`mintjax.serve.steps`), the
+Owns `EngineConfig` and `Engine` (request and result types live in
+`mintjax.serve.requests` and are re-exported here), which ties the compiled steps (`mintjax.serve.steps`), the
 adapter residency tiers (`mintjax.serve.residency`) and continuous batching
 (`mintjax.serve.scheduler`) together:
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Iterable, Iterator, Mapping, Sequence as Seq
+from typing import Iterable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -37,14 +37,11 @@ from mintjax.model.kv_cache import init_cache
 from mintjax.serve import sampling as sampling_lib
 from mintjax.serve import steps as steps_lib
 from mintjax.serve.residency import AdapterSource, Residency
+from mintjax.serve.requests import (GenerationRequest, GenerationResult,
+                                    RequestError, TokenEvent)
 from mintjax.serve.sampling import SamplingError, SamplingParams
 from mintjax.serve.scheduler import Scheduler, Sequence
 from mintjax.store.revision import check_base
-
-
-class RequestError(ValueError):
-  """A request is malformed (prompt, adapter ref or sampling parameters)."""
-
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
@@ -105,148 +102,6 @@ class EngineConfig:
     return BankSpec.for_adapters(self.num_slots, targets=tuple(self.targets),
                                  max_rank=self.max_rank,
                                  dtype=self.adapter_dtype)
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerationRequest:
-  """One generation request.
-
-  Exactly one of `prompt` (text or token ids) and `messages` (chat
-  messages rendered with the tokenizer's chat template) is given.
-  """
-
-  prompt: str | tuple[int, ...] | None = None
-  adapter: str | None = None
-  sampling: SamplingParams = SamplingParams()
-  messages: tuple[Mapping[str, str], ...] | None = None
-  request_id: str | None = None
-  add_bos: bool = False
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "GenerationRequest":
-    """From a JSON-style dict; sampling keys may sit at the top level.
-
-    Raises:
-      RequestError / SamplingError: naming the bad field and the fix.
-    """
-    d = dict(d)
-    fields = {f.name for f in dataclasses.fields(SamplingParams)}
-    samp = d.pop("sampling", None) or {}
-    if not isinstance(samp, Mapping):
-      raise RequestError(
-          f"'sampling' must be an object of sampling parameters, got "
-          f"{type(samp).__name__}")
-    samp = dict(samp)
-    samp.update({k: d.pop(k) for k in list(d) if k in fields})
-    _check_sampling_types(samp)
-    known = {"prompt", "adapter", "messages", "request_id", "id", "add_bos"}
-    unknown = set(d) - known
-    if unknown:
-      raise RequestError(f"unknown request fields {sorted(unknown)}; known: "
-                         f"{sorted(known | fields | {'sampling'})}")
-    prompt = d.get("prompt")
-    if isinstance(prompt, list):
-      prompt = tuple(prompt)
-    if prompt is not None and not isinstance(prompt, (str, tuple)):
-      raise RequestError(
-          f"'prompt' must be text or a list of token ids, got "
-          f"{type(prompt).__name__}")
-    messages = d.get("messages")
-    if messages is not None and not isinstance(messages, (list, tuple)):
-      raise RequestError(
-          f"'messages' must be a list of {{'role', 'content'}} objects, got "
-          f"{type(messages).__name__}")
-    adapter = d.get("adapter")
-    if adapter is not None and not isinstance(adapter, str):
-      raise RequestError(
-          f"'adapter' must be a ref string such as 'alice:prod' or null for "
-          f"the base, got {type(adapter).__name__}")
-    add_bos = d.get("add_bos", False)
-    if not isinstance(add_bos, bool):
-      raise RequestError(f"'add_bos' must be true or false, got {add_bos!r}")
-    return cls(prompt=prompt, adapter=adapter,
-               sampling=SamplingParams.from_dict(samp),
-               messages=tuple(messages) if messages is not None else None,
-               request_id=d.get("request_id", d.get("id")),
-               add_bos=add_bos)
-
-
-# Sampling values travel to the device as int32; larger ones cannot.
-_INT32_MAX = 2**31 - 1
-
-
-def _check_sampling_types(samp: Mapping[str, Any]) -> None:
-  """Refuses JSON values SamplingParams would misread (bools as ints,
-  numbers as stop strings, ints that overflow the int32 device rows)."""
-  for k in ("max_new_tokens", "top_k", "seed"):
-    v = samp.get(k)
-    if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
-      raise SamplingError(f"{k} must be an integer, got {v!r}")
-    if isinstance(v, int) and v > _INT32_MAX:
-      raise SamplingError(
-          f"{k}={v} is too large; it must be at most {_INT32_MAX}")
-  for k in ("temperature", "top_p"):
-    v = samp.get(k)
-    if v is not None and (isinstance(v, bool) or
-                          not isinstance(v, (int, float))):
-      raise SamplingError(f"{k} must be a number, got {v!r}")
-  stop = samp.get("stop")
-  if stop is not None and not isinstance(stop, str) and (
-      not isinstance(stop, (list, tuple)) or
-      not all(isinstance(x, str) for x in stop)):
-    raise SamplingError(
-        f"stop must be a string or a list of strings, got {stop!r:.60}")
-  ids = samp.get("stop_token_ids")
-  if ids is not None and (not isinstance(ids, (list, tuple)) or any(
-      isinstance(t, bool) or not isinstance(t, int) for t in ids)):
-    raise SamplingError(
-        f"stop_token_ids must be a list of integer token ids, got "
-        f"{ids!r:.60}")
-  if "ignore_eos" in samp and not isinstance(samp["ignore_eos"], bool):
-    raise SamplingError(
-        f"ignore_eos must be true or false, got {samp['ignore_eos']!r}")
-
-
-@dataclasses.dataclass
-class GenerationResult:
-  """What one request produced.
-
-  Attributes:
-    request_id: the request's id (its index when none was given).
-    tokens: generated token ids (including a final stop token).
-    text: decoded text, cut before the first stop string.
-    logprobs: per generated token, its log-probability under the model.
-    finish_reason: 'stop', 'length', 'max_len', 'error' or 'cancelled'
-      (`Engine.cancel`; `error` then says why).
-    adapter: the ref as requested (None = base).
-    revision: the resolved 'id@revision' (None = base).
-    prompt_tokens: prompt length.
-    error: message when finish_reason == 'error'.
-  """
-
-  request_id: str
-  tokens: list[int]
-  text: str
-  logprobs: list[float]
-  finish_reason: str
-  adapter: str | None
-  revision: str | None
-  prompt_tokens: int
-  error: str | None = None
-
-  def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
-
-
-@dataclasses.dataclass
-class TokenEvent:
-  """A streamed token (or a finished request when `result` is set)."""
-
-  request_id: str
-  index: int
-  token: int | None
-  logprob: float | None
-  result: GenerationResult | None = None
 
 
 class Engine:
