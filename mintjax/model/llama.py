@@ -29,6 +29,7 @@ prompts, residency slots) and the training data pipeline do.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -111,11 +112,32 @@ def init_params(config: ModelConfig, seed: int = 0, std: float = 0.02
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _layer(x_btd, lp, lb, adapter_idx_b, cos, sin, q_pos_bt, k_pos_bs,
-           cache_kv, write_start_b, segments, config: ModelConfig,
-           lora_impl: str):
+class _StepInputs(NamedTuple):
+  """What every layer of one forward call reads (the same for all layers).
+
+  adapter_idx_b: [B] bank slot per row.
+  cos, sin: [B, T, head_dim] RoPE tables of the query positions.
+  q_pos_bt: [B, T] query positions.
+  k_pos_bs: [B, S] key positions (the cache's, or the queries').
+  write_start_b: [B] cache row where this call's keys are written.
+  segments: (q_segment_bt, k_segment_bs), each optional.
+  """
+  adapter_idx_b: jax.Array
+  cos: jax.Array
+  sin: jax.Array
+  q_pos_bt: jax.Array
+  k_pos_bs: jax.Array
+  write_start_b: jax.Array
+  segments: tuple
+
+
+def _layer(x_btd, lp, lb, cache_kv, step: _StepInputs, *,
+           config: ModelConfig, lora_impl: str):
   """One decoder block. Returns (x, (k_layer, v_layer) or None)."""
   c = config
+  adapter_idx_b, cos, sin = step.adapter_idx_b, step.cos, step.sin
+  q_pos_bt, k_pos_bs = step.q_pos_bt, step.k_pos_bs
+  write_start_b, segments = step.write_start_b, step.segments
   b, t, _ = x_btd.shape
 
   def proj(name, h):
@@ -249,7 +271,8 @@ def forward(params: dict, bank: AdapterBank | None, adapter_idx_b,
   else:
     k_pos_bs = positions_bt
     segments = (segment_ids_bt, segment_ids_bt)
-  write_start_b = positions_bt[:, 0]
+  step = _StepInputs(adapter_idx_b, cos, sin, positions_bt, k_pos_bs,
+                     positions_bt[:, 0], segments)
 
   def body(carry, xs):
     x, kv = carry
@@ -258,9 +281,8 @@ def forward(params: dict, bank: AdapterBank | None, adapter_idx_b,
     layer_kv = None
     if kv is not None:
       layer_kv = (kv[0][layer_idx], kv[1][layer_idx])
-    x, new_kv = _layer(x, lp, lb, adapter_idx_b, cos, sin, positions_bt,
-                       k_pos_bs, layer_kv, write_start_b, segments, c,
-                       lora_impl)
+    x, new_kv = _layer(x, lp, lb, layer_kv, step, config=c,
+                       lora_impl=lora_impl)
     if kv is not None:
       kv = tuple(jax.lax.dynamic_update_index_in_dim(buf, new, layer_idx, 0)
                  for buf, new in zip(kv, new_kv))
