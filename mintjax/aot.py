@@ -372,6 +372,13 @@ def step_cost(req: AotRequest, cfg: ModelConfig, spec: BankSpec | None,
     # bank, mu, nu (grad is bank-sized). A separate, purely memory-bound
     # phase after the backward pass: it cannot hide under its matmuls.
     optimizer = bank_dev * 3 + bpd.get("optimizer", 0) * 2
+    cap = None if spec is None else opt_lib.present_capacity(
+        opt_lib.OptimizerConfig(), spec.num_slots, req.batch)
+    if cap is not None:
+      # The present-slot path (`optimizer` module doc): one read of the
+      # whole gradient for the per-slot norms, then the same traffic on the
+      # P gathered slots, twice over (gather copies, then the scatter).
+      optimizer = bank_dev + 2 * optimizer * cap / spec.num_slots
   return dict(step_flops=float(flops), lora_flops_fraction=float(
       lora / max(base + lora, 1)), step_bytes=float(reads),
               optimizer_bytes=float(optimizer), tokens_per_step=int(tokens))

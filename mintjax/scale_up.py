@@ -421,7 +421,9 @@ def render_markdown(rows, goal_rows, meta: Mapping) -> str:
       "raw FLOPs (kept in the JSON as `xla_flops_raw`) are ~1/L of the "
       "step's. Train = forward + remat recompute + backward data gradients "
       "(the base gets no weight gradient) + LoRA dA/dB + AdamW's "
-      "read-modify-write of every slot; decode = one token per row with "
+      "read-modify-write of the slots it updates (every slot, or only the "
+      "batch's when the optimizer takes its present-slot path, plus one "
+      "read of the whole gradient); decode = one token per row with "
       "attention over the whole cache, weights + KV cache + the distinct "
       "adapters' rows read once. Activation traffic and collectives are "
       "not counted, so these are lower bounds on step time.",
@@ -476,12 +478,15 @@ def render_markdown(rows, goal_rows, meta: Mapping) -> str:
       f"{64 * aqkvo['params_per_adapter'] * 2 / (a7['base_bf16'] + kv):.0%}"
       ", on q,v "
       f"{64 * aqv['params_per_adapter'] * 2 / (a7['base_bf16'] + kv):.0%}."
-      " Training pays a different cost: the per-slot AdamW "
-      "(`mintjax/train/optimizer.py`) reads and writes every slot's "
-      "factors and moments each step to keep untouched slots bit-identical "
-      "with `jnp.where`, so its traffic grows with the bank, not the batch; "
-      "updating only the ≤ 16 slots present in a batch (gather, update, "
-      "scatter) would remove almost all of it.",
+      " Training pays a different cost: a per-slot AdamW that sweeps "
+      "every slot with `jnp.where` (to keep untouched slots bit-identical) "
+      "reads and writes every slot's factors and moments each step, so its "
+      "traffic grows with the bank, not the batch. "
+      "`mintjax/train/optimizer.py` now updates only the ≤ 16 slots present "
+      "in a batch (gather, update, scatter; `slot_sweep='auto'` picks it "
+      "when the batch's rows are fewer than half the slots) and reads the "
+      "whole gradient once for the per-slot norms; the estimates count "
+      "that.",
       "",
       "## Every preset",
       "",

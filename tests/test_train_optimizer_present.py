@@ -74,7 +74,10 @@ def test_capacity_and_auto_choice():
     opt_lib.OptimizerConfig(slot_sweep="some")
 
 
-def test_train_steps_bit_identical_on_both_paths(base):
+@pytest.mark.parametrize("rules", ["default", "slot_sharded"])
+def test_train_steps_bit_identical_on_both_paths(base, rules):
+  # slot_sharded splits the bank's slot axis over fsdp: the gather and the
+  # scatter then cross shards (the 8B-on-v5e-8 layout, docs/SCALE_UP.md).
   mesh = sharding.make_mesh(data=2, fsdp=4)
   rng = np.random.default_rng(0)
   batches = []
@@ -89,7 +92,8 @@ def test_train_steps_bit_identical_on_both_paths(base):
   for sweep in ("all", "present"):
     opt_cfg = opt_lib.OptimizerConfig(slot_sweep=sweep, **HP)
     step = make_train_step(CFG, SPEC, opt_cfg, mesh,
-                           StepConfig(lora_impl="gather"))
+                           StepConfig(lora_impl="gather"),
+                           rules=sharding.RULE_SETS[rules])
     bank = _bank()
     opt = opt_lib.init_opt_state(bank)
     before = _host(bank)
