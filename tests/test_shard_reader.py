@@ -31,7 +31,7 @@ def _registry(path, n, compression=None):
   ids = [f"u{i}" for i in range(n)]
   reg.create_adapters(ids, spec=dict(targets=("q", "v"), rank=2, alpha=4.0),
                       base_fingerprint=BASE, config=CFG)
-  reg.publish_many([(i, AdapterWeights.random(CFG, ("q", "v"), 2, 4.0,
+  reg.publish_many([(i, AdapterWeights.random(CFG, ("q", "v"), 2, alpha=4.0,
                                               seed=k))
                     for k, i in enumerate(ids)])
   return reg, ids
@@ -62,7 +62,7 @@ def test_direct_reads_match_tensorstore_and_weights(tmp_path):
   loaded = reg.load_many(ids[::-1] + ids[:2])
   for (r, w), aid in zip(loaded, ids[::-1] + ids[:2]):
     k = ids.index(aid)
-    want = AdapterWeights.random(CFG, ("q", "v"), 2, 4.0, seed=k)
+    want = AdapterWeights.random(CFG, ("q", "v"), 2, alpha=4.0, seed=k)
     assert r.adapter_id == aid
     for t in ("q", "v"):
       np.testing.assert_array_equal(w.lora_a[t], want.lora_a[t])
@@ -95,7 +95,7 @@ def test_zstd_arrays_keep_tensorstore_path(tmp_path):
   rev, layout, arr = _array(reg, ids[2])
   assert reg.store._readers[rev.array_key] is None
   _, w = reg.load(ids[2])
-  want = AdapterWeights.random(CFG, ("q", "v"), 2, 4.0, seed=2)
+  want = AdapterWeights.random(CFG, ("q", "v"), 2, alpha=4.0, seed=2)
   np.testing.assert_array_equal(w.lora_b["v"], want.lora_b["v"])
   meta = arr.spec().to_json()["metadata"]
   assert direct_rows_per_shard(meta, layout) is None
@@ -136,7 +136,7 @@ def test_digests_while_reading_equal_the_one_shot_row_checksum(
   reg.create_adapters(["a", "b"], spec=dict(targets=("q", "v"), rank=16,
                                             alpha=4.0),
                       base_fingerprint=BASE, config=big)
-  reg.publish_many([(i, AdapterWeights.random(big, ("q", "v"), 16, 4.0,
+  reg.publish_many([(i, AdapterWeights.random(big, ("q", "v"), 16, alpha=4.0,
                                               seed=k))
                     for k, i in enumerate(["a", "b"])])
   revs = [reg.resolve(i) for i in ("a", "b", "a")]

@@ -31,7 +31,7 @@ SPEC = dict(targets=("q", "v"), rank=2, alpha=4.0)
 
 
 def _w(seed):
-  return AdapterWeights.random(CFG, ("q", "v"), 2, 4.0, seed=seed)
+  return AdapterWeights.random(CFG, ("q", "v"), 2, alpha=4.0, seed=seed)
 
 
 def _same(a, b):

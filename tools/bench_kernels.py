@@ -91,7 +91,7 @@ def _min_bytes(num_tokens, num_adapters, rank, d_in, d_out, itemsize,
   return io + distinct * rank * (d_in + d_out) * itemsize
 
 
-def run(tokens, adapters, ranks, d_in, d_out, dtype, iters, hbm_gbps,
+def run(tokens, adapters, ranks, *, d_in, d_out, dtype, iters, hbm_gbps,
         check: bool) -> list[dict]:
   """Times every case; returns one row per (case, implementation)."""
   backend = jax.default_backend()
@@ -177,8 +177,9 @@ def main(argv=None):
           "a speed measurement; comparing the XLA formulations only.")
   print("'x base' = time / time of x @ W of the same shape in this run; "
         "max|d| = max abs difference to the first implementation listed.")
-  rows = run(tokens, adapters, ranks, d_in, d_out, jnp.dtype(args.dtype),
-             iters, args.hbm_gbps, check=not args.no_check)
+  rows = run(tokens, adapters, ranks, d_in=d_in, d_out=d_out,
+             dtype=jnp.dtype(args.dtype), iters=iters,
+             hbm_gbps=args.hbm_gbps, check=not args.no_check)
   print_rows(rows, backend)
   return rows
 

@@ -41,8 +41,8 @@ def _time(fn, args, repeats: int) -> float:
   return statistics.median(times)
 
 
-def bench_case(batch, length, distinct, num_slots, d_in, d_out, rank, impls,
-               repeats, rounds):
+def bench_case(batch, length, distinct, num_slots, *, d_in, d_out, rank,
+               impls, repeats, rounds):
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((batch, length, d_in)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((d_in, d_out)) / np.sqrt(d_in),
@@ -87,8 +87,9 @@ def main(argv):
     for distinct in distincts:
       if distinct > batch:
         continue
-      res = bench_case(batch, length, distinct, 129, _D_IN.value,
-                       _D_OUT.value, _RANK.value, impls, repeats, rounds)
+      res = bench_case(batch, length, distinct, 129, d_in=_D_IN.value,
+                       d_out=_D_OUT.value, rank=_RANK.value, impls=impls,
+                       repeats=repeats, rounds=rounds)
       ratios = " | ".join(f"{res[n] / res['base']:.2f}" for n in impls)
       print(f"| {label} | {batch * length} | {distinct} | "
             f"{res['base']:.3f} | {ratios} |", flush=True)

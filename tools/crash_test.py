@@ -141,7 +141,7 @@ def setup(path: str, trial: int, writers: int = 3) -> None:
     reg.close()
 
 
-def writer(path: str, worker: int, trial: int, seed: int, ledger: str,
+def writer(path: str, *, worker: int, trial: int, seed: int, ledger: str,
            duration_s: float = 0.0, out: str | None = None) -> None:
   """Publishes until killed (or `duration_s`); acks after each return."""
   reg = _open(path, LEASE_S)
@@ -518,8 +518,9 @@ def main(argv):
   del argv
   mode = _MODE.value
   if mode == "writer":
-    writer(_PATH.value, _WORKER.value, _TRIAL.value, _SEED.value,
-           _LEDGER.value, _DURATION.value, _OUT.value)
+    writer(_PATH.value, worker=_WORKER.value, trial=_TRIAL.value,
+           seed=_SEED.value, ledger=_LEDGER.value,
+           duration_s=_DURATION.value, out=_OUT.value)
   elif mode == "gc":
     gc_loop(_PATH.value, _DURATION.value, _HOST.value)
   elif mode == "reader":

@@ -387,9 +387,9 @@ class AdapterWeights:
     return self
 
   @classmethod
-  def random(cls, config: ModelConfig, targets, rank: int, alpha: float | None
-             = None, seed: int = 0, std: float = 0.02, dtype=np.float32
-             ) -> "AdapterWeights":
+  def random(cls, config: ModelConfig, targets, rank: int, *,
+             alpha: float | None = None, seed: int = 0, std: float = 0.02,
+             dtype=np.float32) -> "AdapterWeights":
     """A random adapter with both factors non-zero (for tests and demos).
 
     PEFT initialises B to zero, which makes a fresh adapter a no-op; here both

@@ -214,7 +214,7 @@ class VeraWeights:
     return cls(ld, lb, rank=rank, basis_seed=basis_seed, alpha=alpha)
 
   @classmethod
-  def random(cls, config: ModelConfig, targets, rank: int,
+  def random(cls, config: ModelConfig, targets, rank: int, *,
              basis_seed: int = 0, seed: int = 0, alpha: float | None = None,
              std: float = 0.5) -> "VeraWeights":
     """Random non-zero vectors that visibly change the output (tests, demos).
