@@ -2,6 +2,7 @@
 
   .venv/bin/python -m tools.bench_train [--quick] [--no-peft]
       [--slots S] [--slot_sweep all,present] [--model tiny]
+      [--users 16]
 
 For each model (tiny; SmolLM2-135M shapes with random weights) and U users
 (16, 64), measured side by side in one run on the same tokens (one row of T
@@ -169,6 +170,8 @@ def main():
                       "side: auto, all, present")
   p.add_argument("--model", default="",
                  help="measure only this model of the plan (e.g. tiny)")
+  p.add_argument("--users", default="",
+                 help="comma list: measure only these U of the plan")
   args = p.parse_args()
   sweeps = args.slot_sweep.split(",")
   if args.quick:
@@ -176,7 +179,8 @@ def main():
   else:
     plan = [("tiny", 16, 32, 4, 10), ("tiny", 64, 32, 4, 10),
             ("smollm2-135m", 16, 32, 8, 3), ("smollm2-135m", 64, 32, 8, 2)]
-  plan = [r for r in plan if args.model in ("", r[0])]
+  plan = [r for r in plan if args.model in ("", r[0]) and (
+      not args.users or str(r[1]) in args.users.split(","))]
   rows = []
   for variant, users, seq, rank, reps in plan:
     for sweep in sweeps:
