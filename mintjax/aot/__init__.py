@@ -1,10 +1,10 @@
 """Ahead-of-time compilation of mintjax's real steps for a target topology.
 
 Owns `AotRequest` (what to compile: model, topology and mesh, step, bank
-shape, batch), `CHIPS` (per-chip HBM, peak bf16 FLOP/s and HBM bandwidth
-with their public sources), `compile_step` (one deviceless compile and its
-report) and `compile_report` (the step with adapters and the same step
-without them, the LoRA overhead between them).
+shape, batch), `compile_step` (one deviceless compile and its report) and
+`compile_report` (the step with adapters and the same step without them,
+the LoRA overhead between them). `CHIPS` (per-chip HBM, peak bf16 FLOP/s
+and HBM bandwidth with their public sources) lives in `mintjax.aot.chips`.
 
 It compiles the very step functions the launchers run: the train step of
 `mintjax.train.step.make_train_step` and the prefill/decode steps of
@@ -47,6 +47,7 @@ from mintjax import sharding
 from mintjax.adapters import bank as bank_lib
 from mintjax.adapters import lora_op
 from mintjax.adapters.spec import ALL_TARGETS, BankSpec
+from mintjax.aot.chips import CHIPS, GIB, Chip  # noqa: F401  (re-exported)
 from mintjax.config import ModelConfig
 from mintjax.model import llama
 from mintjax.model import presets
@@ -57,38 +58,6 @@ from mintjax.train import optimizer as opt_lib
 from mintjax.train import step as train_lib
 
 STEPS = ("train", "prefill", "decode")
-GIB = 1024 ** 3
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  """Public per-chip figures used for the fits check and the roofline."""
-
-  name: str
-  hbm_bytes: float
-  bf16_flops: float
-  hbm_bandwidth: float
-  source: str
-
-
-CHIPS: dict[str, Chip] = {
-    "v4": Chip("TPU v4", 32 * GIB, 275e12, 1228e9,
-               "https://cloud.google.com/tpu/docs/v4"),
-    "v5e": Chip("TPU v5e", 16 * GIB, 197e12, 819e9,
-                "https://cloud.google.com/tpu/docs/v5e"),
-    "v5p": Chip("TPU v5p", 95 * GIB, 459e12, 2765e9,
-                "https://cloud.google.com/tpu/docs/v5p"),
-    "v6e": Chip("TPU v6e (Trillium)", 32 * GIB, 918e12, 1640e9,
-                "https://cloud.google.com/tpu/docs/v6e"),
-    # Dense (no 2:4 sparsity) bf16 tensor-core peaks, SXM parts.
-    "h100": Chip("NVIDIA H100 SXM", 80e9, 989e12, 3350e9,
-                 "https://www.nvidia.com/en-us/data-center/h100/"),
-    "h200": Chip("NVIDIA H200 SXM", 141e9, 989e12, 4800e9,
-                 "https://www.nvidia.com/en-us/data-center/h200/"),
-    # This host's CPU devices: nominal figures so the same report is
-    # produced in tests; not a performance claim.
-    "cpu": Chip("host CPU (nominal)", 16 * GIB, 1e12, 30e9, "nominal"),
-}
 
 
 class AotError(ValueError):
