@@ -20,7 +20,8 @@ and the message must match the case's regex, and stored state must be
 unchanged.
 
 The tally runs the same cases against any checkout, e.g. the code before a
-fix:  cd OLD && PYTHONPATH=OLD python /work/main/tests/bad_input_corpus.py
+fix:  cd OLD && PYTHONPATH=OLD python NEW/tests/bad_input_corpus.py (OLD and NEW
+being two checkouts).
 """
 
 from __future__ import annotations
