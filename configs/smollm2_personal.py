@@ -8,10 +8,66 @@ Variants (`--config=configs/smollm2_personal.py:<variant>`):
            completion window, no remat, few steps at a high learning rate,
            so 64 users train in a few minutes on a 2-core CPU.
   demo_tiny  the same recipe on the random tiny model (`--quick`, tests).
-Override any field, e.g. `--config.lora.rank=4 --config.train_data=...`.
+Override any field, e.g. `--config.lora.rank=4 --config.train_data=...`;
+`mintjax-train --config_help` lists every field with its meaning. The
+training data formats are in docs/API.md (examples/train_*.jsonl).
 """
 
 import ml_collections
+
+# Fields a training run cannot start without (named in the error).
+REQUIRED = ("train_data", "registry")
+
+HELP = {
+    "base": "base model: 'smollm2' (embedded), 'random:<variant>', a .gguf "
+            "file, a Hugging Face folder or a converted checkpoint",
+    "base_seed": "initialisation seed of a 'random:<variant>' base",
+    "train_data": "training JSONL: one .jsonl file or a directory of them "
+                  "(formats: docs/API.md, examples/train_*.jsonl)",
+    "heldout_data": "held-out JSONL in the same formats; evaluated and "
+                    "recorded with each published revision (optional)",
+    "registry": "registry directory the adapters are published to "
+                "(created when missing)",
+    "lora.rank": "LoRA rank r",
+    "lora.alpha": "LoRA alpha (scale alpha/r, or alpha/sqrt(r) with rslora)",
+    "lora.targets": "projections adapted: any of q,k,v,o,gate,up,down",
+    "lora.use_rslora": "scale by alpha/sqrt(r) instead of alpha/r",
+    "num_slots": "bank slots per cohort; slot 0 is the null adapter, so "
+                 "num_slots-1 users train together",
+    "batch_size": "examples per step (global, mixed over the cohort's users)",
+    "steps_per_cohort": "optimizer steps per cohort of users",
+    "seed": "data order and initialisation seed",
+    "max_length": "longest example in tokens (see overflow)",
+    "buckets": "padded lengths a batch is rounded up to (fewer compiles)",
+    "overflow": "an example longer than max_length: 'truncate' (warned) or "
+                "'error'",
+    "prompt_style": "'raw' (prompt text as is) or 'chat' (the base's chat "
+                    "template); chat records are always templated",
+    "optimizer.learning_rate": "peak learning rate",
+    "optimizer.warmup_steps": "linear warm-up steps",
+    "optimizer.decay_steps": "decay steps after warm-up (0: none)",
+    "optimizer.schedule": "'constant', 'cosine' or 'linear'",
+    "optimizer.min_lr_ratio": "final learning rate / peak",
+    "optimizer.b1": "AdamW beta1",
+    "optimizer.b2": "AdamW beta2",
+    "optimizer.eps": "AdamW epsilon",
+    "optimizer.weight_decay": "AdamW weight decay",
+    "optimizer.clip_norm": "per-adapter gradient clip norm (0: off)",
+    "mesh.data": "mesh 'data' axis size",
+    "mesh.fsdp": "mesh 'fsdp' axis size (-1: the remaining devices)",
+    "mesh.tensor": "mesh 'tensor' axis size",
+    "lora_impl": "gather-LoRA implementation ('auto' picks per backend)",
+    "remat": "rematerialise layers in the backward pass (less memory)",
+    "loss_window": "0: LM head on every position; W: only on W positions "
+                   "from each row's first completion token",
+    "continue_from_registry": "start a user from their latest published "
+                              "revision (False: from scratch)",
+    "checkpoint_every": "steps between Orbax checkpoints in --workdir",
+    "keep_checkpoints": "checkpoints kept in --workdir",
+    "async_checkpoint": "write checkpoints in the background",
+    "log_every": "steps between metrics.jsonl lines (and INFO logs)",
+    "eval_batch_size": "batch size of the held-out evaluation",
+}
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
@@ -49,8 +105,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   if variant == "tiny":
     pass
   elif variant == "smollm2":
-    from mintjax.model.smollm2 import default_gguf_path  # pylint: disable=g-import-not-at-top
-    c.base = str(default_gguf_path())
+    c.base = "smollm2"  # the embedded GGUF: no path to type
     c.prompt_style = "chat"
     c.max_length = 96
     c.buckets = (48, 96)
@@ -61,8 +116,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.remat = True
   elif variant in ("demo", "demo_tiny"):
     if variant == "demo":
-      from mintjax.model.smollm2 import default_gguf_path  # pylint: disable=g-import-not-at-top
-      c.base = str(default_gguf_path())
+      c.base = "smollm2"
     c.prompt_style = "raw"
     c.max_length = 16
     c.buckets = (12, 16)

@@ -1,29 +1,33 @@
 """Evaluate many adapter revisions at once; optionally promote a tag.
 
-  python -m launch.eval --base=random:tiny --registry=REG \
-      --heldout=DATA/heldout [--refs=alice,bob@2] [--promote=prod]
+  mintjax-eval --registry=REG --heldout=examples/heldout.jsonl \
+      [--refs=alice,bob@2] [--promote=prod] [--base=smollm2]
+  python -m launch.eval ...
 
 Prints a markdown table (each revision vs its parent and the base, and the
 prompt format used) and which revisions were held back from the tag and why.
-Each revision is scored in the prompt format its provenance records;
---prompt_style overrides that for every revision (and is recorded with the
-metrics). Promotion refuses degenerate evaluations: see
-mintjax/eval/promotion.py for the rules.
+--base defaults to the base the revisions were trained on (their
+provenance's training config). Each revision is scored in the prompt format
+its provenance records; --prompt_style overrides that for every revision
+(and is recorded with the metrics). Promotion refuses degenerate
+evaluations: see mintjax/eval/promotion.py for the rules.
 """
 
 import sys
+
+from launch import console  # light (absl only): say() runs before jax loads
 
 from absl import app
 from absl import flags
 
 from launch import distributed
 
-_BASE = flags.DEFINE_string("base", None, "Base source (see train config).",
-                            required=True)
-_REGISTRY = flags.DEFINE_string("registry", None, "Registry directory.",
-                                required=True)
-_HELDOUT = flags.DEFINE_string("heldout", None, "Held-out JSONL file/dir.",
-                               required=True)
+_BASE = flags.DEFINE_string(
+    "base", None, "Base source ('smollm2', a .gguf, HF folder, converted "
+    "checkpoint, 'random:<variant>'); default: the base recorded in the "
+    "revisions' provenance.")
+_REGISTRY = flags.DEFINE_string("registry", None, "Registry directory.")
+_HELDOUT = flags.DEFINE_string("heldout", None, "Held-out JSONL file/dir.")
 _REFS = flags.DEFINE_list("refs", [], "Adapter refs (default: all with "
                           "held-out data, latest revision).")
 _PROMOTE = flags.DEFINE_string("promote", None, "Tag to move (e.g. prod).")
@@ -39,17 +43,49 @@ _MAXLEN = flags.DEFINE_integer("max_length", 256, "Max tokens per example.")
 distributed.define_flags()
 
 
+def recorded_base(registry, refs) -> str:
+  """The one base source the revisions' provenance names.
+
+  Raises:
+    ValueError: none is recorded, or the revisions name different bases
+      (the message says to pass --base).
+  """
+  if refs:
+    revs = [registry.resolve(r) for r in refs]
+  else:
+    revs = [registry.resolve(a["id"]) for a in registry.list_adapters()]
+  found = {}
+  for rev in revs:
+    src = ((rev.provenance or {}).get("training_config") or {}).get("base")
+    if src:
+      found.setdefault(src, rev.ref)
+  if len(found) != 1:
+    raise ValueError(
+        "--base is not given and the revisions' provenance names "
+        + ("no base" if not found else f"several bases {sorted(found)}")
+        + "; pass --base=SOURCE (e.g. --base=smollm2)")
+  return next(iter(found))
+
+
 def main(argv):
   del argv
+  console.quiet_logs()
+  for flag, value in (("--registry", _REGISTRY.value),
+                      ("--heldout", _HELDOUT.value)):
+    if not value:
+      sys.exit(f"error: {flag} is required")
   distributed.initialize()
+  console.say("mintjax-eval: opening the registry and loading the base")
   from mintjax.eval.evaluate import evaluate_and_promote  # pylint: disable=g-import-not-at-top
   from mintjax.store.registry import Registry  # pylint: disable=g-import-not-at-top
   from mintjax.model.sources import load_base_source  # pylint: disable=g-import-not-at-top
+  # create=False: a mistyped --registry is an error, not a new, empty
+  # registry evaluated as if it held nothing.
+  registry = Registry.open(_REGISTRY.value, create=False)
+  source = _BASE.value or recorded_base(registry, _REFS.value)
+  console.say(f"base {source!r}")
   out = evaluate_and_promote(
-      load_base_source(_BASE.value),
-      # create=False: a mistyped --registry is an error, not a new, empty
-      # registry evaluated as if it held nothing.
-      Registry.open(_REGISTRY.value, create=False),
+      load_base_source(source), registry,
       _HELDOUT.value, _REFS.value, _PROMOTE.value, _TOL.value,
       prompt_style=_STYLE.value, fallback_prompt_style=_FALLBACK.value,
       max_length=_MAXLEN.value)
@@ -60,11 +96,14 @@ def main(argv):
 
 def _main_reporting_errors(argv):
   """`main`, with bad input reported as one line and a non-zero exit."""
-  try:
-    return main(argv)
-  except (ValueError, LookupError, OSError) as e:
-    sys.exit(f"error: {type(e).__name__}: {' '.join(str(e).split())}")
+  return console.user_errors(lambda: main(argv))
+
+
+def run():
+  """Console-script entry (`mintjax-eval`)."""
+  console.say("mintjax-eval: starting")
+  app.run(_main_reporting_errors)
 
 
 if __name__ == "__main__":
-  app.run(_main_reporting_errors)
+  run()

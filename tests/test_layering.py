@@ -28,7 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCANNED = ("mintjax", "pallas_kernels")
 PROJECT = ("mintjax", "pallas_kernels", "configs", "tools", "launch")
 
-_BASE = frozenset({"mintjax", "mintjax.config", "mintjax.sharding"})
+_BASE = frozenset({"mintjax", "mintjax.config", "mintjax.sharding",
+                   "mintjax.progress"})
 _MODEL = _BASE | {"mintjax.adapters", "mintjax.model"}
 _LIBRARY = _MODEL | {"mintjax.store", "mintjax.train", "mintjax.serve",
                      "mintjax.eval", "mintjax.aot", "mintjax.scale_up"}
@@ -41,6 +42,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "mintjax": frozenset(),             # the package root: a version string
     "mintjax.config": frozenset({"mintjax"}),
     "mintjax.sharding": frozenset({"mintjax"}),  # mesh + logical-axis rules
+    "mintjax.progress": frozenset(),    # progress bars (tqdm only)
     # The adapter spec, bank and the gather-LoRA op. The op reaches the
     # kernels only through `LAZY_ALLOWED` below, not through this table.
     "mintjax.adapters": _BASE,

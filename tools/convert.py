@@ -1,6 +1,7 @@
 r"""Converts a Hugging Face folder or a GGUF file into a mintjax base checkpoint.
 
-  python -m tools.convert --out=/tmp/smollm2                 # embedded SmolLM2
+  mintjax-convert --out=/tmp/smollm2                         # embedded SmolLM2
+  python -m tools.convert --out=/tmp/smollm2                 # the same
   python -m tools.convert --gguf=model.gguf --out=DIR
   python -m tools.convert --hf=path/to/hf_folder --out=DIR --dtype=bfloat16
   python -m tools.convert --hf=DIR --out=DIR2 --format=hf    # export as HF
@@ -15,9 +16,10 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from launch import console  # light (absl only): say() runs before jax loads
+
 from absl import app
 from absl import flags
-from absl import logging
 
 _HF = flags.DEFINE_string("hf", None, "Hugging Face model folder.")
 _GGUF = flags.DEFINE_string(
@@ -38,6 +40,7 @@ def convert(hf: str | None, gguf: str | None, out: str, dtype: str,
             fmt: str = "mintjax", overwrite: bool = False) -> dict:
   """Loads a model and writes it; returns a summary dict (also printed)."""
   # pylint: disable=g-import-not-at-top  # keep `--help` fast
+  from mintjax import progress
   from mintjax.model import hf as hf_io
   from mintjax.model.gguf import load_gguf
   from mintjax.model.smollm2 import default_gguf_path
@@ -46,19 +49,23 @@ def convert(hf: str | None, gguf: str | None, out: str, dtype: str,
   if hf and gguf:
     raise app.UsageError("pass either --hf or --gguf, not both")
   t0 = time.perf_counter()
-  if hf:
-    source = hf
-    base = hf_io.load_hf(hf, dtype=dtype)
-  else:
-    source = gguf or str(default_gguf_path())
-    base = load_gguf(source, dtype=dtype)
-  t_load = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  if fmt == "hf":
-    hf_io.save_hf(base, out)
-  else:
-    save_base(out, base, overwrite=overwrite)
-  t_save = time.perf_counter() - t0
+  source = hf or gguf or str(default_gguf_path())
+  with progress.bar(total=2, desc="convert: load + fingerprint",
+                    unit="stage") as stages:
+    if hf:
+      base = hf_io.load_hf(hf, dtype=dtype)
+    else:
+      base = load_gguf(source, dtype=dtype)
+    t_load = time.perf_counter() - t0
+    stages.update(1)
+    stages.set_description(f"convert: write {fmt}")
+    t0 = time.perf_counter()
+    if fmt == "hf":
+      hf_io.save_hf(base, out)
+    else:
+      save_base(out, base, overwrite=overwrite)
+    t_save = time.perf_counter() - t0
+    stages.update(1)
   c = base.config
   summary = dict(
       source=source, out=out, format=fmt,
@@ -84,12 +91,21 @@ def convert(hf: str | None, gguf: str | None, out: str, dtype: str,
 
 
 def main(argv):
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO
+  console.quiet_logs()  # Orbax logs every file at INFO
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  convert(_HF.value, _GGUF.value, _OUT.value, _DTYPE.value, _FORMAT.value,
-          _OVERWRITE.value)
+  what = _HF.value or _GGUF.value or "the embedded SmolLM2-135M-Instruct"
+  console.say(f"mintjax-convert: loading {what}")
+  console.user_errors(lambda: convert(
+      _HF.value, _GGUF.value, _OUT.value, _DTYPE.value, _FORMAT.value,
+      _OVERWRITE.value))
+
+
+def run():
+  """Console-script entry (`mintjax-convert`)."""
+  console.say("mintjax-convert: starting")
+  app.run(main)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run()

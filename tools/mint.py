@@ -1,12 +1,15 @@
-"""`python -m tools.mint`: the adapter registry's command line.
+"""`mint` (or `python -m tools.mint`): the adapter registry's command line.
 
 Owns the CLI only; every command is a thin call into
 `mintjax.store.registry.Registry`, `mintjax.store.peft_io` or
 `mintjax.store.diff`. Output is a readable table, or JSON with `--json`.
-Only `import-peft` creates a registry that does not exist yet; every other
+Only `create-adapter` and `import-peft` create a registry that does not
+exist yet; every other
 command refuses a path without one (a typo never makes an empty registry).
 `verify` exits 1 when it finds damaged revisions, listing each.
 
+    mint --registry=DIR create-adapter alice --base=smollm2 \
+        [--rank=8 --alpha=16 --targets=q,k,v,o --owner=alice]
     python -m tools.mint --registry=DIR list
     python -m tools.mint --registry=DIR show alice:prod
     python -m tools.mint --registry=DIR log alice
@@ -16,7 +19,8 @@ command refuses a path without one (a typo never makes an empty registry).
     python -m tools.mint --registry=DIR verify
     python -m tools.mint --registry=DIR gc
     python -m tools.mint --registry=DIR import-peft PEFT_DIR --id=alice \
-        (--base=HF_DIR | --base_fingerprint=sha256:...)
+        (--base=SOURCE | --base_fingerprint=sha256:...)
+    mint --registry=DIR import-peft DIR_A DIR_B --ids=alice,bob --base=smollm2
     python -m tools.mint --registry=DIR export-peft alice@3 OUT_DIR
 """
 
@@ -30,6 +34,8 @@ from typing import Sequence
 
 from absl import app, flags
 
+from launch import console
+
 from mintjax.store import diff, peft_io
 from mintjax.store.errors import RegistryError
 from mintjax.store.registry import Registry, Revision
@@ -39,18 +45,28 @@ _JSON = flags.DEFINE_bool("json", False, "print JSON instead of tables")
 _TAG = flags.DEFINE_string("tag", "prod", "tag for rollback")
 _TO = flags.DEFINE_integer("to", None, "rollback target revision")
 _ID = flags.DEFINE_string("id", None, "adapter id for import-peft")
-_OWNER = flags.DEFINE_string("owner", "", "owner for import-peft")
-_BASE = flags.DEFINE_string("base", None,
-                            "HF base folder to fingerprint (import-peft)")
+_IDS = flags.DEFINE_list("ids", [], "adapter ids for import-peft of several "
+                        "folders (one per folder, in order)")
+_OWNER = flags.DEFINE_string("owner", "",
+                             "owner for create-adapter and import-peft")
+_BASE = flags.DEFINE_string(
+    "base", None, "base source to fingerprint: 'smollm2', a .gguf file, an "
+    "HF folder, a converted checkpoint (create-adapter, import-peft)")
+_RANK = flags.DEFINE_integer("rank", 8, "create-adapter: LoRA rank")
+_ALPHA = flags.DEFINE_float("alpha", None,
+                            "create-adapter: LoRA alpha (default 2*rank)")
+_TARGETS = flags.DEFINE_list("targets", ["q", "k", "v", "o"],
+                             "create-adapter: adapted projections")
 _BASE_FP = flags.DEFINE_string("base_fingerprint", None,
                                "base fingerprint (import-peft)")
 _GRACE = flags.DEFINE_float(
     "grace_s", 0.0, "gc: reclaim a reservation only this long after its "
     "lease expired (clock skew between hosts)")
 
-USAGE = ("commands: list | show REF | log ID | tag REF TAG | rollback ID "
-         "[--tag --to] | diff REF REF | verify | gc | import-peft DIR --id "
-         "(--base|--base_fingerprint) | export-peft REF DIR")
+USAGE = ("commands: create-adapter ID --base [--rank --alpha --targets] | "
+         "list | show REF | log ID | tag REF TAG | rollback ID "
+         "[--tag --to] | diff REF REF | verify | gc | import-peft DIR... "
+         "(--id|--ids) (--base|--base_fingerprint) | export-peft REF DIR")
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
@@ -78,7 +94,7 @@ def _rev_dict(rev: Revision) -> dict:
 
 
 # Commands that may create the registry they are pointed at.
-CREATING = frozenset({"import-peft"})
+CREATING = frozenset({"create-adapter", "import-peft"})
 
 
 class ProblemsFound(Exception):
@@ -103,7 +119,26 @@ def run(reg: Registry, args: Sequence[str], as_json: bool = False) -> str:
     if len(rest) != n:
       raise RegistryError(f"`{cmd}` takes {names}, got {rest}; {USAGE}")
 
-  if cmd == "list":
+  if cmd == "create-adapter":
+    need(1, "ID")
+    if not _BASE.value:
+      raise RegistryError("create-adapter needs --base=SOURCE (e.g. "
+                          "--base=smollm2): the adapter is tied to its base")
+    from mintjax.adapters.spec import AdapterInfo  # pylint: disable=g-import-not-at-top
+    from mintjax.model.sources import load_base_source  # Heavy; only here.
+    base = load_base_source(_BASE.value)
+    info = AdapterInfo(
+        targets=tuple(_TARGETS.value), rank=_RANK.value,
+        alpha=float(_ALPHA.value if _ALPHA.value is not None
+                    else 2 * _RANK.value))
+    data = reg.create_adapter(rest[0], spec=info,
+                              base_fingerprint=base.fingerprint,
+                              owner=_OWNER.value, config=base.config)
+    out = data, (f"created {rest[0]} (rank {info.rank}, alpha {info.alpha:g},"
+                 f" targets {','.join(info.targets)}) on {base.fingerprint}"
+                 "; publish revisions by training it (mintjax-train) or "
+                 "with Registry.publish")
+  elif cmd == "list":
     need(0, "no arguments")
     data = reg.list_adapters()
     rows = [(a["id"], a["owner"], a["revisions"], a["latest"],
@@ -194,24 +229,34 @@ def run(reg: Registry, args: Sequence[str], as_json: bool = False) -> str:
                  f"{data['deleted_files']} unreferenced shard files; "
                  f"{data['live_reservations']} live reservations left alone")
   elif cmd == "import-peft":
-    need(1, "PEFT_DIR")
-    if not _ID.value:
-      raise RegistryError("import-peft needs --id=ADAPTER_ID")
+    if not rest:
+      raise RegistryError(f"`import-peft` takes PEFT_DIR [PEFT_DIR ...]; "
+                          f"{USAGE}")
+    ids = [_ID.value] if _ID.value else list(_IDS.value)
+    if len(ids) != len(rest) or (_ID.value and _IDS.value):
+      raise RegistryError(
+          f"import-peft of {len(rest)} folder(s) needs --id=ADAPTER_ID (one "
+          "folder) or --ids=A,B,... (one id per folder, in order)")
     if bool(_BASE.value) == bool(_BASE_FP.value):
       raise RegistryError(
-          "import-peft needs exactly one of --base=HF_DIR (fingerprinted "
-          "here) or --base_fingerprint=sha256:...")
+          "import-peft needs exactly one of --base=SOURCE (loaded and "
+          "fingerprinted once here, e.g. --base=smollm2) or "
+          "--base_fingerprint=sha256:...")
     fingerprint = _BASE_FP.value
     config = None
     if _BASE.value:
-      from mintjax.model.hf import load_hf  # Heavy; only when asked.
-      base = load_hf(_BASE.value)
+      from mintjax.model.sources import load_base_source  # Heavy; only here.
+      base = load_base_source(_BASE.value)
       # With the base's config every factor's shape is checked against it.
       fingerprint, config = base.fingerprint, base.config
-    rev = peft_io.import_peft(reg, rest[0], _ID.value,
-                              base_fingerprint=fingerprint,
-                              owner=_OWNER.value, config=config)
-    out = _rev_dict(rev), f"imported {rest[0]} as {rev.ref}"
+    revs = []
+    for folder, adapter_id in zip(rest, ids):
+      revs.append(peft_io.import_peft(reg, folder, adapter_id,
+                                      base_fingerprint=fingerprint,
+                                      owner=_OWNER.value, config=config))
+    text = "\n".join(f"imported {f} as {r.ref}" for f, r in zip(rest, revs))
+    out = ([_rev_dict(r) for r in revs] if len(revs) > 1
+           else _rev_dict(revs[0])), text
   elif cmd == "export-peft":
     need(2, "REF OUT_DIR")
     rev = peft_io.export_peft(reg, rest[0], rest[1])
@@ -238,6 +283,7 @@ def one_line(e: BaseException) -> str:
 
 
 def main(argv):
+  console.quiet_logs()
   if not _REGISTRY.value:
     print("error: --registry=DIR is required", file=sys.stderr)
     return 2
@@ -264,5 +310,10 @@ def main(argv):
   return 0
 
 
-if __name__ == "__main__":
+def cli():
+  """Console-script entry (`mint`)."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  cli()

@@ -18,6 +18,7 @@ from typing import Any, Iterator, Mapping
 
 from absl import logging
 
+from mintjax import progress
 from mintjax import sharding
 from mintjax.model.sources import load_base_source
 from mintjax.serve.engine import Engine, EngineConfig
@@ -127,9 +128,11 @@ def serve_jsonl(config) -> dict:
     requests.append(r)
   results = {}
   t0 = time.perf_counter()
+  bar = progress.bar(total=len(requests), desc="serve", unit="request")
   for ev in engine.stream(requests):
     if ev.result is None:
       continue
+    bar.update(1)
     if ev.index in bad:
       ev.result.error = bad[ev.index]
     elif ev.result.error is not None:
@@ -143,6 +146,9 @@ def serve_jsonl(config) -> dict:
       logging.info("%d/%d requests, %d tokens, %.1f tok/s decode, %d errors",
                    done, len(requests), s["generated_tokens"],
                    s["decode_tokens_per_s"], s["errors"])
+      bar.set_postfix(tok_s=f"{s['decode_tokens_per_s']:.0f}",
+                      errors=s["errors"])
+  bar.close()
   tmp = config.output + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     for i in sorted(results):

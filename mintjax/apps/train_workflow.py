@@ -39,6 +39,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from mintjax import progress as progress_lib
 from mintjax import sharding
 from mintjax.adapters.spec import AdapterInfo, BankSpec
 from mintjax.eval import prompt_format
@@ -383,6 +384,11 @@ def train_cohort(plan: RunPlan, rt: Runtime, start: CohortStart,
     it.set_state(start.iter_state)
   timing, step_fn = progress.timing, rt.step_fn
   t0, tokens_seen = time.perf_counter(), 0
+  # ETA, loss and tokens/s on stderr (process 0 only); the first step of
+  # the first cohort also compiles, which the bar's rate absorbs.
+  bar = progress_lib.bar(
+      total=steps, initial=start.start_step, unit="step",
+      desc=f"train cohort {c + 1}/{len(plan.cohorts)}", disable=pi != 0)
   for s in range(start.start_step, steps):
     local = next(it)
     batch = Batch(**{k: jax.make_array_from_process_local_data(
@@ -403,11 +409,13 @@ def train_cohort(plan: RunPlan, rt: Runtime, start: CohortStart,
     progress.steps += 1
     gstep = c * steps + s + 1
     tokens_seen += int(local["loss_mask"].sum()) * pc
+    bar.update(1)
     if (s + 1) % int(cfg.log_every) == 0 or s + 1 == steps:
       m = jax.device_get(m)
       tps = tokens_seen / max(time.perf_counter() - t0, 1e-9)
       logging.info("cohort %d step %d/%d loss %.4f tokens/s %.1f", c, s + 1,
                    steps, float(m["loss"]), tps)
+      bar.set_postfix(loss=f"{float(m['loss']):.4f}", tok_s=f"{tps:.0f}")
       rt.metrics.write(dict(
           step=gstep, cohort=c, step_in_cohort=s + 1, loss=float(m["loss"]),
           tokens_per_s=tps, loss_per_user={
@@ -419,7 +427,9 @@ def train_cohort(plan: RunPlan, rt: Runtime, start: CohortStart,
           data_iter=it.get_state(), slot_map=slot_map.to_json()),
                    force=True)
     if stop_after_steps is not None and progress.steps >= stop_after_steps:
+      bar.close()
       return bank, True
+  bar.close()
   return bank, False
 
 

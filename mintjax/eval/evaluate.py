@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mintjax import progress
 from mintjax.adapters.bank import AdapterBank, bank_from_weights
 from mintjax.adapters.spec import BankSpec
 from mintjax.eval import prompt_format as pf
@@ -110,7 +111,8 @@ def evaluate_jobs(base: BaseModel, bank: AdapterBank | None,
   # Greedy-output statistics: [empty answers, predicted ids, target ids].
   outs = {key: [0, set(), set()] for key, _, _ in jobs}
   eos = base.tokenizer.eos_id if base.tokenizer is not None else None
-  for start in range(0, len(rows), batch_size):
+  for start in progress.bar(range(0, len(rows), batch_size), unit="batch",
+                            desc=f"eval {len(rows)} examples", leave=False):
     chunk = rows[start:start + batch_size]
     t = _bucket(max(len(ex.tokens) - 1 for _, _, ex in chunk))
     tokens = np.zeros((batch_size, t), np.int32)

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from mintjax import progress
 from mintjax import sharding
 from mintjax.adapters import bank as bank_lib
 from mintjax.adapters.spec import ALL_TARGETS, BankSpec
@@ -185,10 +186,14 @@ class Engine:
     p = c.prefill_batch
     drop = np.full(p, c.max_batch, np.int32)  # every row dropped: no effect
     prow = _take_rows(sampling_lib.empty_rows(c.max_batch), np.zeros(p, int))
+    # One bar step per compiled program: the prefill buckets, then decode.
+    bar = progress.bar(total=len(c.buckets) + 1, unit="program",
+                       desc="warm-up compiles", leave=False)
     for t in c.buckets:
       self.cache, tok, _ = self.fns.prefill(
           self.params, self.bank, self.cache, np.zeros((p, t), np.int32),
           np.ones(p, np.int32), drop, np.zeros(p, np.int32), prow)
+      bar.update(1)
     self.cache, *_ = self.fns.decode(
         self.params, self.bank, self.cache,
         steps_lib.DecodeState(**{k: v.copy() for k, v in self._state.items()}),
@@ -198,6 +203,8 @@ class Engine:
       self.residency.bank = bank_lib.write_slot(
           self.residency.bank, 1, None, self.base.config, self.spec)
     jax.block_until_ready(tok)
+    bar.update(1)
+    bar.close()
     self.compilations_at_warmup = steps_lib.compiled_count(self.fns)
     self._compiles_at_warmup = steps_lib.backend_compiles()
 
