@@ -105,12 +105,12 @@ def build_context(tmp):
 
 def _imp(ctx, folder, **kw):
   kw.setdefault("base_fingerprint", ctx.fp)
-  if "config" not in inspect.signature(peft_io.import_peft).parameters:
+  if "config" not in inspect.signature(peft_io.import_peft_folder).parameters:
     # The tally of older code: its closest check is the layer count.
     if kw.pop("config", None) is not None:
       kw["num_layers"] = ctx.config.num_layers
-  return peft_io.import_peft(ctx.reg, folder, kw.pop("adapter_id", "newp"),
-                             **kw)
+  return peft_io.import_peft_folder(ctx.reg, folder,
+                                    kw.pop("adapter_id", "newp"), **kw)
 
 
 def _imp_cfg(**edit):

@@ -41,9 +41,9 @@ def test_imported_adapters_match_peft_mixed_batch_logits(base, reg):
   names = [str(n) for n in expected["adapter_names"]]
   assert names == ["__base__", "a1", "a2"]
   for name in ("a1", "a2"):
-    rev = peft_io.import_peft(reg, os.path.join(PEFT, name), name,
-                              base_fingerprint=base.fingerprint,
-                              num_layers=base.config.num_layers)
+    rev = peft_io.import_peft_folder(reg, os.path.join(PEFT, name), name,
+                                     base_fingerprint=base.fingerprint,
+                                     num_layers=base.config.num_layers)
     assert rev.provenance["source"]["format"] == "peft"
   loaded = reg.load_many(["a1", "a2"], expect_base=base.fingerprint)
   spec = AdapterSpec(targets=ALL_TARGETS, max_rank=8, num_slots=3)
@@ -62,8 +62,8 @@ def test_imported_adapters_match_peft_mixed_batch_logits(base, reg):
 
 
 def test_rank_and_alpha_patterns_are_recorded(reg):
-  rev = peft_io.import_peft(reg, os.path.join(PEFT, "a2"), "a2",
-                            base_fingerprint="sha256:x")
+  rev = peft_io.import_peft_folder(reg, os.path.join(PEFT, "a2"), "a2",
+                                   base_fingerprint="sha256:x")
   peft = rev.meta["peft"]
   assert peft["module_ranks"]["down"] == [8, 2]
   assert peft["module_alphas"]["k"] == [4.0, 16.0]
@@ -78,7 +78,7 @@ def test_rank_and_alpha_patterns_are_recorded(reg):
 @pytest.mark.parametrize("name", ["a1", "a2"])
 def test_export_round_trip_is_exact(reg, tmp_path, name):
   src = os.path.join(PEFT, name)
-  peft_io.import_peft(reg, src, name, base_fingerprint="sha256:x")
+  peft_io.import_peft_folder(reg, src, name, base_fingerprint="sha256:x")
   out = str(tmp_path / "out")
   peft_io.export_peft(reg, name, out)
   want = safetensors.numpy.load_file(os.path.join(src, peft_io.WEIGHTS_FILE))
@@ -91,7 +91,8 @@ def test_export_round_trip_is_exact(reg, tmp_path, name):
   with open(os.path.join(out, peft_io.CONFIG_FILE)) as f:
     assert json.load(f) == want_cfg
   # And the export imports again to the same stored row.
-  again = peft_io.import_peft(reg, out, name, base_fingerprint="sha256:x")
+  again = peft_io.import_peft_folder(reg, out, name,
+                                     base_fingerprint="sha256:x")
   assert again.revision == 2 and again.sha256 == reg.resolve(
       f"{name}@1").sha256
 
@@ -151,5 +152,5 @@ def test_unsupported_features_are_named(reg, tmp_path, changes, extra,
   folder = _variant(tmp_path, changes, extra)
   before = reg.catalog.counts()
   with pytest.raises(InvalidAdapterError, match=feature):
-    peft_io.import_peft(reg, folder, "x", base_fingerprint="sha256:x")
+    peft_io.import_peft_folder(reg, folder, "x", base_fingerprint="sha256:x")
   assert reg.catalog.counts() == before

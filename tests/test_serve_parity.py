@@ -11,7 +11,7 @@ import numpy as np
 
 from mintjax.model.hf import load_hf
 from mintjax.serve.engine import Engine, EngineConfig
-from mintjax.store.peft_io import import_peft
+from mintjax.store.peft_io import import_peft_folder
 from mintjax.store.registry import Registry
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "parity"
@@ -21,9 +21,9 @@ def test_mixed_batch_greedy_matches_peft_generate(tmp_path):
   base = load_hf(FIXTURES / "llama_gqa_llama3rope")
   reg = Registry.open(tmp_path / "reg")
   for name in ("a1", "a2"):
-    import_peft(reg, str(FIXTURES / "peft_llama" / name), name,
-                base_fingerprint=base.fingerprint,
-                num_layers=base.config.num_layers)
+    import_peft_folder(reg, str(FIXTURES / "peft_llama" / name), name,
+                       base_fingerprint=base.fingerprint,
+                       num_layers=base.config.num_layers)
   expected = np.load(FIXTURES / "peft_llama" / "expected.npz")
   names = [str(n) for n in expected["adapter_names"]]
   eng = Engine(base, reg, EngineConfig(

@@ -139,7 +139,7 @@ def test_the_measured_hang_finishes_under_a_second_via_import(tmp_path):
   folder = _peft(tmp_path, lambda c: c.update(alpha_pattern={"(.*.*)*z": 2}))
   t0 = time.perf_counter()
   with pytest.raises(InvalidAdapterError, match="nests a quantifier"):
-    peft_io.import_peft(reg, folder, "x", base_fingerprint="sha256:x")
+    peft_io.import_peft_folder(reg, folder, "x", base_fingerprint="sha256:x")
   assert time.perf_counter() - t0 < 1.0
   assert reg.list_adapters() == []
   reg.close()
@@ -202,17 +202,18 @@ def test_factors_must_fit_the_base(tmp_path, base, edit, pattern):
   reg = Registry.open(str(tmp_path / "reg"))
   folder = _peft(tmp_path, tensors_edit=edit)
   with pytest.raises(InvalidAdapterError, match=pattern):
-    peft_io.import_peft(reg, folder, "x", base_fingerprint=base.fingerprint,
-                        config=base.config)
+    peft_io.import_peft_folder(reg, folder, "x",
+                               base_fingerprint=base.fingerprint,
+                               config=base.config)
   assert reg.list_adapters() == []
   reg.close()
 
 
 def test_good_adapter_still_imports_with_the_base_check(tmp_path, base):
   reg = Registry.open(str(tmp_path / "reg"))
-  rev = peft_io.import_peft(reg, PEFT_A1, "a1",
-                            base_fingerprint=base.fingerprint,
-                            config=base.config)
+  rev = peft_io.import_peft_folder(reg, PEFT_A1, "a1",
+                                   base_fingerprint=base.fingerprint,
+                                   config=base.config)
   assert rev.ref == "a1@1"
   reg.close()
 

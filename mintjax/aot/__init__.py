@@ -223,7 +223,8 @@ def _rows(batch: int, sh) -> sampling_lib.RowSampling:
   return sampling_lib.RowSampling(
       temperature_b=s((batch,), jnp.float32), top_k_b=s((batch,), jnp.int32),
       top_p_b=s((batch,), jnp.float32), seed_b=s((batch,), jnp.uint32),
-      stop_bk=s((batch, sampling_lib.MAX_STOP_TOKENS), jnp.int32))
+      stop_bk=s((batch, sampling_lib.MAX_STOP_TOKENS), jnp.int32),
+      top_logprobs_b=s((batch,), jnp.int32))
 
 
 def _train_args(req: AotRequest, cfg: ModelConfig, spec: BankSpec, mesh,

@@ -207,7 +207,8 @@ def load_hf(folder: str | os.PathLike, dtype: str = "float32",
       model-*.safetensors + model.safetensors.index.json).
     dtype: parameter/compute dtype ('float32', 'bfloat16', 'float16').
     tokenizer: optional tokenizer; if None and the folder has a
-      tokenizer.json it is loaded (eos from config.json's eos_token_id).
+      tokenizer.json it is loaded (eos ids from config.json and
+      generation_config.json; see `eos_ids_from_folder`).
 
   Returns:
     A `BaseModel` whose fingerprint is `compute_fingerprint(config, params)`.
@@ -230,6 +231,41 @@ def load_hf(folder: str | os.PathLike, dtype: str = "float32",
                    tokenizer)
 
 
+def _eos_list(value, where: str) -> list[int]:
+  """An `eos_token_id` field (an int, a list of ints or null) as a list."""
+  if value is None:
+    return []
+  ids = value if isinstance(value, list) else [value]
+  if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+    raise CheckpointError(
+        f"{where}: eos_token_id must be a non-negative int or a list of "
+        f"them, got {value!r:.80}; fix the file")
+  return ids
+
+
+def eos_ids_from_folder(folder: pathlib.Path, hf: dict) -> list[int]:
+  """Every eos id of a Hugging Face folder, the primary one first.
+
+  The primary id is config.json's `eos_token_id` (its first entry when a
+  list); `generation_config.json` (what `generate` stops on in
+  transformers) adds its ids, so a model like Llama-3-Instruct, whose
+  config names <|end_of_text|> but whose turns end with <|eot_id|>, stops
+  at either. Empty when neither file names one.
+  """
+  ids = _eos_list(hf.get("eos_token_id"), str(folder / "config.json"))
+  gen_path = folder / "generation_config.json"
+  if gen_path.exists():
+    try:
+      gen = json.loads(gen_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+      raise CheckpointError(
+          f"{gen_path} is not valid JSON ({e}); fix or delete it") from None
+    if not isinstance(gen, dict):
+      raise CheckpointError(f"{gen_path} must hold a JSON object")
+    ids += _eos_list(gen.get("eos_token_id"), str(gen_path))
+  return list(dict.fromkeys(ids))
+
+
 def _folder_tokenizer(folder: pathlib.Path, hf: dict) -> Tokenizer | None:
   """A tokenizer.json beside the weights, if any (no transformers needed)."""
   path = folder / "tokenizer.json"
@@ -242,14 +278,18 @@ def _folder_tokenizer(folder: pathlib.Path, hf: dict) -> Tokenizer | None:
   tok_cfg = folder / "tokenizer_config.json"
   if tok_cfg.exists():
     template = json.loads(tok_cfg.read_text()).get("chat_template")
-  eos = hf.get("eos_token_id")
-  if isinstance(eos, list):
-    eos = eos[0]
+  eos = eos_ids_from_folder(folder, hf) or [0]
+  vocab = backend.get_vocab_size(with_added_tokens=True)
+  bad = [i for i in eos if i >= vocab]
+  if bad:
+    raise CheckpointError(
+        f"{folder}: eos ids {bad} are outside the tokenizer's vocabulary of "
+        f"{vocab}; fix eos_token_id in config.json / generation_config.json")
   bos = hf.get("bos_token_id")
   pad = hf.get("pad_token_id")
-  return Tokenizer(backend=backend, eos_id=int(eos if eos is not None else 0),
-                   bos_id=bos, pad_id=int(pad if pad is not None else 0),
-                   chat_template=template)
+  return Tokenizer(backend=backend, eos_id=int(eos[0]), bos_id=bos,
+                   pad_id=int(pad if pad is not None else 0),
+                   chat_template=template, extra_eos_ids=tuple(eos[1:]))
 
 
 def to_hf_tensors(config: ModelConfig, params: dict) -> dict[str, np.ndarray]:
@@ -286,6 +326,11 @@ def save_hf(base: BaseModel, folder: str | os.PathLike,
     hf["bos_token_id"] = base.tokenizer.bos_id
     hf["pad_token_id"] = base.tokenizer.pad_id
   (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+  if base.tokenizer is not None and len(base.tokenizer.eos_ids) > 1:
+    # transformers stops on generation_config's list; config.json keeps one.
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": list(base.tokenizer.eos_ids),
+         "bos_token_id": base.tokenizer.bos_id}, indent=2) + "\n")
   meta = {"format": "pt", "mintjax_fingerprint": base.fingerprint}
   if not max_shard_bytes:
     safetensors.numpy.save_file(tensors, str(folder / SINGLE_FILE),

@@ -35,11 +35,15 @@ class Tokenizer:
 
   Attributes:
     backend: the `tokenizers.Tokenizer`.
-    eos_id: end-of-sequence id (generation stops here by default).
+    eos_id: the primary end-of-sequence id (appended to training
+      completions).
     bos_id: optional beginning-of-sequence id prepended by `encode(..., 
       add_bos=True)`.
     pad_id: id used to pad batches.
     chat_template: Jinja chat template (Hugging Face convention).
+    extra_eos_ids: further ids that end generation (Hugging Face's
+      `generation_config.json` may list several, e.g. Llama-3-Instruct's
+      <|end_of_text|>, <|eom_id|> and <|eot_id|>); see `eos_ids`.
   """
 
   backend: tokenizers.Tokenizer
@@ -47,6 +51,12 @@ class Tokenizer:
   bos_id: int | None = None
   pad_id: int = 0
   chat_template: str | None = None
+  extra_eos_ids: tuple[int, ...] = ()
+
+  @property
+  def eos_ids(self) -> tuple[int, ...]:
+    """Every id that ends generation: `eos_id` first, then the extras."""
+    return tuple(dict.fromkeys((self.eos_id,) + tuple(self.extra_eos_ids)))
 
   @property
   def vocab_size(self) -> int:
@@ -106,14 +116,16 @@ class Tokenizer:
     return json.dumps(dict(
         tokenizer=json.loads(self.backend.to_str()), eos_id=self.eos_id,
         bos_id=self.bos_id, pad_id=self.pad_id,
-        chat_template=self.chat_template))
+        chat_template=self.chat_template,
+        extra_eos_ids=list(self.extra_eos_ids)))
 
   @classmethod
   def from_json(cls, text: str) -> "Tokenizer":
     d = json.loads(text)
     return cls(backend=tokenizers.Tokenizer.from_str(
         json.dumps(d["tokenizer"])), eos_id=d["eos_id"], bos_id=d["bos_id"],
-               pad_id=d["pad_id"], chat_template=d.get("chat_template"))
+               pad_id=d["pad_id"], chat_template=d.get("chat_template"),
+               extra_eos_ids=tuple(d.get("extra_eos_ids", ())))
 
 
 def _raise(message):

@@ -37,12 +37,17 @@ from mintjax.model.base import BaseModel
 from mintjax.model.kv_cache import init_cache
 from mintjax.serve import sampling as sampling_lib
 from mintjax.serve import steps as steps_lib
-from mintjax.serve.residency import AdapterSource, Residency
+from mintjax.serve import residency as residency_lib
+from mintjax.serve.residency import AdapterSource, InMemoryAdapters, Residency
 from mintjax.serve.requests import (GenerationRequest, GenerationResult,
                                     RequestError, TokenEvent)
 from mintjax.serve.sampling import SamplingError, SamplingParams
 from mintjax.serve.scheduler import Scheduler, Sequence
 from mintjax.store.revision import check_base
+
+# Bank rank of an engine with nothing to size it from (no adapters yet).
+DEFAULT_MAX_RANK = 8
+
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
@@ -58,8 +63,9 @@ class EngineConfig:
     steps_per_call: decode steps per device call.
     prefill_batch: prompts prefilled per device call.
     min_bucket: shortest prompt bucket (buckets double up to max_len).
-    max_rank: bank rank (adapters are zero padded to it).
-    targets: projections the bank adapts.
+    max_rank: bank rank (adapters are zero padded to it); None sizes it
+      from the adapters to serve (`Engine` refs, else the whole source).
+    targets: projections the bank adapts; None sizes them likewise.
     adapter_dtype: bank dtype.
     lora_impl: gather-LoRA implementation ('auto' picks per backend).
     lookahead: queued requests considered for admission and prefetch.
@@ -72,8 +78,8 @@ class EngineConfig:
   steps_per_call: int = 8
   prefill_batch: int = 4
   min_bucket: int = 16
-  max_rank: int = 8
-  targets: tuple[str, ...] = ALL_TARGETS
+  max_rank: int | None = None
+  targets: tuple[str, ...] | None = None
   adapter_dtype: str = "float32"
   lora_impl: str = "auto"
   lookahead: int = 64
@@ -82,6 +88,8 @@ class EngineConfig:
     for name in ("num_slots", "max_batch", "max_len", "steps_per_call",
                  "prefill_batch", "min_bucket", "max_rank", "lookahead"):
       v = getattr(self, name)
+      if name == "max_rank" and v is None:
+        continue
       if not isinstance(v, int) or v < 1:
         raise ValueError(f"EngineConfig.{name} must be an int >= 1, got {v!r}")
     if self.prefill_batch > self.max_batch:
@@ -100,9 +108,33 @@ class EngineConfig:
 
   def spec(self) -> BankSpec:
     """The serving bank's spec: `num_slots` adapters plus the null slot."""
-    return BankSpec.for_adapters(self.num_slots, targets=tuple(self.targets),
-                                 max_rank=self.max_rank,
-                                 dtype=self.adapter_dtype)
+    return BankSpec.for_adapters(
+        self.num_slots, targets=tuple(self.targets or ALL_TARGETS),
+        max_rank=self.max_rank or DEFAULT_MAX_RANK, dtype=self.adapter_dtype)
+
+  def sized_for(self, source, refs: Iterable[str] | None = None
+                ) -> "EngineConfig":
+    """This config with max_rank / targets sized from the adapters to serve.
+
+    Unset (None) fields take the largest rank and the union of the targets
+    of `refs` (None: every adapter of `source`); set ones are checked
+    against those adapters. Without adapters to look at, unset fields take
+    DEFAULT_MAX_RANK and every target.
+
+    Raises:
+      ValueError: an adapter needs a larger rank or a target the config
+        leaves out (naming the fix), or a ref names no adapter.
+    """
+    shapes = (residency_lib.served_shapes(
+        source, None if refs is None else list(refs))
+              if source is not None else None) or {}
+    rank = self.max_rank or max((k for k, _ in shapes.values()),
+                                default=DEFAULT_MAX_RANK)
+    used = {t for _, ts in shapes.values() for t in ts}
+    targets = self.targets or (tuple(t for t in ALL_TARGETS if t in used)
+                               or ALL_TARGETS)
+    residency_lib.check_fits(shapes, rank, targets)
+    return dataclasses.replace(self, max_rank=rank, targets=tuple(targets))
 
 
 class Engine:
@@ -110,17 +142,26 @@ class Engine:
 
   Args:
     base: the base model (its tokenizer is used for text and chat).
-    source: adapter store (e.g. `mintjax.store.registry.Registry`); None
+    source: adapter store (e.g. `mintjax.store.registry.Registry`), or a
+      mapping of adapter names to Hugging Face PEFT LoRA folders (served
+      without a registry; `InMemoryAdapters.from_peft_folders`); None
       serves the base only.
-    config: engine shapes and policies.
+    config: engine shapes and policies. Its max_rank / targets left None
+      are sized from the adapters to serve; set ones that cannot hold them
+      are refused here, not per request (`EngineConfig.sized_for`).
     mesh: optional device mesh; parameters, bank and cache are placed by
       their logical axes.
     warmup: compile every step now so serving never compiles.
+    refs: the adapter refs this engine will serve (default: every adapter
+      of the source); they size and check the bank.
   """
 
   def __init__(self, base: BaseModel, source: AdapterSource | None = None,
                config: EngineConfig = EngineConfig(), mesh: Mesh | None = None,
-               warmup: bool = True):
+               warmup: bool = True, *, refs: Iterable[str] | None = None):
+    if isinstance(source, Mapping):
+      source = InMemoryAdapters.from_peft_folders(source, base)
+    config = config.sized_for(source, refs)
     self.base = base
     self.config = config
     self.mesh = mesh
@@ -190,7 +231,7 @@ class Engine:
     bar = progress.bar(total=len(c.buckets) + 1, unit="program",
                        desc="warm-up compiles", leave=False)
     for t in c.buckets:
-      self.cache, tok, _ = self.fns.prefill(
+      self.cache, tok, *_ = self.fns.prefill(
           self.params, self.bank, self.cache, np.zeros((p, t), np.int32),
           np.ones(p, np.int32), drop, np.zeros(p, np.int32), prow)
       bar.update(1)
@@ -228,7 +269,7 @@ class Engine:
       seq = Sequence(index, rid, self._prompt_ids(request), request.sampling,
                      adapter=request.adapter)
       vocab = self.base.config.vocab_size
-      eos = self.tokenizer.eos_id if self.tokenizer is not None else None
+      eos = self.tokenizer.eos_ids if self.tokenizer is not None else None
       seq.stop_ids = request.sampling.stop_ids(eos, vocab)
       if request.sampling.stop and self.tokenizer is None:
         raise RequestError("stop strings need a tokenizer; this base has none")
@@ -404,6 +445,7 @@ class Engine:
   def _finish(self, seq: Sequence) -> TokenEvent:
     if seq.row >= 0:  # read before `finish` forgets the row
       self._state["active_b"][seq.row] = False
+      self._rows.top_logprobs_b[seq.row] = 0  # no top-k work for idle rows
     self.scheduler.finish(seq)
     if seq.finish_reason == "error":
       self._counters["errors"] += 1
@@ -413,16 +455,27 @@ class Engine:
         request_id=seq.request_id, tokens=list(seq.tokens),
         text=seq.text, logprobs=list(seq.logprobs),
         finish_reason=seq.finish_reason, adapter=seq.adapter,
-        revision=seq.key, prompt_tokens=len(seq.prompt_ids), error=seq.error)
+        revision=seq.key, prompt_tokens=len(seq.prompt_ids), error=seq.error,
+        top_logprobs=seq.extra.get("top_logprobs"),
+        prompt_logprobs=seq.extra.get("prompt_logprobs"),
+        prompt_top_logprobs=seq.extra.get("prompt_top_logprobs"))
     return TokenEvent(seq.request_id, seq.index, None, None, result)
 
   def _emit(self, seq: Sequence, token: int, logprob: float, active: bool,
-            remaining: int) -> Iterator[TokenEvent]:
-    """Records one generated token; finishes the sequence when it ends."""
+            remaining: int, top=None) -> Iterator[TokenEvent]:
+    """Records one generated token; finishes the sequence when it ends.
+
+    `top` is (ids [K], logprobs [K]) of this position's most likely tokens.
+    """
     seq.tokens.append(token)
     seq.logprobs.append(logprob)
+    pairs = None
+    if seq.params.top_logprobs:
+      pairs = sampling_lib.top_pairs(*top, seq.params.top_logprobs)
+      seq.extra.setdefault("top_logprobs", []).append(pairs)
     self._counters["generated_tokens"] += 1
-    yield TokenEvent(seq.request_id, seq.index, token, logprob)
+    yield TokenEvent(seq.request_id, seq.index, token, logprob,
+                     top_logprobs=pairs)
     if self.tokenizer is not None and seq.params.stop:
       # Only stop strings need the text while decoding; other requests are
       # decoded once, in `_finish` (no per-token work growing with length).
@@ -471,13 +524,17 @@ class Engine:
       sampling_lib.set_row(self._rows, s.row, s.params, s.stop_ids)
     prow = _take_rows(self._rows, np.where(rows < c.max_batch, rows, 0))
     t0 = time.perf_counter()
-    self.cache, tok_p, lp_p = self.fns.prefill(
+    self.cache, tok_p, lp_p, tid_pk, tlp_pk = self.fns.prefill(
         self.params, self.bank, self.cache, tokens, lengths, rows, slots, prow)
     tok_p, lp_p = np.asarray(tok_p), np.asarray(lp_p)
+    tid_pk, tlp_pk = np.asarray(tid_pk), np.asarray(tlp_pk)
     self._counters["prefill_seconds"] += time.perf_counter() - t0
     self._counters["prefill_calls"] += 1
     self._counters["prefill_tokens"] += int(sum(len(s.prompt_ids)
                                                 for s in group))
+    for i, s in enumerate(group):
+      if s.params.prompt_logprobs is not None:
+        self._score_prompt(s, tokens[i:i + 1], slots[i:i + 1])
     st = self._state
     for i, s in enumerate(group):
       b, n = s.row, len(s.prompt_ids)
@@ -487,14 +544,36 @@ class Engine:
       st["token_b"][b], st["pos_b"][b] = token, n
       st["remaining_b"][b], st["active_b"][b] = remaining, active
       st["adapter_idx_b"][b] = s.slot
-      yield from self._emit(s, token, float(lp_p[i]), active, remaining)
+      yield from self._emit(s, token, float(lp_p[i]), active, remaining,
+                            (tid_pk[i], tlp_pk[i]))
+
+  def _score_prompt(self, seq: Sequence, tokens_1t, slot_1) -> None:
+    """Prompt log-probabilities of one request (its own forward pass).
+
+    The scoring step compiles once per prompt bucket on first use: only
+    requests with `prompt_logprobs` run it.
+    """
+    lp_1t, ids_1tk, tlp_1tk = (np.asarray(x) for x in self.fns.score(
+        self.params, self.bank, tokens_1t, slot_1))
+    n, k = len(seq.prompt_ids), seq.params.prompt_logprobs
+    # Position 0 has no context; token t is scored at position t - 1.
+    seq.extra["prompt_logprobs"] = [None] + [float(lp_1t[0, t])
+                                             for t in range(n - 1)]
+    if k:
+      seq.extra["prompt_top_logprobs"] = [None] + [
+          sampling_lib.top_pairs(ids_1tk[0, t], tlp_1tk[0, t], k)
+          for t in range(n - 1)]
 
   def _decode(self) -> Iterator[TokenEvent]:
     t0 = time.perf_counter()
     state = steps_lib.DecodeState(**self._state)
-    self.cache, state, toks, lps, valid = self.fns.decode(
+    self.cache, state, toks, lps, valid, tid, tlp = self.fns.decode(
         self.params, self.bank, self.cache, state, self._rows)
     toks, lps, valid = np.asarray(toks), np.asarray(lps), np.asarray(valid)
+    # Top-k rows come to the host only when some row asked for them.
+    want_top = bool(self._rows.top_logprobs_b.any())
+    tid = np.asarray(tid) if want_top else None
+    tlp = np.asarray(tlp) if want_top else None
     new = {k: np.array(v) for k, v in vars(state).items()}
     self._counters["decode_seconds"] += time.perf_counter() - t0
     self._counters["decode_calls"] += 1
@@ -507,8 +586,9 @@ class Engine:
         last = j == len(steps) - 1
         active = bool(new["active_b"][b]) if last else True
         remaining = int(new["remaining_b"][b]) if last else 1
+        top = (tid[b, n], tlp[b, n]) if want_top else None
         yield from self._emit(seq, int(toks[b, n]), float(lps[b, n]), active,
-                              remaining)
+                              remaining, top)
         if seq.done:
           break
     # Rows finished on the host (stop strings) stay inactive on device too.

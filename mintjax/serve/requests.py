@@ -134,6 +134,14 @@ class GenerationResult:
     revision: the resolved 'id@revision' (None = base).
     prompt_tokens: prompt length.
     error: message when finish_reason == 'error'.
+    top_logprobs: with `SamplingParams.top_logprobs=n`, per generated token
+      its n most likely tokens as [(token id, logprob), ...], best first
+      (None when not asked).
+    prompt_logprobs: with `SamplingParams.prompt_logprobs`, per prompt token
+      its log-probability given the tokens before it; the first is None
+      (nothing precedes it).
+    prompt_top_logprobs: with `prompt_logprobs=n > 0`, per prompt position
+      the n most likely tokens as for `top_logprobs` (first entry None).
   """
 
   request_id: str
@@ -145,6 +153,9 @@ class GenerationResult:
   revision: str | None
   prompt_tokens: int
   error: str | None = None
+  top_logprobs: list[list[tuple[int, float]]] | None = None
+  prompt_logprobs: list[float | None] | None = None
+  prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -152,10 +163,15 @@ class GenerationResult:
 
 @dataclasses.dataclass
 class TokenEvent:
-  """A streamed token (or a finished request when `result` is set)."""
+  """A streamed token (or a finished request when `result` is set).
+
+  `top_logprobs` holds the token's most likely alternatives when the
+  request asked for them (as in `GenerationResult.top_logprobs`).
+  """
 
   request_id: str
   index: int
   token: int | None
   logprob: float | None
   result: GenerationResult | None = None
+  top_logprobs: list[tuple[int, float]] | None = None

@@ -3,8 +3,11 @@
 Owns the `AdapterSource` contract (what the engine needs from a registry:
 resolve a ref, batch-load weights, record residency statistics),
 `InMemoryAdapters` (a public, complete source held in memory, for adapters
-handed to an engine directly; it uses the store's one ref parser, `Revision`
-and base check), the byte-budgeted LRU `HostCache`, the refcounted
+handed to an engine directly, e.g. Hugging Face PEFT folders with
+`InMemoryAdapters.from_peft_folders`; it uses the store's one ref parser,
+`Revision` and base check), `served_shapes` (the largest rank and the
+targets of the adapters an engine will serve, which size its bank), the
+byte-budgeted LRU `HostCache`, the refcounted
 `SlotTable` of device bank slots, and `Residency`, which moves adapters
 between the tiers and counts hits, misses, loads, evictions and load time.
 
@@ -22,8 +25,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import time
-from typing import Iterable, Protocol, Sequence
+from typing import Iterable, Mapping, Protocol, Sequence
 
 import jax
 
@@ -31,8 +35,10 @@ from mintjax.adapters import bank as bank_lib
 from mintjax.adapters.family import HostWeights
 from mintjax.adapters.spec import BankSpec, AdapterWeights
 from mintjax.config import ModelConfig
+from mintjax.model.base import BaseModel
+from mintjax.store import peft_io
 from mintjax.store.errors import UnknownRefError
-from mintjax.store.identity import check_name, parse_ref
+from mintjax.store.identity import check_name, parse_info, parse_ref
 from mintjax.store.revision import LoadedAdapter, Revision, check_base
 
 
@@ -81,6 +87,36 @@ class InMemoryAdapters:
     >>> engine.generate([GenerationRequest(prompt=(1, 2),
     ...                                    adapter="alice:prod")])
   """
+
+  @classmethod
+  def from_peft_folders(cls, folders: Mapping[str, str | os.PathLike],
+                        base: BaseModel) -> "InMemoryAdapters":
+    """Hugging Face PEFT LoRA folders as adapters named by the mapping.
+
+    Each folder is read, checked against the base's config (shapes, layer
+    count, finite values) and becomes revision 1 of its name, with the
+    per-module `rank_pattern` / `alpha_pattern` scales folded in (as
+    `peft_io.read_peft` returns them). All folders are read before the
+    source is returned: a bad one fails the whole call, naming it.
+
+    Example:
+      >>> engine = Engine(base, {"alice": "peft/alice", "bob": "peft/bob"})
+      >>> engine.generate([{"prompt": "hi", "adapter": "alice"}])
+    """
+    if not isinstance(folders, Mapping) or not folders:
+      raise ValueError(
+          "PEFT folders must be a non-empty mapping of adapter names to "
+          f"folder paths, got {folders!r:.80}")
+    src = cls()
+    for name, folder in folders.items():
+      if not isinstance(folder, (str, os.PathLike)):
+        raise ValueError(
+            f"adapter {name!r}: expected a PEFT folder path, got "
+            f"{type(folder).__name__}")
+      weights = peft_io.read_peft(os.fspath(folder),
+                                  config=base.config).weights
+      src.publish(name, weights, base.fingerprint)
+    return src
 
   def __init__(self):
     self._revs: dict[str, list[Revision]] = {}
@@ -137,6 +173,81 @@ class InMemoryAdapters:
                        ) -> None:
     self.residency[ref]["served"] += served
     self.residency[ref]["loads"] += loads
+
+  def adapter_ids(self) -> list[str]:
+    return sorted(self._revs)
+
+
+def _shape_of(source, ref: str) -> tuple[int, tuple[str, ...]] | None:
+  """(rank, targets) of the adapter `ref` names, None when unknowable."""
+  if isinstance(source, InMemoryAdapters):
+    w = source.load_many([ref])[0].weights
+    return int(w.rank), tuple(w.targets)
+  if hasattr(source, "adapter") and hasattr(source, "list_adapters"):
+    # A registry: every revision of an adapter has the adapter's spec.
+    info = parse_info(source.adapter(parse_ref(ref)[0])["spec"])
+    return int(info.rank), tuple(info.targets)
+  return None
+
+
+def served_shapes(source, refs: Sequence[str] | None = None
+                  ) -> dict[str, tuple[int, tuple[str, ...]]] | None:
+  """Rank and targets of the adapters an engine will serve.
+
+  Args:
+    source: a `Registry`, `InMemoryAdapters` or another `AdapterSource`.
+    refs: the refs to be served; None means every adapter of the source.
+
+  Returns:
+    ref or adapter id -> (rank, targets); None when the source cannot say
+    (an `AdapterSource` that is neither a registry nor in memory, with no
+    refs to resolve).
+
+  Raises:
+    LookupError: a ref names no adapter.
+  """
+  if refs is None:
+    if isinstance(source, InMemoryAdapters):
+      refs = source.adapter_ids()
+    elif hasattr(source, "list_adapters"):
+      return {rec["id"]: (int(info.rank), tuple(info.targets))
+              for rec in source.list_adapters()
+              for info in [parse_info(rec["spec"])]}
+    else:
+      return None
+  out = {}
+  for ref in refs:
+    shape = _shape_of(source, ref)
+    if shape is None:
+      return None
+    out[ref] = shape
+  return out
+
+
+def check_fits(shapes: Mapping[str, tuple[int, tuple[str, ...]]],
+               max_rank: int, targets: Sequence[str]) -> None:
+  """Refuses adapters a bank of `max_rank` on `targets` cannot hold.
+
+  Raises:
+    ValueError: naming the adapters, what they need and the fix.
+  """
+  big = {r: k for r, (k, _) in shapes.items() if k > max_rank}
+  if big:
+    need = max(big.values())
+    raise ValueError(
+        f"adapters {sorted(big)[:5]} have rank up to {need}, above the "
+        f"engine's max_rank={max_rank}; set max_rank={need} (or leave it "
+        "None to size the bank from the adapters)")
+  outside = {r: sorted(set(t) - set(targets)) for r, (_, t) in shapes.items()
+             if set(t) - set(targets)}
+  if outside:
+    first = sorted(outside)[0]
+    want = sorted(set(targets).union(*map(set, outside.values())))
+    raise ValueError(
+        f"adapters {sorted(outside)[:5]} adapt {outside[first]} (e.g. "
+        f"{first!r}), which the engine's targets {tuple(targets)} leave "
+        f"out; set targets={tuple(want)} (or leave it None to size the "
+        "bank from the adapters)")
 
 
 @dataclasses.dataclass

@@ -2,8 +2,10 @@
 
 Owns `SamplingParams` (validated per request on the host), `RowSampling`
 (the same parameters as fixed-shape per-row arrays, an argument of every
-compiled step) and `sample` (greedy / temperature / top-k / top-p sampling
-of one token per row, with the chosen token's log-probability).
+compiled step), `sample` (greedy / temperature / top-k / top-p sampling
+of one token per row, with the chosen token's log-probability) and
+`top_logprobs` (the MAX_TOP_LOGPROBS most likely tokens per row, computed
+only when some row asked for them).
 
 Randomness is reproducible per request whatever batch it rides in: row b's
 key at position p is `fold_in(PRNGKey(seed_b), p)`, so the same request with
@@ -21,8 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Stop token ids per row on device (eos included); more is a request error.
+# Stop token ids per row on device (eos ids included); more is a request
+# error.
 MAX_STOP_TOKENS = 8
+# Most likely tokens reported per position (OpenAI's limit is 20 too); the
+# steps always compute this many, so the compiled shapes never depend on a
+# request.
+MAX_TOP_LOGPROBS = 20
 
 
 class SamplingError(ValueError):
@@ -41,9 +48,16 @@ class SamplingParams:
       (1.0 = no limit).
     seed: per-request random seed (ignored when greedy).
     stop: stop strings; the output is cut before the first match.
-    stop_token_ids: token ids that end generation (the tokenizer's eos is
-      always one unless `ignore_eos`).
-    ignore_eos: do not stop at the tokenizer's eos.
+    stop_token_ids: token ids that end generation (the tokenizer's eos ids
+      are always among them unless `ignore_eos`).
+    ignore_eos: do not stop at the tokenizer's eos ids.
+    top_logprobs: for each generated token, also report this many most
+      likely tokens with their log-probabilities (0..MAX_TOP_LOGPROBS;
+      `GenerationResult.top_logprobs`).
+    prompt_logprobs: None, or report each prompt token's log-probability
+      given the tokens before it, plus this many most likely tokens per
+      position (0..MAX_TOP_LOGPROBS; `GenerationResult.prompt_logprobs`).
+      Costs one more forward pass over the prompt.
   """
 
   max_new_tokens: int = 16
@@ -54,6 +68,8 @@ class SamplingParams:
   stop: tuple[str, ...] = ()
   stop_token_ids: tuple[int, ...] = ()
   ignore_eos: bool = False
+  top_logprobs: int = 0
+  prompt_logprobs: int | None = None
 
   def __post_init__(self):
     if isinstance(self.stop, str):
@@ -85,6 +101,15 @@ class SamplingParams:
       raise SamplingError(
           f"stop_token_ids must be non-negative ints, got "
           f"{list(self.stop_token_ids)!r}")
+    for name in ("top_logprobs", "prompt_logprobs"):
+      v = getattr(self, name)
+      if v is None and name == "prompt_logprobs":
+        continue
+      if (isinstance(v, bool) or not isinstance(v, int) or
+          not 0 <= v <= MAX_TOP_LOGPROBS):
+        raise SamplingError(
+            f"{name} must be an int in [0, {MAX_TOP_LOGPROBS}]"
+            f"{' or None' if name == 'prompt_logprobs' else ''}, got {v!r}")
     if len(self.stop_token_ids) > MAX_STOP_TOKENS - 1:
       raise SamplingError(
           f"at most {MAX_STOP_TOKENS - 1} stop_token_ids are supported, got "
@@ -94,17 +119,34 @@ class SamplingParams:
   def greedy(self) -> bool:
     return self.temperature == 0.0
 
-  def stop_ids(self, eos_id: int | None, vocab_size: int) -> tuple[int, ...]:
-    """The stop ids a row carries on device (eos first unless ignored)."""
-    ids = list(self.stop_token_ids)
-    if eos_id is not None and not self.ignore_eos:
-      ids.insert(0, eos_id)
+  def stop_ids(self, eos_ids: int | Sequence[int] | None, vocab_size: int
+               ) -> tuple[int, ...]:
+    """The stop ids a row carries on device (eos ids first unless ignored).
+
+    Args:
+      eos_ids: the tokenizer's eos id or ids (`Tokenizer.eos_ids`), or None.
+      vocab_size: ids must be below it.
+
+    Raises:
+      SamplingError: an id outside the vocabulary, or more than
+        MAX_STOP_TOKENS ids in all.
+    """
+    if eos_ids is None or self.ignore_eos:
+      eos_ids = ()
+    elif isinstance(eos_ids, (int, np.integer)):
+      eos_ids = (int(eos_ids),)
+    ids = list(dict.fromkeys(list(eos_ids) + list(self.stop_token_ids)))
     bad = [t for t in ids if t >= vocab_size]
     if bad:
       raise SamplingError(
           f"stop_token_ids {bad} are outside the vocabulary of size "
           f"{vocab_size}")
-    return tuple(dict.fromkeys(ids))
+    if len(ids) > MAX_STOP_TOKENS:
+      raise SamplingError(
+          f"{len(ids)} stop token ids (the model's eos ids {list(eos_ids)} "
+          f"plus stop_token_ids) exceed the {MAX_STOP_TOKENS} a row holds; "
+          "pass fewer stop_token_ids or use stop strings for the rest")
+    return tuple(ids)
 
   @classmethod
   def from_dict(cls, d) -> "SamplingParams":
@@ -128,6 +170,8 @@ class RowSampling:
     top_p_b: [B] float32.
     seed_b: [B] uint32.
     stop_bk: [B, MAX_STOP_TOKENS] int32 stop ids, -1 padded.
+    top_logprobs_b: [B] int32 top log-probabilities the row wants (0: none;
+      the steps skip the top-k work when every row has 0).
   """
 
   temperature_b: jax.Array
@@ -135,6 +179,7 @@ class RowSampling:
   top_p_b: jax.Array
   seed_b: jax.Array
   stop_bk: jax.Array
+  top_logprobs_b: jax.Array
 
 
 def empty_rows(batch: int) -> RowSampling:
@@ -144,7 +189,8 @@ def empty_rows(batch: int) -> RowSampling:
       top_k_b=np.zeros((batch,), np.int32),
       top_p_b=np.ones((batch,), np.float32),
       seed_b=np.zeros((batch,), np.uint32),
-      stop_bk=np.full((batch, MAX_STOP_TOKENS), -1, np.int32))
+      stop_bk=np.full((batch, MAX_STOP_TOKENS), -1, np.int32),
+      top_logprobs_b=np.zeros((batch,), np.int32))
 
 
 def set_row(rows: RowSampling, b: int, params: SamplingParams,
@@ -156,6 +202,7 @@ def set_row(rows: RowSampling, b: int, params: SamplingParams,
   rows.seed_b[b] = params.seed
   rows.stop_bk[b] = -1
   rows.stop_bk[b, :len(stop_ids)] = stop_ids
+  rows.top_logprobs_b[b] = params.top_logprobs
 
 
 def _filtered_logits(logits_bv, rows: RowSampling):
@@ -210,3 +257,36 @@ def sample(logits_bv, rows: RowSampling, pos_b):
 def is_stop(token_b, rows: RowSampling):
   """[B] bool: the token is one of the row's stop ids."""
   return jnp.any(token_b[:, None] == rows.stop_bk, axis=-1)
+
+
+def top_logprobs(logits_bv, rows: RowSampling):
+  """The MAX_TOP_LOGPROBS most likely tokens per row, best first.
+
+  Computed only when some row asked (`rows.top_logprobs_b > 0`); otherwise
+  zeros come back without touching the vocabulary, so requests that want
+  none pay one `any` per step.
+
+  Args:
+    logits_bv: [B, V] logits for the next token.
+    rows: per-row sampling parameters.
+
+  Returns:
+    (ids_bk [B, K] int32, logprobs_bk [B, K] float32), K = MAX_TOP_LOGPROBS,
+    log-probabilities under the model's unmodified distribution.
+  """
+  b, k = logits_bv.shape[0], min(MAX_TOP_LOGPROBS, logits_bv.shape[-1])
+
+  def compute(_):
+    lp_bv = jax.nn.log_softmax(logits_bv.astype(jnp.float32), axis=-1)
+    lp_bk, ids_bk = jax.lax.top_k(lp_bv, k)
+    return ids_bk.astype(jnp.int32), lp_bk
+
+  def skip(_):
+    return jnp.zeros((b, k), jnp.int32), jnp.zeros((b, k), jnp.float32)
+
+  return jax.lax.cond(jnp.any(rows.top_logprobs_b > 0), compute, skip, None)
+
+
+def top_pairs(ids_k, logprobs_k, n: int) -> list[tuple[int, float]]:
+  """The first n (token id, logprob) pairs of one position (host side)."""
+  return [(int(ids_k[j]), float(logprobs_k[j])) for j in range(n)]

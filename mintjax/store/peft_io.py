@@ -51,7 +51,7 @@ import os
 import re
 from re import _constants as sre_c  # pylint: disable=protected-access
 from re import _parser as sre_parse  # pylint: disable=protected-access
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Mapping, NamedTuple, Sequence
 
 import ml_dtypes  # noqa: F401  (bfloat16 with numpy / safetensors)
 import numpy as np
@@ -60,12 +60,12 @@ import safetensors.numpy
 from mintjax.adapters.spec import ALL_TARGETS, AdapterWeights, lora_scale
 from mintjax.config import ModelConfig
 from mintjax.store.errors import InvalidAdapterError
-from mintjax.store.identity import parse_info
-from mintjax.store.identity import AdapterInfo, parse_ref
+from mintjax.store.identity import AdapterInfo, check_name, parse_info, parse_ref
 from mintjax.store.revision import Revision
 from mintjax.store.weights import RowLayout
 
 if TYPE_CHECKING:  # Annotations only: the loader imports this module.
+  from mintjax.model.base import BaseModel
   from mintjax.store.registry import Registry
 
 CONFIG_FILE = "adapter_config.json"
@@ -309,10 +309,49 @@ def _check_against_base(w_path: str, key_of, mods, config: ModelConfig
             f"d_out={d_out}); import it for the base it was trained on")
 
 
-def read_peft(folder: str, num_layers: int | None = None, *,
-              config: ModelConfig | None = None
-              ) -> tuple[AdapterInfo, AdapterWeights, dict]:
-  """Reads a PEFT LoRA folder into (info, raw padded weights, meta).
+class PeftAdapter(NamedTuple):
+  """A PEFT folder as read: `.info`, `.weights` and `.meta`.
+
+  A tuple, so `info, weights, meta = read_peft(folder)` unpacks it.
+  """
+
+  info: AdapterInfo
+  weights: AdapterWeights
+  meta: dict
+
+
+def read_peft(folder: str, *, config: ModelConfig | None = None,
+              num_layers: int | None = None) -> PeftAdapter:
+  """Reads a PEFT LoRA folder into weights ready to use.
+
+  Per-module `rank_pattern` / `alpha_pattern` scales are folded into B
+  (`fold_b_scale`), so `lora_scale(info) * A @ B` is what PEFT computes for
+  every module. `read_peft_raw` gives PEFT's factors unscaled.
+
+  Args:
+    folder: folder with adapter_config.json and adapter_model.safetensors.
+    config: the base's model config; when given, every factor's shape and
+      layer index are checked against it.
+    num_layers: the base's layer count when no config is given.
+
+  Returns:
+    PeftAdapter(info, weights [A [L, d_in, R], B [L, R, d_out]], meta).
+  """
+  info, raw, meta = read_peft_raw(folder, num_layers, config=config)
+  weights = AdapterWeights(raw.lora_a, fold_b_scale(raw.lora_b, meta),
+                           raw.rank, raw.alpha, raw.use_rslora)
+  return PeftAdapter(info, weights, meta)
+
+
+def read_peft_raw(folder: str, num_layers: int | None = None, *,
+                  config: ModelConfig | None = None
+                  ) -> tuple[AdapterInfo, AdapterWeights, dict]:
+  """Reads a PEFT LoRA folder into (info, RAW padded weights, meta).
+
+  The weights are PEFT's factors unscaled: modules with their own
+  `rank_pattern` / `alpha_pattern` entry need `meta['b_scale']` folded in
+  (`fold_b_scale`) before use. This is what the registry stores (so export
+  is bit-exact); `read_peft` returns weights ready to use.
 
   Args:
     folder: folder with adapter_config.json and adapter_model.safetensors.
@@ -473,8 +512,11 @@ def write_peft(folder: str, info: AdapterInfo, lora_a: Mapping,
   # export leaves no config pointing at missing or half-written weights.
   w_path, cfg_path = (os.path.join(folder, WEIGHTS_FILE),
                       os.path.join(folder, CONFIG_FILE))
-  safetensors.numpy.save_file(tensors, w_path + ".tmp",
-                              metadata={"format": "pt"})
+  # Written through open() so the file gets the ordinary 0666 & ~umask
+  # mode (safetensors' save_file creates 0600 files, which other users and
+  # services cannot read).
+  with open(w_path + ".tmp", "wb") as f:
+    f.write(safetensors.numpy.save(tensors, metadata={"format": "pt"}))
   os.replace(w_path + ".tmp", w_path)
   with open(cfg_path + ".tmp", "w") as f:
     json.dump(cfg, f, indent=2, sort_keys=True)
@@ -489,26 +531,110 @@ def _files_sha256(folder: str) -> dict[str, str]:
   return out
 
 
-def import_peft(reg: Registry, folder: str, adapter_id: str, *,
-                base_fingerprint: str, owner: str = "",
-                num_layers: int | None = None,
-                provenance: Mapping | None = None,
-                config: ModelConfig | None = None) -> Revision:
-  """Imports a PEFT LoRA folder as a new revision of `adapter_id`.
+def import_peft(reg: Registry, base: BaseModel, *folders: str,
+                ids: Sequence[str] | None = None, owner: str = "",
+                provenance: Mapping | None = None, **legacy
+                ) -> list[Revision]:
+  """Imports PEFT LoRA folders as new revisions, against one loaded base.
 
-  The adapter is created if missing (its spec comes from the folder); if it
-  exists, the folder must match its spec. Provenance records the source
-  folder and the sha256 of its files. Pass the base's `config` so every
-  factor's shape and layer index are checked against the base (the CLI
-  does with --base); the folder is read and checked before anything is
-  stored.
+  Every folder is read and checked against the base (shapes, layer count,
+  finite values) and every id against the registry before anything is
+  stored: one bad folder imports none. Each adapter is created if missing
+  (its spec comes from its folder); an existing one must have the same
+  spec and base.
+
+  Example:
+    >>> base = load_hf("SmolLM2-135M")            # loaded once
+    >>> revs = import_peft(reg, base, "peft/alice", "peft/bob")
+    >>> [r.ref for r in revs]                      # ['alice@1', 'bob@1']
+
+  Args:
+    reg: the registry.
+    base: the loaded base model (`mintjax.model.base.BaseModel`).
+    *folders: PEFT LoRA folders.
+    ids: adapter ids, one per folder (default: each folder's name).
+    owner: owner recorded for adapters created here.
+    provenance: extra provenance keys for every revision.
+
+  Returns:
+    The new revisions, in folder order.
+
+  Raises:
+    InvalidAdapterError: a bad folder, id or spec (nothing was stored).
   """
-  info, weights, meta = read_peft(folder, num_layers, config=config)
+  if isinstance(base, (str, os.PathLike)):
+    # The pre-issue-13 form import_peft(reg, folder, adapter_id, *,
+    # base_fingerprint=...) still works for callers not yet moved over.
+    return import_peft_folder(reg, base, *folders, owner=owner,
+                              provenance=provenance, **legacy)
+  if legacy:
+    raise TypeError(f"import_peft got unexpected arguments {sorted(legacy)}; "
+                    "it takes (registry, base, *folders, ids=, owner=, "
+                    "provenance=)")
+  if not folders:
+    raise InvalidAdapterError("import_peft got no folders; pass one or more "
+                              "PEFT LoRA folders")
+  names = list(ids) if ids is not None else [
+      os.path.basename(os.path.normpath(f)) for f in folders]
+  if len(names) != len(folders):
+    raise InvalidAdapterError(
+        f"import_peft got {len(folders)} folders but {len(names)} ids; "
+        "pass one id per folder")
+  if len(set(names)) != len(names):
+    raise InvalidAdapterError(
+        f"adapter ids {names} repeat; pass distinct ids= (folder names are "
+        "the default)")
+  for f, name in zip(folders, names):
+    try:
+      check_name(name)
+    except ValueError as e:
+      raise InvalidAdapterError(
+          f"{f}: {e}; pass ids= to name the adapter") from None
+  read = [(f, name, read_peft_raw(f, config=base.config))
+          for f, name in zip(folders, names)]
+  for f, name, (info, _, _) in read:
+    rec = reg.catalog.adapter(name)
+    if rec is not None and (rec["base_fingerprint"] != base.fingerprint or
+                            parse_info(rec["spec"]) != info):
+      raise InvalidAdapterError(
+          f"{f}: adapter {name!r} already exists with another spec or base "
+          f"({rec['spec']}); pass ids= with a new id (nothing was stored)")
+  items = []
+  for f, name, (info, weights, meta) in read:
+    reg.create_adapter(name, spec=info, base_fingerprint=base.fingerprint,
+                       owner=owner, exist_ok=True)
+    items.append((name, weights, _source_provenance(f, meta, provenance),
+                  None, meta))
+  return reg.publish_many(items)
+
+
+def _source_provenance(folder: str, meta: Mapping,
+                       provenance: Mapping | None) -> dict:
+  """Provenance of an imported folder: its path and files' sha256."""
   prov = dict(provenance or {})
   prov.setdefault("source", {"format": "peft", "path": os.path.abspath(
       folder), "files": _files_sha256(folder),
                              "peft_version": meta["peft"]["config"].get(
                                  "peft_version")})
+  return prov
+
+
+def import_peft_folder(reg: Registry, folder: str, adapter_id: str, *,
+                       base_fingerprint: str, owner: str = "",
+                       num_layers: int | None = None,
+                       provenance: Mapping | None = None,
+                       config: ModelConfig | None = None) -> Revision:
+  """Imports one PEFT LoRA folder given the base's fingerprint and config.
+
+  For callers without a loaded base; `import_peft` takes the base. The
+  adapter is created if missing (its spec comes from the folder); if it
+  exists, the folder must match its spec. Provenance records the source
+  folder and the sha256 of its files. Pass the base's `config` so every
+  factor's shape and layer index are checked against the base; the folder
+  is read and checked before anything is stored.
+  """
+  info, weights, meta = read_peft_raw(folder, num_layers, config=config)
+  prov = _source_provenance(folder, meta, provenance)
   reg.create_adapter(adapter_id, spec=info, base_fingerprint=base_fingerprint,
                      owner=owner, exist_ok=True)
   return reg.publish(adapter_id, weights, prov, meta=meta)
@@ -580,5 +706,6 @@ def effective_scales(meta: Mapping, info: AdapterInfo) -> dict[str, list]:
       t: [1.0] for t in info.targets}).items()}
 
 
-__all__ = ["read_peft", "write_peft", "import_peft", "export_peft",
+__all__ = ["PeftAdapter", "read_peft", "read_peft_raw", "write_peft",
+           "import_peft", "import_peft_folder", "export_peft",
            "fold_b_scale", "effective_scales"]
