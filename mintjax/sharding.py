@@ -23,6 +23,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
+# The mesh of an expert-parallel mixture-of-experts model (`make_mesh(expert=n)`).
+EXPERT_MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
 DEFAULT_RULES: dict[str, Any] = {
@@ -32,6 +34,10 @@ DEFAULT_RULES: dict[str, Any] = {
     "q_heads": "tensor",
     "kv_heads": "tensor",
     "mlp": "tensor",
+    # mixture-of-experts: the expert axis of expert weights [E, D, F] is
+    # split over the `expert` mesh axis (expert parallelism; meshes without
+    # that axis replicate it, see `logical_to_spec`).
+    "experts": "expert",
     "layers": None,
     "norm": None,
     # adapter bank: slots are replicated so any row can gather any adapter;
@@ -39,7 +45,9 @@ DEFAULT_RULES: dict[str, Any] = {
     "slot": None,
     "lora_rank": None,
     # activations and caches
-    "batch": ("data", "fsdp"),
+    # tokens are also split over `expert` where a mesh has it: outside the
+    # expert FFN that axis is one more data-parallel axis.
+    "batch": ("data", "fsdp", "expert"),
     "length": None,
     "embed_act": None,
     "cache_len": None,
@@ -69,29 +77,40 @@ _ACTIVE: contextvars.ContextVar = contextvars.ContextVar(
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+              devices: Sequence[jax.Device] | None = None, *,
+              expert: int = 1) -> Mesh:
   """A (data, fsdp, tensor) mesh; one size may be -1 (= the rest).
+
+  With `expert` > 1 the mesh is (data, fsdp, expert, tensor) instead
+  (`EXPERT_MESH_AXES`): mixture-of-experts weights are split over `expert`
+  (mintjax.model.expert_parallel); everything else treats it as data.
 
   Raises:
     ValueError: if the sizes do not multiply to the device count.
   """
   devices = list(devices if devices is not None else jax.devices())
-  sizes = [data, fsdp, tensor]
+  if expert != 1:
+    return _make(devices, dict(data=data, fsdp=fsdp, expert=expert,
+                               tensor=tensor))
+  return _make(devices, dict(data=data, fsdp=fsdp, tensor=tensor))
+
+
+def _make(devices: list, named: dict[str, int]) -> Mesh:
+  sizes = list(named.values())
   if sizes.count(-1) > 1:
     raise ValueError("at most one mesh axis size may be -1")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if len(devices) % known:
       raise ValueError(
-          f"cannot fill mesh {dict(zip(MESH_AXES, sizes))} with "
-          f"{len(devices)} devices")
+          f"cannot fill mesh {named} with {len(devices)} devices")
     sizes[sizes.index(-1)] = len(devices) // known
   if int(np.prod(sizes)) != len(devices):
     raise ValueError(
-        f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} "
+        f"mesh {dict(zip(named, sizes))} needs {int(np.prod(sizes))} "
         f"devices, found {len(devices)}")
   arr = np.asarray(devices, dtype=object).reshape(sizes)
-  return Mesh(arr, MESH_AXES)
+  return Mesh(arr, tuple(named))
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int],
@@ -111,6 +130,8 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int],
     mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
     kept = []
     for ax in mesh_axes:
+      if ax not in mesh.shape:  # e.g. `expert` on a (data, fsdp, tensor) mesh
+        continue
       size = mesh.shape[ax]
       if ax in used or size == 1:
         continue
