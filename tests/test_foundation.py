@@ -160,7 +160,8 @@ def test_hf_config_styles_agree():
   assert v4 == v4_type == v5
   assert v5.rope_scaling == RopeScaling("llama3", 8.0, 1.0, 4.0, 64)
   with pytest.raises(ConfigError, match="unsupported RoPE scaling"):
-    ModelConfig.from_hf_config(dict(common, rope_scaling=dict(type="yarn")))
+    ModelConfig.from_hf_config(
+        dict(common, rope_scaling=dict(type="longrope")))
   with pytest.raises(ConfigError, match="missing required key"):
     ModelConfig.from_hf_config({"architectures": ["LlamaForCausalLM"]})
 

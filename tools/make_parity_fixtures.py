@@ -149,6 +149,145 @@ def make_mistral() -> None:
   assert (OUT / "mistral" / "model.safetensors.index.json").exists()
 
 
+# --- Qwen3 and the mixture-of-experts families (issue 15) --------------------
+
+GREEDY_NEW_TOKENS = 8
+
+
+def _save_arch(model, name: str, vocab: int, seed: int) -> None:
+  """Saves `model` with logits on random tokens and greedy generations.
+
+  expected.npz holds tokens [2, 12] and logits [2, 12, V] (as `_save_base`)
+  plus prompt_ids [2, 5] and generated_ids [2, 8] from greedy `generate`
+  (HF's own KV cache path, so a mintjax cache bug cannot hide).
+  """
+  tokens = _tokens((2, 12), vocab, seed)
+  _save_base(model, name, tokens)
+  prompts = _tokens((2, 5), vocab, seed + 100)
+  model.generation_config.eos_token_id = None
+  model.generation_config.pad_token_id = 0
+  with torch.no_grad():
+    gen = model.generate(
+        input_ids=torch.from_numpy(prompts),
+        attention_mask=torch.ones(prompts.shape, dtype=torch.long),
+        max_new_tokens=GREEDY_NEW_TOKENS, do_sample=False, eos_token_id=None,
+        pad_token_id=0).numpy()
+  folder = OUT / name
+  data = dict(np.load(folder / "expected.npz"))
+  np.savez(folder / "expected.npz", **data,
+           prompt_ids=prompts.astype(np.int32),
+           generated_ids=gen[:, prompts.shape[1]:].astype(np.int32))
+
+
+def make_qwen3() -> None:
+  """Qwen3 dense: q/k RMSNorm, head_dim != hidden / heads."""
+  cfg = transformers.Qwen3Config(
+      vocab_size=96, hidden_size=32, intermediate_size=64,
+      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+      head_dim=16, max_position_embeddings=64, rms_norm_eps=1e-6,
+      rope_theta=1e6, tie_word_embeddings=False, use_sliding_window=False,
+      attn_implementation="eager")
+  torch.manual_seed(SEED + 10)
+  model = transformers.Qwen3ForCausalLM(cfg).eval()
+  _randomize(model, 0.1, SEED + 10)
+  _save_arch(model, "qwen3", 96, SEED + 10)
+
+
+def make_qwen3_moe() -> None:
+  """Qwen3-MoE: softmax top-2 of 8, norm_topk_prob, a dense mlp_only layer."""
+  cfg = transformers.Qwen3MoeConfig(
+      vocab_size=96, hidden_size=32, intermediate_size=48,
+      moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
+      norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1],
+      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+      head_dim=8, max_position_embeddings=64, rms_norm_eps=1e-6,
+      rope_theta=1e6, tie_word_embeddings=False, use_sliding_window=False,
+      attn_implementation="eager")
+  torch.manual_seed(SEED + 11)
+  model = transformers.Qwen3MoeForCausalLM(cfg).eval()
+  _randomize(model, 0.1, SEED + 11)
+  # Routers get a larger scale so routing is decisive (no near-ties that
+  # float rounding could flip between torch and XLA).
+  _scale_routers(model, 10.0)
+  _save_arch(model, "qwen3_moe", 96, SEED + 11)
+
+
+def make_mixtral() -> None:
+  """Mixtral: softmax top-2 of 4 experts, always renormalised."""
+  cfg = transformers.MixtralConfig(
+      vocab_size=80, hidden_size=32, intermediate_size=40,
+      num_local_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=1, head_dim=8,
+      max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=1e6,
+      sliding_window=None, tie_word_embeddings=False,
+      attn_implementation="eager")
+  torch.manual_seed(SEED + 12)
+  model = transformers.MixtralForCausalLM(cfg).eval()
+  _randomize(model, 0.1, SEED + 12)
+  _scale_routers(model, 10.0)
+  _save_arch(model, "mixtral", 80, SEED + 12)
+
+
+def deepseek_v3_config(**overrides) -> transformers.DeepseekV3Config:
+  """DeepSeek-V3 in miniature: MLA with YaRN, sigmoid group-limited routing,
+  a shared expert, routed scaling, the first layer dense."""
+  kw = dict(
+      vocab_size=96, hidden_size=32, intermediate_size=48,
+      moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1,
+      num_experts_per_tok=3, n_group=4, topk_group=2, norm_topk_prob=True,
+      routed_scaling_factor=2.5, first_k_dense_replace=1,
+      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+      q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
+      qk_rope_head_dim=8, v_head_dim=12, max_position_embeddings=64,
+      rms_norm_eps=1e-6, rope_interleave=True, tie_word_embeddings=False,
+      # mscale != mscale_all_dim makes both the cos/sin attention factor and
+      # the softmax scale correction differ from 1.
+      rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0,
+                       "factor": 4.0, "original_max_position_embeddings": 16,
+                       "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0,
+                       "mscale_all_dim": 0.8},
+      attn_implementation="eager")
+  kw.update(overrides)
+  return transformers.DeepseekV3Config(**kw)
+
+
+def make_deepseek_v3(name: str = "deepseek_v3", seed_offset: int = 13,
+                     **overrides) -> None:
+  cfg = deepseek_v3_config(**overrides)
+  torch.manual_seed(SEED + seed_offset)
+  model = transformers.DeepseekV3ForCausalLM(cfg).eval()
+  _randomize(model, 0.1, SEED + seed_offset)
+  _scale_routers(model, 10.0)
+  g = torch.Generator().manual_seed(SEED + seed_offset + 1)
+  with torch.no_grad():  # a buffer, so _randomize left it at zero
+    for layer in model.model.layers[cfg.first_k_dense_replace:]:
+      bias = layer.mlp.gate.e_score_correction_bias
+      bias.copy_(0.5 * torch.randn(bias.shape, generator=g))
+  _save_arch(model, name, 96, SEED + seed_offset)
+
+
+def _scale_routers(model, factor: float) -> None:
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("mlp.gate.weight") or name.endswith(
+          "block_sparse_moe.gate.weight"):
+        p.mul_(factor)
+
+
+ARCH_FIXTURES = {
+    "qwen3": make_qwen3,
+    "qwen3_moe": make_qwen3_moe,
+    "mixtral": make_mixtral,
+    "deepseek_v3": make_deepseek_v3,
+    # No q low rank (DeepSeek-V2-Lite style q_proj) and plain RoPE.
+    "deepseek_v3_qfull": lambda: make_deepseek_v3(
+        "deepseek_v3_qfull", 20, q_lora_rank=None, rope_interleave=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        first_k_dense_replace=0, n_group=1, topk_group=1,
+        norm_topk_prob=False),
+}
+
+
 def make_peft(base: transformers.LlamaForCausalLM) -> None:
   """Two LoRA adapters on the llama fixture, a mixed batch and generations."""
   folder = OUT / "peft_llama"
@@ -246,9 +385,21 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--skip_smollm2", action="store_true",
                       help="do not rewrite smollm2_greedy.json (slow)")
+  parser.add_argument("--only", default="",
+                      help="comma-separated fixture names to (re)write, e.g. "
+                      f"{','.join(ARCH_FIXTURES)}; default: all")
   args = parser.parse_args()
   torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
   OUT.mkdir(parents=True, exist_ok=True)
+  if args.only:
+    for name in args.only.split(","):
+      if name not in ARCH_FIXTURES:
+        parser.error(f"--only: unknown fixture {name!r}; choose from "
+                     f"{', '.join(ARCH_FIXTURES)}")
+      ARCH_FIXTURES[name]()
+    return
+  for make in ARCH_FIXTURES.values():
+    make()
   base = make_llama()
   make_qwen2()
   make_mistral()

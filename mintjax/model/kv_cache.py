@@ -18,7 +18,11 @@ from mintjax.config import ModelConfig
 
 @flax.struct.dataclass
 class KVCache:
-  """k, v: [L, B, S, K, hd] with S = max_len."""
+  """k, v: [L, B, S, K, hd] with S = max_len.
+
+  Multi-head latent attention caches its latents instead: k is c_kv
+  [L, B, S, 1, kv_lora_rank] and v the RoPE key part [L, B, S, 1, rope].
+  """
 
   k: jax.Array
   v: jax.Array
@@ -34,9 +38,14 @@ class KVCache:
 
 def cache_shapes(config: ModelConfig, batch: int, max_len: int,
                  dtype: str | None = None) -> KVCache:
-  shape = (config.num_layers, batch, max_len, config.num_kv_heads,
-           config.head_dim)
+  """k, v shapes; with MLA they hold the latents (see `mintjax.model.mla`)."""
   dt = jnp.dtype(dtype or config.dtype)
+  lead = (config.num_layers, batch, max_len)
+  if config.uses_mla:
+    return KVCache(
+        jax.ShapeDtypeStruct(lead + (1, config.kv_lora_rank), dt),
+        jax.ShapeDtypeStruct(lead + (1, config.qk_rope_head_dim), dt))
+  shape = lead + (config.num_kv_heads, config.head_dim)
   return KVCache(jax.ShapeDtypeStruct(shape, dt), jax.ShapeDtypeStruct(shape, dt))
 
 

@@ -46,7 +46,54 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     inv = np.where(medium, smoothed, scaled)
+  elif s.rope_type == "yarn":
+    inv = _yarn_inv_freq(inv, config)
   return inv.astype(np.float32)
+
+
+def _yarn_get_mscale(factor: float, mscale: float = 1.0) -> float:
+  return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn_inv_freq(inv: np.ndarray, config: ModelConfig) -> np.ndarray:
+  """YaRN: interpolate low frequencies, keep high ones (transformers' ramp)."""
+  s, dim, base = config.rope_scaling, config.head_dim, config.rope_theta
+
+  def correction_dim(rotations):
+    return (dim * math.log(s.original_max_position_embeddings /
+                           (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+  low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
+  if s.truncate:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, dim - 1)
+  if low == high:
+    high += 0.001
+  ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low),
+                 0, 1)
+  extrapolation = 1 - ramp
+  return inv / s.factor * (1 - extrapolation) + inv * extrapolation
+
+
+def rope_attention_factor(config: ModelConfig) -> float:
+  """YaRN's cos/sin scale (1.0 for every other RoPE type)."""
+  s = config.rope_scaling
+  if s is None or s.rope_type != "yarn":
+    return 1.0
+  if s.attention_factor:
+    return s.attention_factor
+  if s.mscale and s.mscale_all_dim:
+    return (_yarn_get_mscale(s.factor, s.mscale) /
+            _yarn_get_mscale(s.factor, s.mscale_all_dim))
+  return _yarn_get_mscale(s.factor)
+
+
+def yarn_softmax_scale(config: ModelConfig) -> float:
+  """DeepSeek's extra attention-logit scale under YaRN (mscale_all_dim)."""
+  s = config.rope_scaling
+  if s is None or s.rope_type == "default" or not s.mscale_all_dim:
+    return 1.0
+  return _yarn_get_mscale(s.factor, s.mscale_all_dim) ** 2
 
 
 def rope_cos_sin(positions_bt, config: ModelConfig):
@@ -54,6 +101,9 @@ def rope_cos_sin(positions_bt, config: ModelConfig):
   inv = jnp.asarray(rope_inv_freq(config))
   freqs = positions_bt.astype(jnp.float32)[..., None] * inv
   emb = jnp.concatenate([freqs, freqs], axis=-1)
+  factor = rope_attention_factor(config)
+  if factor != 1.0:
+    return jnp.cos(emb) * factor, jnp.sin(emb) * factor
   return jnp.cos(emb), jnp.sin(emb)
 
 
@@ -68,28 +118,29 @@ def apply_rope(x_bthd, cos_btd, sin_btd):
 
 
 def attention(q_bthd, k_bskd, v_bskd, q_pos_bt, k_pos_bs, *,
-              q_segment_bt=None, k_segment_bs=None):
+              q_segment_bt=None, k_segment_bs=None, scale=None):
   """Grouped-query attention with a causal mask by position.
 
   Args:
     q_bthd: [B, T, H, hd] queries.
     k_bskd: [B, S, K, hd] keys (H % K == 0).
-    v_bskd: [B, S, K, hd] values.
+    v_bskd: [B, S, K, hv] values (hv == hd except in MLA).
     q_pos_bt: [B, T] query positions.
     k_pos_bs: [B, S] key positions; a key is visible when k_pos <= q_pos.
       Use a negative position for keys that must never be seen.
     q_segment_bt / k_segment_bs: optional packed-sequence ids; attention
       stays within equal ids.
+    scale: logit scale; default 1 / sqrt(hd).
 
   Returns:
-    [B, T, H * hd] in q's dtype.
+    [B, T, H * hv] in q's dtype.
   """
   b, t, h, hd = q_bthd.shape
   k_heads = k_bskd.shape[2]
   q = q_bthd.reshape(b, t, k_heads, h // k_heads, hd)
   scores = jnp.einsum("btkgd,bskd->bkgts", q, k_bskd,
                       preferred_element_type=jnp.float32)
-  scores = scores / math.sqrt(hd)
+  scores = scores / math.sqrt(hd) if scale is None else scores * scale
   visible = ((k_pos_bs[:, None, :] <= q_pos_bt[:, :, None]) &
              (k_pos_bs[:, None, :] >= 0))
   if q_segment_bt is not None:
@@ -98,4 +149,4 @@ def attention(q_bthd, k_bskd, v_bskd, q_pos_bt, k_pos_bs, *,
   probs = jax.nn.softmax(scores, axis=-1).astype(v_bskd.dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v_bskd,
                    preferred_element_type=jnp.float32)
-  return out.reshape(b, t, h * hd).astype(q_bthd.dtype)
+  return out.reshape(b, t, h * v_bskd.shape[-1]).astype(q_bthd.dtype)
