@@ -30,6 +30,24 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(VPY) -m pytest -q -m slow $(PYTEST_ARGS)
 
+# The first hour of a new user, end to end through the installed console
+# scripts on the embedded SmolLM2 (tests/test_first_hour.py), and every
+# Python example of docs/API.md run in order (tests/test_docs_examples.py).
+# A few minutes on a 2-core CPU; the `first_hour` marker keeps it out of
+# `make test`. Step timings are printed and kept in .venv/first_hour_timings.json.
+.PHONY: test-first-hour
+test-first-hour: $(STAMP)
+	FIRST_HOUR_TIMINGS=$(VENV)/first_hour_timings.json $(VPY) -m pytest -q -s \
+	  -m first_hour tests/test_first_hour.py tests/test_docs_examples.py $(PYTEST_ARGS)
+
+# Mixture-of-experts and MLA end to end (the `moe` marker): greedy decoding
+# against transformers through the KV cache, and multi-tenant training and
+# the Engine on tiny MoE bases (isolation, no recompiles under churn).
+# Collects only the files that use the marker.
+.PHONY: test-moe
+test-moe: $(STAMP)
+	$(VPY) -m pytest -q -m moe $$(grep -l 'pytest.mark.moe' tests/*.py) $(PYTEST_ARGS)
+
 # Optional: the Hugging Face parity interpreter (torch 2.13.0 CPU, transformers,
 # peft) used only to regenerate tests/fixtures/parity and for the PEFT columns
 # of the benchmarks. torch==2.13.0's CPU wheel is for Python 3.11.

@@ -43,30 +43,6 @@ _MAXLEN = flags.DEFINE_integer("max_length", 256, "Max tokens per example.")
 distributed.define_flags()
 
 
-def recorded_base(registry, refs) -> str:
-  """The one base source the revisions' provenance names.
-
-  Raises:
-    ValueError: none is recorded, or the revisions name different bases
-      (the message says to pass --base).
-  """
-  if refs:
-    revs = [registry.resolve(r) for r in refs]
-  else:
-    revs = [registry.resolve(a["id"]) for a in registry.list_adapters()]
-  found = {}
-  for rev in revs:
-    src = ((rev.provenance or {}).get("training_config") or {}).get("base")
-    if src:
-      found.setdefault(src, rev.ref)
-  if len(found) != 1:
-    raise ValueError(
-        "--base is not given and the revisions' provenance names "
-        + ("no base" if not found else f"several bases {sorted(found)}")
-        + "; pass --base=SOURCE (e.g. --base=smollm2)")
-  return next(iter(found))
-
-
 def main(argv):
   del argv
   console.quiet_logs()
@@ -76,13 +52,13 @@ def main(argv):
       sys.exit(f"error: {flag} is required")
   distributed.initialize()
   console.say("mintjax-eval: opening the registry and loading the base")
-  from mintjax.eval.evaluate import evaluate_and_promote  # pylint: disable=g-import-not-at-top
+  from mintjax.eval.evaluate import evaluate_and_promote, recorded_base_source  # pylint: disable=g-import-not-at-top
   from mintjax.store.registry import Registry  # pylint: disable=g-import-not-at-top
   from mintjax.model.sources import load_base_source  # pylint: disable=g-import-not-at-top
   # create=False: a mistyped --registry is an error, not a new, empty
   # registry evaluated as if it held nothing.
   registry = Registry.open(_REGISTRY.value, create=False)
-  source = _BASE.value or recorded_base(registry, _REFS.value)
+  source = _BASE.value or recorded_base_source(registry, _REFS.value)
   console.say(f"base {source!r}")
   out = evaluate_and_promote(
       load_base_source(source), registry,

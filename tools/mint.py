@@ -126,6 +126,7 @@ def run(reg: Registry, args: Sequence[str], as_json: bool = False) -> str:
                           "--base=smollm2): the adapter is tied to its base")
     from mintjax.adapters.spec import AdapterInfo  # pylint: disable=g-import-not-at-top
     from mintjax.model.sources import load_base_source  # Heavy; only here.
+    console.say(f"mint: loading base {_BASE.value!r} for its fingerprint")
     base = load_base_source(_BASE.value)
     info = AdapterInfo(
         targets=tuple(_TARGETS.value), rank=_RANK.value,
@@ -242,18 +243,19 @@ def run(reg: Registry, args: Sequence[str], as_json: bool = False) -> str:
           "import-peft needs exactly one of --base=SOURCE (loaded and "
           "fingerprinted once here, e.g. --base=smollm2) or "
           "--base_fingerprint=sha256:...")
-    fingerprint = _BASE_FP.value
-    config = None
     if _BASE.value:
       from mintjax.model.sources import load_base_source  # Heavy; only here.
-      base = load_base_source(_BASE.value)
-      # With the base's config every factor's shape is checked against it.
-      fingerprint, config = base.fingerprint, base.config
-    revs = []
-    for folder, adapter_id in zip(rest, ids):
-      revs.append(peft_io.import_peft(reg, folder, adapter_id,
-                                      base_fingerprint=fingerprint,
-                                      owner=_OWNER.value, config=config))
+      console.say(f"mint: loading base {_BASE.value!r} once for "
+                  f"{len(rest)} folder(s)")
+      # Loaded once; every folder is checked against it (shapes, layers)
+      # and all ids against the registry before any is stored.
+      revs = peft_io.import_peft(reg, load_base_source(_BASE.value), *rest,
+                                 ids=ids, owner=_OWNER.value)
+    else:
+      revs = [peft_io.import_peft(reg, folder, adapter_id,
+                                  base_fingerprint=_BASE_FP.value,
+                                  owner=_OWNER.value)
+              for folder, adapter_id in zip(rest, ids)]
     text = "\n".join(f"imported {f} as {r.ref}" for f, r in zip(rest, revs))
     out = ([_rev_dict(r) for r in revs] if len(revs) > 1
            else _rev_dict(revs[0])), text

@@ -6,7 +6,8 @@ rows use different adapters), `evaluate_revisions` (many registry revisions
 at once, each against its parent revision and the base, all in one bank,
 each in the prompt format it was trained with) and `evaluate_and_promote`
 (the `launch/eval.py` entry point; the promotion rules live in
-`mintjax.eval.promotion`).
+`mintjax.eval.promotion`), and `recorded_base_source` (the base the
+revisions were trained on, from their provenance).
 
 Exact match is computed by teacher forcing: greedy decoding reproduces the
 completion (including its eos) exactly when the argmax at every completion
@@ -122,7 +123,7 @@ def evaluate_jobs(base: BaseModel, bank: AdapterBank | None,
     for r, (_, slot, ex) in enumerate(chunk):
       n = len(ex.tokens) - 1
       tokens[r, :n], targets[r, :n] = ex.tokens[:-1], ex.tokens[1:]
-      mask[r, max(ex.prompt_len - 1, 0):n] = 1.0
+      mask[r] = ex.target_mask(t)  # chat messages: the assistant turns
       idx[r] = slot
     loss_b, tok_b, exact_b, pred_bt = jax.device_get(_score(
         base.params, bank, idx, tokens, targets, mask, config=base.config,
@@ -334,3 +335,32 @@ def evaluate_and_promote(base: BaseModel, registry, heldout_data: str,
                              record=kwargs.get("record", True))
   return dict(report=report, promoted=promoted, held_back=held,
               table=format_report(report, held))
+
+
+def recorded_base_source(registry, refs: Sequence[str] = ()) -> str:
+  """The one base source the revisions' provenance names (`--base` default).
+
+  Args:
+    registry: an open registry.
+    refs: the revisions to look at; empty means every adapter's latest.
+
+  Raises:
+    ValueError: no revision records a base, or they name different ones
+      (the message says to pass --base).
+  """
+  if refs:
+    revs = [registry.resolve(r) for r in refs]
+  else:
+    revs = [registry.resolve(a["id"]) for a in registry.list_adapters()
+            if a["revisions"]]
+  found: dict[str, str] = {}
+  for rev in revs:
+    cfg = (rev.provenance or {}).get("training_config") or {}
+    if cfg.get("base"):
+      found.setdefault(cfg["base"], rev.ref)
+  if len(found) != 1:
+    raise ValueError(
+        "--base is not given and the revisions' provenance names "
+        + ("no base" if not found else f"several bases {sorted(found)}")
+        + "; pass --base=SOURCE (e.g. --base=smollm2)")
+  return next(iter(found))
