@@ -15,6 +15,10 @@ checks run after every kill:
     reused at once.
   * `reader`: loads acknowledged revisions in a loop and compares them
     bit-exact (the concurrent gc + publish + read scenario).
+  * `tagger`: moves the tag 'prod' of the shared adapters to their latest
+    revision in a loop; afterwards every tag's history must be one chain
+    (each move's old revision is the previous move's new one: no lost
+    update between concurrent movers).
 
 After each kill (`check`): every acknowledged revision loads bit-exact;
 every revision in the catalog, acknowledged or not, loads bit-exact against
@@ -24,14 +28,22 @@ numbers are 1..n per adapter; `verify` is clean. Each registry serves
 reservation and no unreferenced shard file, and everything is checked again.
 
 Kills are SIGKILL, at a random moment or the moment a shard write is in
-flight (a `*.__lock` file exists), 1-3 writers per trial.
+flight (a `*.__lock` file exists; local stores only), 1-3 writers per trial.
+
+Any registry location works (`--registry_template`, whose `{name}` is
+replaced per registry): by default a local directory (SQLite + files);
+e.g. a PostgreSQL catalog with weights on S3:
 
     .venv/bin/python -m tools.crash_test --trials=200
     .venv/bin/python -m tools.crash_test --mode=scenario --duration_s=20
+    .venv/bin/python -m tools.crash_test --trials=20 --registry_template=\
+      'postgresql://u@host/db?schema={name}&store=s3://bkt/{name}?endpoint=...'
+    .venv/bin/python -m tools.crash_test --trials=20 --local_services=pg,s3
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -48,7 +60,7 @@ from absl import app, flags
 
 from mintjax.adapters.spec import AdapterWeights
 from mintjax.config import ModelConfig
-from mintjax.store.errors import RegistryError
+from mintjax.store.errors import RegistryError, UnknownRefError
 from mintjax.store.registry import Registry
 
 CONFIG = ModelConfig("llama", vocab_size=300, hidden_size=64,
@@ -68,8 +80,15 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _MODE = flags.DEFINE_enum(
     "mode", "trials", ["trials", "scenario", "writer", "gc", "reader",
-                       "concurrent"], "what to run")
-_PATH = flags.DEFINE_string("path", None, "registry directory (workers)")
+                       "tagger", "concurrent"], "what to run")
+_PATH = flags.DEFINE_string("path", None,
+                            "registry directory or URL (workers)")
+_REGISTRY = flags.DEFINE_string(
+    "registry_template", None, "registry location template for trials and "
+    "scenario; '{name}' is replaced per registry (default: a local dir)")
+_SERVICES = flags.DEFINE_list(
+    "local_services", [], "start throwaway local servers and use them: "
+    "'pg' (PostgreSQL catalog), 's3' (moto S3 store)")
 _SEED = flags.DEFINE_integer("seed", 0, "first weights seed (workers)")
 _WORKER = flags.DEFINE_integer("worker", 0, "worker index")
 _TRIAL = flags.DEFINE_integer("trial", 0, "trial number (writer)")
@@ -206,6 +225,42 @@ def gc_loop(path: str, duration_s: float = 0.0, host: str = "") -> None:
     time.sleep(0.05)
 
 
+def tagger(path: str, duration_s: float, out: str, seed: int) -> None:
+  """Moves 'prod' of the shared adapters to their latest revision."""
+  reg = _open(path)
+  rng = random.Random(seed)
+  stats = dict(moves=0, not_yet=0)
+  print("ready", flush=True)
+  start = time.time()
+  while time.time() - start < duration_s:
+    aid = rng.choice(["shared-tiny", "shared-big"])
+    try:
+      reg.tag(aid, "prod", reason=f"tagger {seed}")
+      stats["moves"] += 1
+    except UnknownRefError:  # No revision published yet.
+      stats["not_yet"] += 1
+      time.sleep(0.02)
+  with open(out, "w") as f:
+    json.dump(stats, f)
+
+
+def tag_chains_broken(reg: Registry) -> int:
+  """Tags whose history is not one chain (a lost concurrent update)."""
+  broken = 0
+  for rec in reg.list_adapters():
+    for tag in rec["tags"]:
+      events = reg.tag_history(rec["id"], tag)
+      prev = None
+      for e in events:
+        if e["old"] != prev:
+          broken += 1
+          break
+        prev = e["new"]
+      if prev != rec["tags"][tag]:
+        broken += 1
+  return broken
+
+
 def read_ledger(ledger: str) -> dict[str, tuple[int, str]]:
   """Acknowledged refs -> (seed, kind). A torn last line is not an ack."""
   acks = {}
@@ -246,6 +301,7 @@ def reader(path: str, ledger: str, duration_s: float, out: str,
       except Exception as e:  # pylint: disable=broad-except
         name = type(e).__name__
         stats["errors"][name] = stats["errors"].get(name, 0) + 1
+        stats.setdefault("examples", []).append(f"{ref}: {e}"[:300])
         continue
       stats["loads"] += 1
       stats["wrong"] += not _same(w, weights_for(s, kind))
@@ -361,7 +417,10 @@ def _start(*commands: list[str]) -> list[subprocess.Popen]:
 
 
 def _lock_files(path: str) -> bool:
-  """Whether a tensorstore write is in flight (its lock file exists)."""
+  """Whether a tensorstore write is in flight (its lock file exists).
+  Always False for a registry URL (object stores have no lock files)."""
+  if "://" in path:
+    return False
   return bool(glob.glob(os.path.join(path, "arrays", "*", "c", "*",
                                      "*.__lock")) or
               glob.glob(os.path.join(path, "arrays", "*", "*.__lock")))
@@ -402,8 +461,13 @@ def crash_trial(path: str, ledger: str, trial: int, rng: random.Random,
 
 
 def run_trials(trials: int, per_registry: int, max_delay_s: float,
-               seed: int = 0, log=print) -> dict:
-  """Runs the SIGKILL trials; returns the tally (see `check`)."""
+               seed: int = 0, log=print, registry: str | None = None
+               ) -> dict:
+  """Runs the SIGKILL trials; returns the tally (see `check`).
+
+  `registry`: a location template ('{name}' replaced per registry, see
+  the module docstring); None for a local directory per registry.
+  """
   rng = random.Random(seed)
   tally = dict(trials=0, kills=0, max_writers=0, acked=0, revisions=0,
                lost=0, unreadable=0, wrong=0, bad=0, gaps=0, verify_bad=0,
@@ -412,7 +476,9 @@ def run_trials(trials: int, per_registry: int, max_delay_s: float,
   failures = ("lost", "unreadable", "wrong", "bad", "gaps", "verify_bad")
   try:
     for first in range(0, trials, per_registry):
-      path = os.path.join(work, f"reg{first}")
+      name = f"reg{first}_{os.getpid()}_{random.Random().randrange(1 << 30)}"
+      path = (registry.replace("{name}", name) if registry else
+              os.path.join(work, f"reg{first}"))
       ledger = os.path.join(work, f"ledger{first}.jsonl")
       # Checks are cumulative (every ack of the registry so far), so the
       # registry's count is the worst of its trials, not their sum.
@@ -434,31 +500,42 @@ def run_trials(trials: int, per_registry: int, max_delay_s: float,
       fin = final_gc_check(path)
       for k in ("reservations_left", "orphan_shards", "reclaimed"):
         tally[k] += fin[k]
-      shutil.rmtree(path, ignore_errors=True)
+      if not registry:
+        shutil.rmtree(path, ignore_errors=True)
   finally:
     shutil.rmtree(work, ignore_errors=True)
   return tally
 
 
 def run_scenario(path: str, duration_s: float, writers: int = 3,
-                 readers: int = 2) -> dict:
-  """Writers + a gc loop + readers run together for `duration_s`."""
-  ledger = os.path.join(path, "ledger.jsonl")
-  os.makedirs(path, exist_ok=True)
+                 readers: int = 2, *, taggers: int = 0,
+                 registry: str | None = None) -> dict:
+  """Writers + a gc loop + readers (+ taggers) run together for
+  `duration_s`. `path` is a work directory (ledger, results); the registry
+  is `registry` (a location) or `path` itself."""
+  work = path
+  ledger = os.path.join(work, "ledger.jsonl")
+  os.makedirs(work, exist_ok=True)
+  path = registry or path
   setup(path, 0, writers)
   commands, outs = [], []
   for w in range(writers):
-    outs.append(os.path.join(path, f"writer{w}.json"))
+    outs.append(os.path.join(work, f"writer{w}.json"))
     commands.append(["--mode=writer", f"--path={path}", f"--worker={w}",
                      f"--seed={w + 1}", f"--ledger={ledger}",
                      f"--duration_s={duration_s}", f"--result_json={outs[-1]}"])
   commands.append(["--mode=gc", f"--path={path}", "--host=gc-host",
                    f"--duration_s={duration_s}"])
   for r in range(readers):
-    outs.append(os.path.join(path, f"reader{r}.json"))
+    outs.append(os.path.join(work, f"reader{r}.json"))
     commands.append(["--mode=reader", f"--path={path}", f"--ledger={ledger}",
                      f"--duration_s={duration_s}", f"--result_json={outs[-1]}",
                      f"--seed={r}"])
+  for t in range(taggers):
+    outs.append(os.path.join(work, f"tagger{t}.json"))
+    commands.append(["--mode=tagger", f"--path={path}",
+                     f"--duration_s={duration_s}", f"--result_json={outs[-1]}",
+                     f"--seed={t}"])
   procs = _start(*commands)
   failures = []
   for p in procs:
@@ -472,10 +549,16 @@ def run_scenario(path: str, duration_s: float, writers: int = 3,
       refused={k: sum(s.get("refused", {}).get(k, 0) for s in stats)
                for s0 in stats for k in s0.get("refused", {})},
       loads=sum(s.get("loads", 0) for s in stats),
+      tag_moves=sum(s.get("moves", 0) for s in stats),
       read_wrong=sum(s.get("wrong", 0) for s in stats),
       read_errors={k: sum(s.get("errors", {}).get(k, 0) for s in stats)
                    for s0 in stats for k in s0.get("errors", {})})
   result["check"] = check(path, ledger)
+  reg = _open(path)
+  try:
+    result["tag_chains_broken"] = tag_chains_broken(reg)
+  finally:
+    reg.close()
   result["final_gc"] = final_gc_check(path)
   return result
 
@@ -509,6 +592,28 @@ def run_concurrent(path: str, workers: int = 4, count: int = 8) -> None:
       raise RuntimeError(f"concurrent worker failed: {err[-2000:]}")
 
 
+@contextlib.contextmanager
+def _services(names: list[str], registry: str | None):
+  """Starts the requested local servers; yields the registry template."""
+  from tools import local_services  # pylint: disable=import-outside-toplevel
+  unknown = set(names) - {"pg", "s3"}
+  if unknown:
+    raise app.UsageError(f"--local_services takes pg and s3, got {unknown}")
+  with contextlib.ExitStack() as stack:
+    work = stack.enter_context(tempfile.TemporaryDirectory(
+        prefix="mint_crash_store_"))
+    store = os.path.join(work, "{name}")
+    if "s3" in names:
+      s3 = stack.enter_context(local_services.S3Server())
+      store = s3.store_url(s3.bucket(), "{name}")
+    if "pg" in names:
+      pg = stack.enter_context(local_services.PostgresServer())
+      registry = pg.url + "?schema={name}&store=" + store
+    elif "s3" in names:
+      registry = f"sqlite://{work}/{{name}}.sqlite?store={store}"
+    yield registry
+
+
 TABLE_KEYS = ("trials", "kills", "max_writers", "acked", "revisions", "lost",
               "unreadable", "wrong", "bad", "gaps", "verify_bad",
               "reclaimed", "reservations_left", "orphan_shards")
@@ -526,18 +631,25 @@ def main(argv):
   elif mode == "reader":
     reader(_PATH.value, _LEDGER.value, _DURATION.value, _OUT.value,
            _SEED.value)
+  elif mode == "tagger":
+    tagger(_PATH.value, _DURATION.value, _OUT.value, _SEED.value)
   elif mode == "concurrent":
     concurrent(_PATH.value, _WORKER.value, _COUNT.value, _SEED.value)
   elif mode == "scenario":
     path = tempfile.mkdtemp(prefix="mint_scenario_")
     try:
-      print(json.dumps(run_scenario(path, _DURATION.value or 20.0),
-                       indent=1))
+      with _services(_SERVICES.value, _REGISTRY.value) as registry:
+        print(json.dumps(run_scenario(
+            path, _DURATION.value or 20.0, taggers=2,
+            registry=registry and registry.replace("{name}", "scenario")),
+                         indent=1))
     finally:
       shutil.rmtree(path, ignore_errors=True)
   else:
     start = time.perf_counter()
-    tally = run_trials(_TRIALS.value, _PER_REG.value, _MAX_DELAY.value)
+    with _services(_SERVICES.value, _REGISTRY.value) as registry:
+      tally = run_trials(_TRIALS.value, _PER_REG.value, _MAX_DELAY.value,
+                         registry=registry)
     print("| " + " | ".join(TABLE_KEYS) + " | seconds |")
     print("|" + "---|" * (len(TABLE_KEYS) + 1))
     print("| " + " | ".join(str(tally[k]) for k in TABLE_KEYS) +

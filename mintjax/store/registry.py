@@ -4,6 +4,8 @@ Owns `Registry`, the one entry point to persistent adapter state, and
 adapter creation. Everything else lives in one module per responsibility:
 
   catalog.py / sqlite_catalog.py   catalog interface / SQLite implementation
+  postgres_catalog.py              PostgreSQL implementation (shared catalog)
+  locations.py                     registry URLs (which catalog, which store)
   publisher.py                     publish protocol (reserve, write, commit)
   loader.py                        resolve refs, read and checksum rows
   lifecycle.py                     tags, rollback, evals, residency, history
@@ -38,7 +40,9 @@ from mintjax.store.identity import (AdapterInfo, check_name, parse_info,
                                     parse_ref)
 from mintjax.store.lifecycle import Lifecycle
 from mintjax.store.loader import Loader
+from mintjax.store.locations import parse_location
 from mintjax.store.maintenance import collect_garbage, verify_all
+from mintjax.store.postgres_catalog import PostgresCatalog
 from mintjax.store.publisher import DEFAULT_LEASE_S, Publisher
 from mintjax.store.revision import LoadedAdapter, Revision, check_base
 from mintjax.store.sqlite_catalog import SqliteCatalog
@@ -69,8 +73,11 @@ class Registry:
 
     Args:
       path_or_spec: a local directory (catalog.sqlite + arrays/ inside it),
-        or a dict {'catalog': local sqlite path, 'store': directory, URL
-        ('gs://b/p', 's3://b/p') or tensorstore kvstore spec}.
+        a registry URL ('postgresql://host/db?schema=s&store=s3://b/p',
+        'sqlite:///abs/catalog.sqlite?store=gs://b/p'), or a dict
+        {'catalog': local sqlite path or postgresql:// URL, 'store':
+        directory, URL ('gs://b/p', 's3://b/p?endpoint=...') or
+        tensorstore kvstore spec}; see `mintjax.store.locations`.
       compression: None or 'zstd' for arrays created from now on.
       create: create an empty registry when there is none (the default,
         for library callers). Read-only tools pass False, so a mistyped
@@ -83,34 +90,24 @@ class Registry:
     """
     if verify_on_load is not None:
       verify_checksums = bool(verify_on_load)
-    if isinstance(path_or_spec, Mapping):
-      extra = set(path_or_spec) - {"catalog", "store", "compression"}
-      if extra or "catalog" not in path_or_spec:
-        raise RegistryError(
-            f"registry spec {dict(path_or_spec)} must have keys 'catalog' "
-            "(a local .sqlite path) and optionally 'store' and 'compression'")
-      cat_path = str(path_or_spec["catalog"])
-      store = path_or_spec.get("store", os.path.dirname(
-          os.path.abspath(cat_path)))
-      compression = path_or_spec.get("compression", compression)
+    loc = parse_location(path_or_spec, compression)
+    if loc.backend == "postgresql":
+      catalog = PostgresCatalog(loc.catalog, loc.schema, create=create)
     else:
-      path = os.fspath(path_or_spec)
-      if "://" in path and not path.startswith("file://"):
+      if not create and not os.path.isfile(loc.catalog):
         raise RegistryError(
-            f"{path!r} is a remote store; the SQLite catalog must be local: "
-            "open {'catalog': '/local/catalog.sqlite', 'store': "
-            f"'{path}'}} instead")
-      path = path[len("file://"):] if path.startswith("file://") else path
-      cat_path, store = os.path.join(path, "catalog.sqlite"), path
-    if not create and not os.path.isfile(cat_path):
-      raise RegistryError(
-          f"{path_or_spec!r} is not a mintjax registry (no catalog at "
-          f"{cat_path}); check the path, or create one with "
-          "Registry.open(path) or `python -m tools.mint --registry=DIR "
-          "import-peft ...`")
-    weights = WeightsStore(store, compression)
-    return cls(SqliteCatalog(cat_path), weights,
-               verify_checksums=verify_checksums, lease_s=lease_s)
+            f"{path_or_spec!r} is not a mintjax registry (no catalog at "
+            f"{loc.catalog}); check the path, or create one with "
+            "Registry.open(path) or `python -m tools.mint --registry=DIR "
+            "import-peft ...`")
+      catalog = SqliteCatalog(loc.catalog)
+    try:
+      weights = WeightsStore(loc.store, loc.compression)
+    except BaseException:
+      catalog.close()
+      raise
+    return cls(catalog, weights, verify_checksums=verify_checksums,
+               lease_s=lease_s)
 
   def close(self) -> None:
     self.catalog.close()

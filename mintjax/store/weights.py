@@ -51,6 +51,7 @@ import math
 import os
 import shutil
 import sys
+import urllib.parse
 from typing import Mapping, Sequence
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
@@ -242,20 +243,30 @@ def kvstore_spec(location) -> dict:
   """A tensorstore kvstore spec from a path, URL or spec dict.
 
   Accepts a local directory, 'file:///dir', 'gs://bucket/prefix',
-  's3://bucket/prefix' or a tensorstore kvstore dict (returned as is).
+  's3://bucket/prefix[?endpoint=URL&region=NAME]' (see `_s3_options`) or
+  a tensorstore kvstore dict (returned as is).
   """
   if isinstance(location, Mapping):
     return dict(location)
   location = str(location)
   for scheme, driver in (("gs://", "gcs"), ("s3://", "s3")):
     if location.startswith(scheme):
-      bucket, _, path = location[len(scheme):].partition("/")
+      rest, _, query = location[len(scheme):].partition("?")
+      bucket, _, path = rest.partition("/")
       if not bucket:
         raise RegistryError(
             f"store location {location!r} has no bucket; expected "
             f"{scheme}BUCKET/PREFIX")
-      return {"driver": driver, "bucket": bucket,
+      spec = {"driver": driver, "bucket": bucket,
               "path": path.rstrip("/") + "/" if path else ""}
+      if driver == "s3":
+        spec.update(_s3_options(location, query))
+      elif query:
+        raise RegistryError(
+            f"store location {location!r} has options; gs:// takes none "
+            "(credentials come from GOOGLE_APPLICATION_CREDENTIALS or the "
+            "machine's service account)")
+      return spec
   if location.startswith("file://"):
     location = location[len("file://"):]
   if "://" in location:
@@ -263,6 +274,38 @@ def kvstore_spec(location) -> dict:
         f"unsupported store URL {location!r}; use a local path, file://, "
         "gs://, s3:// or a tensorstore kvstore spec dict")
   return {"driver": "file", "path": os.path.abspath(location) + "/"}
+
+
+def _s3_options(location: str, query: str) -> dict:
+  """tensorstore s3 options from an s3:// URL's query or the environment.
+
+  'endpoint' (an S3-compatible server: MinIO, moto, Ceph...) falls back to
+  $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL, 'region' to $AWS_REGION /
+  $AWS_DEFAULT_REGION. Credentials are tensorstore's default chain
+  ($AWS_ACCESS_KEY_ID / $AWS_SECRET_ACCESS_KEY, ~/.aws, instance
+  metadata); they never go into a URL, which ends up in logs.
+  """
+  params = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
+  unknown = set(params) - {"endpoint", "region"}
+  if unknown:
+    raise RegistryError(
+        f"store location {location!r} has unknown options {sorted(unknown)};"
+        " s3:// takes endpoint= and region= (credentials come from "
+        "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or ~/.aws)")
+  env = os.environ
+  endpoint = params.get("endpoint") or env.get(
+      "AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+  region = params.get("region") or env.get("AWS_REGION") or env.get(
+      "AWS_DEFAULT_REGION")
+  out = {}
+  if endpoint:
+    if not endpoint.startswith(("http://", "https://")):
+      raise RegistryError(
+          f"s3 endpoint {endpoint!r} must start with http:// or https://")
+    out["endpoint"] = endpoint
+  if region:
+    out["aws_region"] = region
+  return out
 
 
 def rows_per_shard_for(row_bytes: int) -> int:
