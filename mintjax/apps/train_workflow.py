@@ -495,8 +495,10 @@ def publish_cohort(plan: RunPlan, registry: Registry, start: CohortStart,
         training_config=cfg.to_dict(), steps=plan.steps, seed=int(cfg.seed),
         num_examples=len(plan.records[u]), run_fingerprint=plan.run_fp,
         cohort=c, evaluation=evals[u],
+        data_formats=list(data_lib.data_formats(plan.records[u])),
         prompt_format=prompt_format.for_training(
-            base.tokenizer, cfg.prompt_style).to_provenance())
+            base.tokenizer, cfg.prompt_style,
+            data_lib.data_formats(plan.records[u])).to_provenance())
     items.append((u, w, json.loads(json.dumps(provenance, default=str)),
                   start.parents.get(u)))
   revs = registry.publish_many(items)

@@ -11,9 +11,12 @@ covers config and weights, not the tokenizer, so the same base can come with
 another template; evaluating with the recorded text scores exactly the
 format the adapter saw (a few hundred bytes per revision).
 
-Provenance key (written by `mintjax.apps.train_workflow` at publish):
+Provenance keys (written by `mintjax.apps.train_workflow` at publish):
   prompt_format: {'style': 'raw'|'chat', 'chat_template': str | None,
                   'chat_template_sha256': 'sha256:<hex>' | None}
+  data_formats: the user's record formats (`data.DATA_FORMATS`), e.g.
+                ['chat_messages']; a user trained on chat messages has the
+                'chat' style and the template that rendered them.
 Revisions published before it existed may still carry
 `training_config.prompt_style` (the run's config); that style is used with
 the base's own template. Revisions with neither (imported PEFT adapters,
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from mintjax.model.tokenizer import CHATML_TEMPLATE, Tokenizer
 from mintjax.train.data import PROMPT_STYLES
@@ -93,8 +96,20 @@ class PromptFormat:
     return dataclasses.replace(tokenizer, chat_template=self.chat_template)
 
 
-def for_training(tokenizer: Tokenizer, style: str) -> PromptFormat:
-  """The format a training run with prompt style `style` uses."""
+def for_training(tokenizer: Tokenizer, style: str,
+                 data_formats: Sequence[str] = ()) -> PromptFormat:
+  """The format a user's adapter is trained with.
+
+  Args:
+    tokenizer: the base's tokenizer (its template is recorded for 'chat').
+    style: the run's prompt style for prompt/completion records.
+    data_formats: the `data.DATA_FORMATS` of the user's records; chat
+      messages are always rendered with the chat template, so a user with
+      any makes the format 'chat' (`data.check_formats` refuses raw prompts
+      beside them).
+  """
+  if "chat_messages" in data_formats:
+    style = "chat"
   template = effective_template(tokenizer) if style == "chat" else None
   return PromptFormat(style, template, "provenance")
 

@@ -1,9 +1,34 @@
 """Per-user training data: JSONL reading, tokenization and the grain pipeline.
 
-Owns `Example` (one tokenized prompt/completion), `read_jsonl` (validated
+Owns `Example` (one tokenized training example), `read_jsonl` (validated
 records with file:line errors), `tokenize_record`, `load_examples`, the data
 fingerprint of a user's records, and the deterministic grain pipeline that
-mixes users so every batch holds many of them:
+mixes users so every batch holds many of them.
+
+Record formats (one JSON object a line; optional positive "weight"):
+
+  prompt_completion  {"user", "prompt", "completion"}: loss on the
+                     completion (+ eos); the prompt is rendered raw (bos +
+                     text) or with the chat template (`prompt_style`).
+  text               {"user", "text"}: loss on every token after bos.
+  chat_messages      {"user", "messages": [{"role", "content"}, ...]}
+                     (Hugging Face chat format; roles system / user /
+                     assistant, the last message the assistant's): rendered
+                     with the base's chat template, loss on the assistant
+                     turns only.
+
+How assistant spans are found (`chat_example`): the whole conversation is
+rendered and tokenized once; for each assistant turn i the conversation up
+to turn i (with the generation prompt) and through turn i are rendered and
+tokenized too, and the turn's span is the tokens between them. A span
+counts only if both are token prefixes of the whole conversation, so no
+BPE merge across a turn boundary or template quirk can shift a mask.
+Templates that are not prefix-stable (they render an earlier turn
+differently once later messages follow, e.g. Qwen3's drops the reasoning
+of earlier assistant turns) leave those turns untrained with a warning
+naming file:line and turn; the last assistant turn is always stable
+(the whole conversation ends with it) unless the template appends text
+after it, in which case the record is refused.
 
   MixedUserSource   random-access stream: element i is user (i mod U)'s
                     next example in that user's own seeded, per-epoch
@@ -34,6 +59,8 @@ from mintjax.model.tokenizer import Tokenizer
 
 PROMPT_STYLES = ("raw", "chat")
 OVERFLOW = ("truncate", "error")
+DATA_FORMATS = ("prompt_completion", "text", "chat_messages")
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 class DataError(ValueError):
@@ -47,9 +74,13 @@ class Example:
   Attributes:
     user: user id (adapter id).
     tokens: [N] int32 prompt + completion (+ eos) ids.
-    prompt_len: number of leading prompt tokens (not trained on).
+    prompt_len: number of leading tokens not trained on (for chat
+      messages: the tokens before the first trained assistant turn).
     weight: per-example loss weight.
     source: 'file:line' it came from (for error messages).
+    loss_mask: None (train every token from prompt_len on) or [N] float32,
+      1.0 where token n is trained (predicted from tokens < n); chat
+      messages set it to their assistant turns.
   """
 
   user: str
@@ -57,14 +88,56 @@ class Example:
   prompt_len: int
   weight: float = 1.0
   source: str = ""
+  loss_mask: np.ndarray | None = None
+
+  def target_mask(self, width: int) -> np.ndarray:
+    """[width] float32: 1.0 where target j (token j + 1) is trained."""
+    n = len(self.tokens) - 1
+    out = np.zeros((width,), np.float32)
+    if self.loss_mask is not None:
+      out[:n] = self.loss_mask[1:n + 1]
+    else:
+      out[max(self.prompt_len - 1, 0):n] = 1.0
+    return out
+
+
+def record_format(rec: Mapping) -> str:
+  """The `DATA_FORMATS` entry of a validated record."""
+  if "messages" in rec:
+    return "chat_messages"
+  return "text" if "text" in rec else "prompt_completion"
+
+
+def _check_messages(messages, where: str) -> None:
+  """Refuses a chat record's messages that cannot be trained on."""
+  if not isinstance(messages, list) or not messages:
+    raise DataError(
+        f"{where}: 'messages' must be a non-empty list of {{\"role\", "
+        f"\"content\"}} objects, found {type(messages).__name__}")
+  for i, m in enumerate(messages):
+    if not isinstance(m, dict):
+      raise DataError(f"{where}: messages[{i}] must be an object with "
+                      f"'role' and 'content', found {type(m).__name__}")
+    if m.get("role") not in CHAT_ROLES:
+      raise DataError(f"{where}: messages[{i}] has role {m.get('role')!r}; "
+                      f"roles are {', '.join(CHAT_ROLES)}")
+    if not isinstance(m.get("content"), str):
+      raise DataError(
+          f"{where}: messages[{i}] 'content' must be a string, found "
+          f"{type(m.get('content')).__name__}")
+  if messages[-1]["role"] != "assistant" or not messages[-1]["content"]:
+    raise DataError(
+        f"{where}: the last message must be a non-empty 'assistant' reply "
+        "(the loss is on assistant turns); end the conversation with one")
 
 
 def read_jsonl(path: str) -> list[dict]:
   """Reads and validates one JSONL file of training records.
 
-  Each line must be a JSON object with a string "user" and either string
-  "prompt" and "completion" or a string "text"; an optional positive
-  "weight". Every record gets a "_source" of 'path:line'.
+  Each line must be a JSON object with a string "user" and exactly one of:
+  string "prompt" and "completion", a string "text", or a "messages" list
+  (see the module docstring); an optional positive "weight". Every record
+  gets a "_source" of 'path:line'.
 
   Raises:
     DataError: naming the file and line of the first bad record.
@@ -93,11 +166,14 @@ def read_jsonl(path: str) -> list[dict]:
       if not isinstance(rec.get("user"), str) or not rec["user"]:
         raise DataError(f"{where}: missing or non-string 'user' field")
       has_pc = "prompt" in rec or "completion" in rec
-      if has_pc == ("text" in rec):
+      if has_pc + ("text" in rec) + ("messages" in rec) != 1:
         raise DataError(
-            f"{where}: expected either 'prompt' + 'completion' or 'text', "
-            f"found keys {sorted(rec)}")
-      fields = ("prompt", "completion") if has_pc else ("text",)
+            f"{where}: expected either 'prompt' + 'completion', 'text' or "
+            f"'messages' (exactly one), found keys {sorted(rec)}")
+      if "messages" in rec:
+        _check_messages(rec["messages"], where)
+      fields = (("prompt", "completion") if has_pc else
+                ("text",) if "text" in rec else ())
       for k in fields:
         if not isinstance(rec.get(k), str):
           raise DataError(f"{where}: field {k!r} must be a string, found "
@@ -126,10 +202,73 @@ def format_prompt(tokenizer: Tokenizer, prompt: str, style: str) -> list[int]:
                   f"{style!r}")
 
 
+def _render_ids(tokenizer: Tokenizer, messages, add_generation_prompt: bool,
+                where: str) -> list[int]:
+  """bos + the chat template's rendering of `messages`, tokenized."""
+  if not messages:
+    return tokenizer.encode("", add_bos=True)
+  try:
+    text = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt)
+  except ValueError as e:
+    raise DataError(f"{where}: {e}") from None
+  return tokenizer.encode(text, add_bos=True)
+
+
+def chat_example(messages, tokenizer: Tokenizer, where: str
+                 ) -> tuple[list[int], np.ndarray]:
+  """A chat conversation's token ids and its assistant-turn loss mask.
+
+  Args:
+    messages: validated [{'role', 'content'}] ending with the assistant.
+    tokenizer: renders with its chat template.
+    where: 'file:line' for messages.
+
+  Returns:
+    (ids [N], mask [N] float32: 1.0 on each assistant turn's tokens,
+    including the template's end-of-turn marker, excluding its header).
+
+  Raises:
+    DataError: the template cannot render the conversation, or no
+      assistant turn has a stable span (see the module docstring).
+  """
+  full = _render_ids(tokenizer, messages, False, where)
+  mask = np.zeros((len(full),), np.float32)
+  unstable = []
+  for i, m in enumerate(messages):
+    if m["role"] != "assistant":
+      continue
+    start = _render_ids(tokenizer, messages[:i], True, where)
+    end = _render_ids(tokenizer, messages[:i + 1], False, where)
+    if (len(start) < len(end) <= len(full) and full[:len(end)] == end and
+        end[:len(start)] == start):
+      mask[len(start):len(end)] = 1.0
+    else:
+      unstable.append(i)
+  last = len(messages) - 1
+  if last in unstable:
+    raise DataError(
+        f"{where}: the chat template does not render the final assistant "
+        "turn as a token prefix of the conversation (it adds text after "
+        "it or renders it differently with the generation prompt); use "
+        "prompt/completion records for this model")
+  if unstable:
+    logging.warning(
+        "%s: the chat template renders assistant turns %s differently once "
+        "later messages follow (not prefix-stable); they are not trained "
+        "(split the conversation into one record per turn to train them)",
+        where, unstable)
+  return full, mask
+
+
 def tokenize_record(rec: Mapping, tokenizer: Tokenizer, max_length: int,
                     overflow: str = "truncate", prompt_style: str = "raw"
                     ) -> Example:
   """Tokenizes one validated record; the completion ends with eos.
+
+  Chat messages are always rendered with the tokenizer's chat template
+  (`prompt_style` applies to prompt/completion records) and end with the
+  template's end-of-turn text, not an extra eos.
 
   `max_length` bounds the model input (tokens - 1). Longer examples are
   truncated at the end with a warning (`overflow='truncate'`) or refused
@@ -140,7 +279,11 @@ def tokenize_record(rec: Mapping, tokenizer: Tokenizer, max_length: int,
     DataError: naming the record's file and line.
   """
   where = rec.get("_source", "<record>")
-  if "text" in rec:
+  mask = None
+  if "messages" in rec:
+    ids, mask = chat_example(rec["messages"], tokenizer, where)
+    prompt_len = int(np.argmax(mask > 0))
+  elif "text" in rec:
     prompt_ids = tokenizer.encode(rec["text"], add_bos=True)
     completion = []
     prompt_len = 1 if prompt_ids else 0  # train on everything after bos
@@ -165,11 +308,13 @@ def tokenize_record(rec: Mapping, tokenizer: Tokenizer, max_length: int,
     logging.warning("%s: truncating example from %d to %d tokens", where,
                     len(ids) - 1, max_length)
     ids = ids[:max_length + 1]
+    if mask is not None:
+      mask = mask[:max_length + 1]
   if len(ids) < 2:
     raise DataError(f"{where}: example has fewer than 2 tokens")
   return Example(user=rec["user"], tokens=np.asarray(ids, np.int32),
                  prompt_len=prompt_len, weight=float(rec.get("weight", 1.0)),
-                 source=where)
+                 source=where, loss_mask=mask)
 
 
 def list_data_files(data: str | Sequence[str]) -> list[str]:
@@ -197,11 +342,48 @@ def read_records(data: str | Sequence[str]) -> dict[str, list[dict]]:
   return by_user
 
 
+def data_formats(records: Sequence[Mapping]) -> tuple[str, ...]:
+  """The `DATA_FORMATS` a user's records use (sorted)."""
+  return tuple(sorted({record_format(r) for r in records}))
+
+
+def check_formats(records_by_user: Mapping[str, Sequence[Mapping]],
+                  prompt_style: str) -> None:
+  """Refuses a user whose records mix chat messages with raw prompts.
+
+  An adapter records one prompt format (evaluation renders its held-out
+  prompts that way): chat messages use the chat template, so that user's
+  prompt/completion records must too.
+
+  Raises:
+    DataError: naming the first raw prompt record and the fix.
+  """
+  if prompt_style == "chat":
+    return
+  for user, recs in records_by_user.items():
+    if "chat_messages" not in data_formats(recs):
+      continue
+    raw = next((r for r in recs
+                if record_format(r) == "prompt_completion"), None)
+    if raw is not None:
+      raise DataError(
+          f"{raw.get('_source', user)}: user {user!r} has chat 'messages' "
+          "records and prompt/completion records rendered raw; set "
+          "prompt_style='chat' (--config.prompt_style=chat) so all of its "
+          "prompts use the chat template, or convert them to messages")
+
+
 def load_examples(records_by_user: Mapping[str, Sequence[Mapping]],
                   tokenizer: Tokenizer, max_length: int,
                   overflow: str = "truncate", prompt_style: str = "raw"
                   ) -> dict[str, list[Example]]:
-  """Tokenizes every user's records (all of them before returning)."""
+  """Tokenizes every user's records (all of them before returning).
+
+  Raises:
+    DataError: a bad record (file:line) or a user mixing chat messages
+      with raw prompts (`check_formats`).
+  """
+  check_formats(records_by_user, prompt_style)
   return {u: [tokenize_record(r, tokenizer, max_length, overflow,
                               prompt_style) for r in recs]
           for u, recs in records_by_user.items()}
@@ -331,7 +513,7 @@ class Collator:
       tokens[r, :n] = e.tokens[:-1]
       targets[r, :n] = e.tokens[1:]
       # Target j predicts token j + 1: trained when it is a completion token.
-      mask[r, max(e.prompt_len - 1, 0):n] = 1.0
+      mask[r] = e.target_mask(t)
       segs[r, :n] = 1
       pos[r] = np.arange(t)
       idx[r] = self.slot_of_user[e.user]
