@@ -1,0 +1,156 @@
+"""(b) GRPO-style RL on personal preferences through the official SDK.
+
+Each user has a favourite colour and rewards answers that use it. Every
+step, each user (its own ServiceClient and training client, in its own
+thread):
+  1. saves its adapter for sampling (`save_weights_and_get_sampling_client`),
+  2. samples a group of G completions per prompt (temperature 1) and scores
+     them with its own reward,
+  3. turns rewards into group-relative advantages (reward - group mean) and
+     trains with the `importance_sampling` loss (the sampler's per-token
+     log-probabilities travel in `loss_fn_inputs['logprobs']`),
+  4. takes an `optim_step`.
+The service batches the users' concurrent forward_backward and optim_step
+requests into shared compiled steps, and their samples into shared decode
+batches.
+
+Reward of a completion for a user whose colour is c: 1.0 when c appears in
+it, else 0.5 x the fraction of its letters that are letters of c (a dense
+term, so that even a random model gets a learning signal).
+
+Isolation: a bystander training client, created first and never trained,
+is saved before and after everyone else's training; its two revisions'
+log-probabilities on a probe are compared bit for bit (`forward`).
+
+  TINKER_BASE_URL=http://127.0.0.1:8001 TINKER_API_KEY=tml-local \
+      python examples/tinker_rl.py --users 4 --steps 12 --json_out rl.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import time
+
+import numpy as np
+import tinker
+from tinker import types
+
+COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "pink",
+           "black", "white", "brown", "grey", "teal")
+PROMPTS = ("My favourite colour is", "The colour I like best is",
+           "I always paint my room")
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--users", type=int, default=4)
+  p.add_argument("--steps", type=int, default=12)
+  p.add_argument("--group", type=int, default=8, help="samples per prompt")
+  p.add_argument("--max_tokens", type=int, default=6)
+  p.add_argument("--rank", type=int, default=8)
+  p.add_argument("--lr", type=float, default=3e-3)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--base_model", default="")
+  p.add_argument("--json_out", default="")
+  return p.parse_args(argv)
+
+
+def reward(text: str, colour: str) -> float:
+  low = text.lower()
+  if colour in low:
+    return 1.0
+  letters = [ch for ch in low if ch.isalpha()]
+  if not letters:
+    return 0.0
+  return 0.5 * sum(ch in colour for ch in letters) / len(letters)
+
+
+def rl_step(tc, tok, colour: str, args, step: int) -> float:
+  """One GRPO step for one user; returns the mean reward of its samples."""
+  sampler = tc.save_weights_and_get_sampling_client()
+  prompts = [tok.encode(p, add_special_tokens=False) for p in PROMPTS]
+  futs = [sampler.sample(types.ModelInput.from_ints(p),
+                         num_samples=args.group,
+                         sampling_params=types.SamplingParams(
+                             max_tokens=args.max_tokens, temperature=1.0,
+                             seed=args.seed * 100003 + step * 101 + i))
+          for i, p in enumerate(prompts)]
+  data, rewards = [], []
+  for p, f in zip(prompts, futs):
+    seqs = f.result().sequences
+    r = np.array([reward(tok.decode(s.tokens, skip_special_tokens=True),
+                         colour) for s in seqs], np.float32)
+    rewards += list(r)
+    adv = r - r.mean()
+    for s, a in zip(seqs, adv):
+      if not s.tokens or a == 0.0:
+        continue  # no signal
+      ids = p + list(s.tokens)
+      n_p = len(p) - 1  # prompt targets carry no advantage
+      data.append(types.Datum(
+          model_input=types.ModelInput.from_ints(ids[:-1]),
+          loss_fn_inputs={
+              "target_tokens": ids[1:],
+              "logprobs": [0.0] * n_p + list(s.logprobs),
+              "advantages": [0.0] * n_p + [float(a)] * len(s.tokens)}))
+  if data:
+    fb = tc.forward_backward(data, "importance_sampling")
+    opt = tc.optim_step(types.AdamParams(learning_rate=args.lr))
+    fb.result()
+    opt.result()
+  return float(np.mean(rewards))
+
+
+def run_user(user: int, colour: str, args, base: str) -> dict:
+  sc = tinker.ServiceClient()
+  tc = sc.create_lora_training_client(base_model=base, rank=args.rank,
+                                      seed=args.seed + user)
+  tok = tc.get_tokenizer()
+  curve = [rl_step(tc, tok, colour, args, s) for s in range(args.steps)]
+  k = max(1, args.steps // 4)
+  return {"user": f"user{user}", "colour": colour, "model_id": tc.model_id,
+          "reward_curve": [round(x, 3) for x in curve],
+          "reward_first": float(np.mean(curve[:k])),
+          "reward_last": float(np.mean(curve[-k:]))}
+
+
+def probe_logprobs(tc, tok) -> list[float]:
+  ids = tok.encode("My favourite colour is blue", add_special_tokens=False)
+  datum = types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]),
+                      loss_fn_inputs={"target_tokens": ids[1:]})
+  out = tc.forward([datum], "cross_entropy").result()
+  return list(out.loss_fn_outputs[0]["logprobs"].data)
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  sc = tinker.ServiceClient()
+  base = args.base_model or sc.get_server_capabilities(
+  ).supported_models[0].model_name
+  bystander = sc.create_lora_training_client(base_model=base, rank=args.rank,
+                                             seed=12345)
+  btok = bystander.get_tokenizer()
+  before = probe_logprobs(bystander, btok)
+  rng = np.random.default_rng(args.seed)
+  colours = [COLOURS[i] for i in rng.permutation(len(COLOURS))[:args.users]]
+  t0 = time.perf_counter()
+  with concurrent.futures.ThreadPoolExecutor(args.users) as pool:
+    per_user = [f.result() for f in [
+        pool.submit(run_user, u, c, args, base) for u, c in enumerate(colours)]]
+  after = probe_logprobs(bystander, btok)
+  out = {"base_model": base, "users": args.users, "steps": args.steps,
+         "group": args.group, "wall_s": round(time.perf_counter() - t0, 1),
+         "rose_for_users": sum(u["reward_last"] > u["reward_first"]
+                               for u in per_user),
+         "bystander_unchanged": before == after, "per_user": per_user}
+  print(json.dumps(out, indent=1))
+  if args.json_out:
+    with open(args.json_out, "w", encoding="utf-8") as f:
+      json.dump(out, f, indent=1)
+  return out
+
+
+if __name__ == "__main__":
+  main()
