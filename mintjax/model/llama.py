@@ -39,6 +39,7 @@ from mintjax import sharding
 from mintjax.adapters.bank import AdapterBank, activation_axes
 from mintjax.adapters.lora_op import lora_project
 from mintjax.config import ModelConfig
+from mintjax.model import quant
 from mintjax.model.kv_cache import KVCache
 from mintjax.model.layers import apply_rope, attention, rms_norm, rope_cos_sin
 
@@ -259,7 +260,7 @@ def forward(params: dict, bank: AdapterBank | None, adapter_idx_b,
   if bank is not None and adapter_idx_b is None:
     raise ValueError("adapter_idx is required when an adapter bank is given")
   dt = jnp.dtype(c.dtype)
-  x = jnp.take(params["embed"], tokens_bt, axis=0).astype(dt)
+  x = quant.take_rows(params["embed"], tokens_bt, dt)
   x = sharding.constrain(x, ("batch", "length", "embed_act"))
   cos, sin = rope_cos_sin(positions_bt, c)
   if cache is not None:
@@ -277,6 +278,7 @@ def forward(params: dict, bank: AdapterBank | None, adapter_idx_b,
   def body(carry, xs):
     x, kv = carry
     lp, layer_idx = xs
+    lp = quant.dequantize(lp, dt)  # int8 base: only this layer goes float
     lb = bank.layer(layer_idx) if bank is not None else None
     layer_kv = None
     if kv is not None:
@@ -308,8 +310,9 @@ def lm_head(params: dict, hidden_btd, *, config: ModelConfig):
   tokens in training) take `return_hidden=True`, select positions, and call
   this; XLA then drops the unused full-width head from `forward`.
   """
-  head = (params["embed"].T if config.tie_word_embeddings
-          else params["lm_head"])
+  head = quant.dequantize(params["embed"] if config.tie_word_embeddings
+                          else params["lm_head"], hidden_btd.dtype)
+  head = head.T if config.tie_word_embeddings else head
   return jnp.einsum("btd,dv->btv", hidden_btd, head.astype(hidden_btd.dtype),
                     preferred_element_type=jnp.float32)
 
