@@ -40,6 +40,9 @@ DEFAULT_RULES: dict[str, Any] = {
     "experts": "expert",
     "layers": None,
     "norm": None,
+    # multi-head latent attention's low ranks (q_lora, kv_lora + rope):
+    # small, replicated.
+    "latent": None,
     # adapter bank: slots are replicated so any row can gather any adapter;
     # the input/output widths follow the base projection they adapt.
     "slot": None,

@@ -1,6 +1,8 @@
 """Hugging Face safetensors folders <-> `BaseModel`.
 
-Owns the mapping between transformers' Llama/Mistral/Qwen2 checkpoint keys
+Owns the mapping between transformers' checkpoint keys (Llama, Mistral,
+Qwen2, Qwen3, Qwen3-MoE, Mixtral, DeepSeek-V3/Kimi-K2; experts one tensor
+per expert, as the hub and transformers 5's `save_pretrained` store them)
 and mintjax's stacked parameter tree (see `mintjax.model.llama`), reading
 single-file (`model.safetensors`) and sharded
 (`model.safetensors.index.json`) folders, and writing them back
@@ -18,6 +20,7 @@ import os
 import pathlib
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors
@@ -38,6 +41,14 @@ _LAYER_KEYS = {
     "k": ("model.layers.{i}.self_attn.k_proj.weight", True),
     "v": ("model.layers.{i}.self_attn.v_proj.weight", True),
     "o": ("model.layers.{i}.self_attn.o_proj.weight", True),
+    "q_norm": ("model.layers.{i}.self_attn.q_norm.weight", False),
+    "k_norm": ("model.layers.{i}.self_attn.k_norm.weight", False),
+    "q_a": ("model.layers.{i}.self_attn.q_a_proj.weight", True),
+    "q_a_norm": ("model.layers.{i}.self_attn.q_a_layernorm.weight", False),
+    "q_b": ("model.layers.{i}.self_attn.q_b_proj.weight", True),
+    "kv_a": ("model.layers.{i}.self_attn.kv_a_proj_with_mqa.weight", True),
+    "kv_a_norm": ("model.layers.{i}.self_attn.kv_a_layernorm.weight", False),
+    "kv_b": ("model.layers.{i}.self_attn.kv_b_proj.weight", True),
     "q_bias": ("model.layers.{i}.self_attn.q_proj.bias", False),
     "k_bias": ("model.layers.{i}.self_attn.k_proj.bias", False),
     "v_bias": ("model.layers.{i}.self_attn.v_proj.bias", False),
@@ -45,6 +56,27 @@ _LAYER_KEYS = {
     "gate": ("model.layers.{i}.mlp.gate_proj.weight", True),
     "up": ("model.layers.{i}.mlp.up_proj.weight", True),
     "down": ("model.layers.{i}.mlp.down_proj.weight", True),
+}
+# MoE layer params (`moe/<name>`); {e} is the expert. Mixtral names its
+# block and experts differently (w1 = gate, w3 = up, w2 = down).
+_MOE_KEYS = {
+    "router": ("model.layers.{i}.mlp.gate.weight", True),
+    "router_bias": ("model.layers.{i}.mlp.gate.e_score_correction_bias",
+                    False),
+    "gate": ("model.layers.{i}.mlp.experts.{e}.gate_proj.weight", True),
+    "up": ("model.layers.{i}.mlp.experts.{e}.up_proj.weight", True),
+    "down": ("model.layers.{i}.mlp.experts.{e}.down_proj.weight", True),
+    "shared_gate": ("model.layers.{i}.mlp.shared_experts.gate_proj.weight",
+                    True),
+    "shared_up": ("model.layers.{i}.mlp.shared_experts.up_proj.weight", True),
+    "shared_down": ("model.layers.{i}.mlp.shared_experts.down_proj.weight",
+                    True),
+}
+_MIXTRAL_KEYS = {
+    "router": ("model.layers.{i}.block_sparse_moe.gate.weight", True),
+    "gate": ("model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight", True),
+    "up": ("model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight", True),
+    "down": ("model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight", True),
 }
 _TOP_KEYS = {
     "embed": ("model.embed_tokens.weight", False),
@@ -57,23 +89,46 @@ class CheckpointError(ValueError):
   """A checkpoint folder or file is missing, corrupt or does not match."""
 
 
-def hf_key_map(config: ModelConfig) -> dict[str, tuple[str, int | None, bool]]:
-  """HF tensor name -> (mintjax param path, layer index or None, transpose).
+def hf_key_map(config: ModelConfig
+               ) -> dict[str, tuple[str, tuple[int, ...], bool]]:
+  """HF tensor name -> (mintjax param path, index into it, transpose).
 
-  The param path is 'embed', 'final_norm', 'lm_head' or 'layers/<name>'.
-  Only tensors the config needs are listed (no biases without
+  The param path is 'embed', 'final_norm', 'lm_head', 'layers/<name>',
+  'dense_mlp/<name>' or 'moe/<name>'; the index is () for top-level
+  tensors, (layer,) for stacked ones and (moe layer, expert) for routed
+  experts. Only tensors the config needs are listed (no biases without
   `attention_bias`, no `lm_head` with tied embeddings).
   """
   shapes = llama.param_shapes(config)
   out = {}
   for name, (key, transpose) in _TOP_KEYS.items():
     if name in shapes:
-      out[key] = (name, None, transpose)
+      out[key] = (name, (), transpose)
   for name, (key, transpose) in _LAYER_KEYS.items():
     if name in shapes["layers"]:
       for i in range(config.num_layers):
-        out[key.format(i=i)] = ("layers/" + name, i, transpose)
+        out[key.format(i=i)] = ("layers/" + name, (i,), transpose)
+  dense = [i for i in range(config.num_layers) if not config.is_moe_layer(i)]
+  for name in shapes.get("dense_mlp", {}):
+    key, transpose = _LAYER_KEYS[name]
+    for j, i in enumerate(dense):
+      out[key.format(i=i)] = ("dense_mlp/" + name, (j,), transpose)
+  moe_keys = _MIXTRAL_KEYS if config.architecture == "mixtral" else _MOE_KEYS
+  for name in shapes.get("moe", {}):
+    key, transpose = moe_keys[name]
+    for j, i in enumerate(config.moe_layers):
+      if "{e}" not in key:
+        out[key.format(i=i)] = ("moe/" + name, (j,), transpose)
+        continue
+      for e in range(config.num_experts):
+        out[key.format(i=i, e=e)] = ("moe/" + name, (j, e), transpose)
   return out
+
+
+def _leaf(tree: dict, path: str):
+  for part in path.split("/"):
+    tree = tree[part]
+  return tree
 
 
 def read_hf_config(folder: str | os.PathLike) -> dict:
@@ -158,22 +213,16 @@ def load_hf_params(folder: str | os.PathLike, config: ModelConfig,
         + f" needed by the {config.architecture} config; the checkpoint does "
         "not match config.json")
   shapes = llama.param_shapes(config)
-  host = {"layers": {}}
-  for name, s in shapes.items():
-    if name != "layers":
-      host[name] = np.empty(s.shape, np.float32)
-  for name, s in shapes["layers"].items():
-    host["layers"][name] = np.empty(s.shape, np.float32)
+  host = jax.tree.map(lambda s: np.empty(s.shape, np.float32), shapes)
   by_file: dict[pathlib.Path, list[str]] = {}
   for key in key_map:
     by_file.setdefault(files[key], []).append(key)
   for path, keys in sorted(by_file.items()):
     with _open(path) as f:
       for key in keys:
-        dest_name, layer, transpose = key_map[key]
-        dest = (host["layers"][dest_name.split("/")[1]] if layer is not None
-                else host[dest_name])
-        want = dest.shape[1:] if layer is not None else dest.shape
+        dest_name, index, transpose = key_map[key]
+        dest = _leaf(host, dest_name)
+        want = dest.shape[len(index):]
         try:
           arr = f.get_tensor(key)
         except Exception as e:  # corrupt payload inside a valid header
@@ -188,14 +237,10 @@ def load_hf_params(folder: str | os.PathLike, config: ModelConfig,
               f"tensor {key!r} in {str(path)!r} has shape {hf_found}, "
               f"expected {hf_want} from config.json; the weights and the "
               "config belong to different models")
-        if layer is not None:
-          dest[layer] = arr
-        else:
-          dest[...] = arr
+        dest[index] = arr
   dt = jnp.dtype(config.dtype)
   place = place or (lambda a: jnp.asarray(a, dt))
-  return {k: ({n: place(a) for n, a in v.items()} if k == "layers"
-              else place(v)) for k, v in host.items()}
+  return jax.tree.map(place, host)
 
 
 def load_hf(folder: str | os.PathLike, dtype: str = "float32",
@@ -295,14 +340,20 @@ def _folder_tokenizer(folder: pathlib.Path, hf: dict) -> Tokenizer | None:
 def to_hf_tensors(config: ModelConfig, params: dict) -> dict[str, np.ndarray]:
   """The parameter tree as HF-named float32 numpy tensors ([out, in])."""
   out = {}
-  for key, (path, layer, transpose) in hf_key_map(config).items():
-    if layer is not None:
-      arr = params["layers"][path.split("/")[1]][layer]
-    else:
-      arr = params[path]
-    arr = np.asarray(arr, dtype=np.float32)
+  host = jax.tree.map(np.asarray, params)  # one device->host copy per leaf
+  for key, (path, index, transpose) in hf_key_map(config).items():
+    arr = np.asarray(_leaf(host, path)[index], dtype=np.float32)
     out[key] = np.ascontiguousarray(arr.T if transpose else arr)
   return out
+
+
+def _ordinary_permissions(path: pathlib.Path) -> None:
+  """Gives `path` the 0666 & ~umask mode open() gives (safetensors'
+  save_file creates 0600 files, which other users and services cannot
+  read)."""
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(path, 0o666 & ~umask)
 
 
 def save_hf(base: BaseModel, folder: str | os.PathLike,
@@ -335,6 +386,7 @@ def save_hf(base: BaseModel, folder: str | os.PathLike,
   if not max_shard_bytes:
     safetensors.numpy.save_file(tensors, str(folder / SINGLE_FILE),
                                 metadata=meta)
+    _ordinary_permissions(folder / SINGLE_FILE)
   else:
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
@@ -350,6 +402,7 @@ def save_hf(base: BaseModel, folder: str | os.PathLike,
     for k, shard in enumerate(shards, 1):
       name = f"model-{k:05d}-of-{n:05d}.safetensors"
       safetensors.numpy.save_file(shard, str(folder / name), metadata=meta)
+      _ordinary_permissions(folder / name)
       weight_map.update({key: name for key in shard})
     index = {"metadata": {"total_size": sum(t.nbytes for t in
                                             tensors.values())},

@@ -1,4 +1,4 @@
-"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2) as pure functions.
+"""The decoder (Llama 2/3, Mistral, Qwen2, Qwen3, MoE families) as pure functions.
 
 Owns the base parameter tree, its logical axis names, random init, and
 `forward`: a pure function of (base params, adapter bank, adapter_idx,
@@ -14,6 +14,17 @@ Parameter tree (D hidden, F ffn, V vocab, L layers, H/K query/kv heads):
   layers/gate, up [L, D, F]      layers/down [L, F, D]
   final_norm       [D]
   lm_head          [D, V]        (absent with tied embeddings)
+
+Qwen3 adds layers/q_norm, k_norm [L, hd]. Multi-head latent attention
+(DeepSeek-V3, Kimi-K2) replaces q/k/v with the MLA projections of
+`mintjax.model.mla`. Mixture-of-experts models (`mintjax.model.moe`) keep
+attention and norms in `layers` and put the feed-forward of their
+Lm MoE layers in `moe` (router [Lm, D, E], router_bias [Lm, E] for sigmoid
+routers, gate/up [Lm, E, D, Fe], down [Lm, E, Fe, D], shared_gate/shared_up
+[Lm, D, Fs], shared_down [Lm, Fs, D] with shared experts); their Ld dense
+layers' gate/up/down go to `dense_mlp` [Ld, ...] (a model whose layers are
+all dense keeps them in `layers`, as above). The scan runs over all L layers
+and picks a layer's feed-forward with `lax.cond` only when both kinds occur.
 
 Kernels are `x @ W` layout, i.e. the transpose of Hugging Face's [out, in].
 
@@ -39,7 +50,7 @@ from mintjax import sharding
 from mintjax.adapters.bank import AdapterBank, activation_axes
 from mintjax.adapters.lora_op import lora_project
 from mintjax.config import ModelConfig
-from mintjax.model import quant
+from mintjax.model import mla, moe, quant
 from mintjax.model.kv_cache import KVCache
 from mintjax.model.layers import apply_rope, attention, rms_norm, rope_cos_sin
 
@@ -47,51 +58,87 @@ from mintjax.model.layers import apply_rope, attention, rms_norm, rope_cos_sin
 def param_shapes(config: ModelConfig) -> dict:
   """The parameter tree as `jax.ShapeDtypeStruct` leaves."""
   dt = jnp.dtype(config.dtype)
-  c = config
-  s = lambda *shape: jax.ShapeDtypeStruct(shape, dt)
-  layers = {
-      "attn_norm": s(c.num_layers, c.hidden_size),
-      "q": s(c.num_layers, c.hidden_size, c.q_dim),
-      "k": s(c.num_layers, c.hidden_size, c.kv_dim),
-      "v": s(c.num_layers, c.hidden_size, c.kv_dim),
-      "o": s(c.num_layers, c.q_dim, c.hidden_size),
-      "mlp_norm": s(c.num_layers, c.hidden_size),
-      "gate": s(c.num_layers, c.hidden_size, c.intermediate_size),
-      "up": s(c.num_layers, c.hidden_size, c.intermediate_size),
-      "down": s(c.num_layers, c.intermediate_size, c.hidden_size),
-  }
-  if c.attention_bias:
-    layers.update(q_bias=s(c.num_layers, c.q_dim),
-                  k_bias=s(c.num_layers, c.kv_dim),
-                  v_bias=s(c.num_layers, c.kv_dim))
-  params = {"embed": s(c.vocab_size, c.hidden_size), "layers": layers,
-            "final_norm": s(c.hidden_size)}
-  if not c.tie_word_embeddings:
-    params["lm_head"] = s(c.hidden_size, c.vocab_size)
-  return params
+  shapes = _shapes_and_axes(config)
+  shapes = jax.tree.map(lambda sa: jax.ShapeDtypeStruct(sa[0], dt), shapes,
+                        is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2
+                        and isinstance(x[0], tuple))
+  return shapes
 
 
 def param_logical_axes(config: ModelConfig) -> dict:
   """Logical axis names for every parameter (same tree as the params)."""
-  layers = {
-      "attn_norm": ("layers", "norm"),
-      "q": ("layers", "embed", "q_heads"),
-      "k": ("layers", "embed", "kv_heads"),
-      "v": ("layers", "embed", "kv_heads"),
-      "o": ("layers", "q_heads", "embed"),
-      "mlp_norm": ("layers", "norm"),
-      "gate": ("layers", "embed", "mlp"),
-      "up": ("layers", "embed", "mlp"),
-      "down": ("layers", "mlp", "embed"),
-  }
-  if config.attention_bias:
-    layers.update(q_bias=("layers", "q_heads"), k_bias=("layers", "kv_heads"),
-                  v_bias=("layers", "kv_heads"))
-  axes = {"embed": ("vocab", "embed"), "layers": layers,
-          "final_norm": ("norm",)}
-  if not config.tie_word_embeddings:
-    axes["lm_head"] = ("embed", "vocab")
-  return axes
+  return jax.tree.map(lambda sa: sa[1], _shapes_and_axes(config),
+                      is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2
+                      and isinstance(x[0], tuple))
+
+
+def _shapes_and_axes(config: ModelConfig) -> dict:
+  """The parameter tree with (shape, logical axes) leaves."""
+  c = config
+  L, D, F = c.num_layers, c.hidden_size, c.intermediate_size
+  layers = {"attn_norm": ((L, D), ("layers", "norm")),
+            "mlp_norm": ((L, D), ("layers", "norm"))}
+  if c.uses_mla:
+    layers.update(_mla_shapes_and_axes(c))
+  else:
+    layers.update(
+        q=((L, D, c.q_dim), ("layers", "embed", "q_heads")),
+        k=((L, D, c.kv_dim), ("layers", "embed", "kv_heads")),
+        v=((L, D, c.kv_dim), ("layers", "embed", "kv_heads")),
+        o=((L, c.q_dim, D), ("layers", "q_heads", "embed")))
+  if c.attention_bias:
+    layers.update(q_bias=((L, c.q_dim), ("layers", "q_heads")),
+                  k_bias=((L, c.kv_dim), ("layers", "kv_heads")),
+                  v_bias=((L, c.kv_dim), ("layers", "kv_heads")))
+  if c.qk_norm:
+    layers.update(q_norm=((L, c.head_dim), ("layers", "norm")),
+                  k_norm=((L, c.head_dim), ("layers", "norm")))
+
+  def swiglu(n, f, prefix=""):
+    return {prefix + "gate": ((n, D, f), ("layers", "embed", "mlp")),
+            prefix + "up": ((n, D, f), ("layers", "embed", "mlp")),
+            prefix + "down": ((n, f, D), ("layers", "mlp", "embed"))}
+
+  params = {"embed": ((c.vocab_size, D), ("vocab", "embed")),
+            "layers": layers, "final_norm": ((D,), ("norm",))}
+  if not c.num_moe_layers:
+    layers.update(swiglu(L, F))
+  else:
+    if c.num_dense_layers:
+      params["dense_mlp"] = swiglu(c.num_dense_layers, F)
+    n, e, fe = c.num_moe_layers, c.num_experts, c.moe_intermediate_size
+    moe_p = {
+        "router": ((n, D, e), ("layers", "embed", None)),
+        "gate": ((n, e, D, fe), ("layers", "experts", "embed", "mlp")),
+        "up": ((n, e, D, fe), ("layers", "experts", "embed", "mlp")),
+        "down": ((n, e, fe, D), ("layers", "experts", "mlp", "embed")),
+    }
+    if c.router_scoring == "sigmoid":
+      moe_p["router_bias"] = ((n, e), ("layers", None))
+    if c.n_shared_experts:
+      moe_p.update(swiglu(n, c.shared_expert_size, "shared_"))
+    params["moe"] = moe_p
+  if not c.tie_word_embeddings:
+    params["lm_head"] = ((D, c.vocab_size), ("embed", "vocab"))
+  return params
+
+
+def _mla_shapes_and_axes(c: ModelConfig) -> dict:
+  L, D = c.num_layers, c.hidden_size
+  out = {}
+  for name in c.projection_names():
+    if name in ("gate", "up", "down"):
+      continue
+    d_in, d_out = c.projection_shape(name)
+    in_ax = "q_heads" if name == "o" else (
+        "latent" if name in ("q_b", "kv_b") else "embed")
+    out_ax = "embed" if name == "o" else (
+        "q_heads" if name in ("q", "q_b", "kv_b") else "latent")
+    out[name] = ((L, d_in, d_out), ("layers", in_ax, out_ax))
+  if c.q_lora_rank:
+    out["q_a_norm"] = ((L, c.q_lora_rank), ("layers", "norm"))
+  out["kv_a_norm"] = ((L, c.kv_lora_rank), ("layers", "norm"))
+  return out
 
 
 def init_params(config: ModelConfig, seed: int = 0, std: float = 0.02
@@ -133,27 +180,42 @@ class _StepInputs(NamedTuple):
 
 
 def _layer(x_btd, lp, lb, cache_kv, step: _StepInputs, *,
-           config: ModelConfig, lora_impl: str):
-  """One decoder block. Returns (x, (k_layer, v_layer) or None)."""
+           config: ModelConfig, lora_impl: str, mlp=None):
+  """One decoder block. Returns (x, (k_layer, v_layer) or None, stats).
+
+  `mlp` is None for a dense block (gate/up/down in `lp`); otherwise
+  `mlp(h_btd, proj_over) -> (y_btd, router stats)` (see `_mlp_fn`).
+  """
   c = config
   adapter_idx_b, cos, sin = step.adapter_idx_b, step.cos, step.sin
   q_pos_bt, k_pos_bs = step.q_pos_bt, step.k_pos_bs
   write_start_b, segments = step.write_start_b, step.segments
   b, t, _ = x_btd.shape
 
-  def proj(name, h):
-    if lb is None or name not in lb.lora_a:
-      return lora_project(h, lp[name], lp.get(name + "_bias"))
-    # The true rank rides along so kernels skip padded rank; the axes place
-    # a kernel's shards like this projection's activations on a mesh.
-    return lora_project(h, lp[name], lp.get(name + "_bias"), lb.lora(name),
-                        adapter_idx_b, lora_impl,
-                        axes=activation_axes(name))
+  def proj_over(weights):
+    def proj(name, h):
+      if lb is None or name not in lb.lora_a:
+        return lora_project(h, weights[name], weights.get(name + "_bias"))
+      # The true rank rides along so kernels skip padded rank; the axes
+      # place a kernel's shards like this projection's activations.
+      return lora_project(h, weights[name], weights.get(name + "_bias"),
+                          lb.lora(name), adapter_idx_b, lora_impl,
+                          axes=activation_axes(name))
+    return proj
 
+  proj = proj_over(lp)
   h = rms_norm(x_btd, lp["attn_norm"], c.rms_norm_eps)
+  if c.uses_mla:
+    attn, new_kv = mla.mla_attention(h, lp, cache_kv, step, config=c,
+                                     proj=proj)
+    return _layer_tail(x_btd, attn, lp, proj, proj_over, config=c, mlp=mlp,
+                       new_kv=new_kv)
   q = proj("q", h).reshape(b, t, c.num_heads, c.head_dim)
   k = proj("k", h).reshape(b, t, c.num_kv_heads, c.head_dim)
   v = proj("v", h).reshape(b, t, c.num_kv_heads, c.head_dim)
+  if c.qk_norm:  # Qwen3: RMSNorm over each head before RoPE
+    q = rms_norm(q, lp["q_norm"], c.rms_norm_eps)
+    k = rms_norm(k, lp["k_norm"], c.rms_norm_eps)
   q = apply_rope(q, cos, sin)
   k = apply_rope(k, cos, sin)
   new_kv = None
@@ -169,14 +231,73 @@ def _layer(x_btd, lp, lb, cache_kv, step: _StepInputs, *,
   q_seg, k_seg = segments
   attn = attention(q, k, v, q_pos_bt, k_pos_bs, q_segment_bt=q_seg,
                    k_segment_bs=k_seg)
+  return _layer_tail(x_btd, attn, lp, proj, proj_over, config=c, mlp=mlp,
+                     new_kv=new_kv)
+
+
+def _layer_tail(x_btd, attn, lp, proj, proj_over, *, config: ModelConfig,
+                mlp, new_kv):
+  """Output projection and feed-forward (dense, or `mlp` for MoE models)."""
+  c = config
   attn = sharding.constrain(attn, ("batch", "length", "q_heads"))
   x_btd = x_btd + proj("o", attn)
   h = rms_norm(x_btd, lp["mlp_norm"], c.rms_norm_eps)
-  gated = jax.nn.silu(proj("gate", h)) * proj("up", h)
-  gated = sharding.constrain(gated, ("batch", "length", "mlp"))
-  x_btd = x_btd + proj("down", gated)
+  if mlp is None:
+    gated = jax.nn.silu(proj("gate", h)) * proj("up", h)
+    gated = sharding.constrain(gated, ("batch", "length", "mlp"))
+    y, stats = proj("down", gated), None
+  else:
+    y, stats = mlp(h, proj_over)
+  x_btd = x_btd + y
   x_btd = sharding.constrain(x_btd, ("batch", "length", "embed_act"))
-  return x_btd, new_kv
+  return x_btd, new_kv, stats
+
+
+def _dense_ffn(h_btd, weights, proj_over):
+  """SwiGLU of a dense layer of an MoE model (weights from `dense_mlp`)."""
+  proj = proj_over(weights)
+  gated = jax.nn.silu(proj("gate", h_btd)) * proj("up", h_btd)
+  gated = sharding.constrain(gated, ("batch", "length", "mlp"))
+  return proj("down", gated)
+
+
+def _mlp_fn(params, layer_idx, *, config: ModelConfig):
+  """The feed-forward of layer `layer_idx` of an MoE model, or None (dense).
+
+  Returns `mlp(h_btd, proj_over) -> (y_btd, stats)`. The layer's weights are
+  read from the `moe`/`dense_mlp` stacks at its index within its kind; with
+  both kinds present, `lax.cond` picks the kind at run time, so one scan
+  covers every layer and no stack is sliced or copied.
+  """
+  c = config
+  if not c.num_moe_layers:
+    return None
+  moe_index = np.cumsum([c.is_moe_layer(i) for i in range(c.num_layers)]) - 1
+  dense_index = np.arange(c.num_layers) - moe_index - 1
+  is_moe = jnp.asarray([c.is_moe_layer(i) for i in range(c.num_layers)])
+
+  def at(tree, index):
+    # An int8 base (mintjax.model.quant) is dequantized one layer at a time.
+    return quant.dequantize(jax.tree.map(
+        lambda a: jax.lax.dynamic_index_in_dim(a, index, 0, keepdims=False),
+        tree), c.dtype)
+
+  def run_moe(h, proj_over):
+    mp = at(params["moe"], jnp.asarray(moe_index, jnp.int32)[layer_idx])
+    return moe.moe_block(h, mp, config=c, proj=proj_over(mp))
+
+  def run_dense(h, proj_over):
+    mp = at(params["dense_mlp"], jnp.asarray(dense_index,
+                                             jnp.int32)[layer_idx])
+    return _dense_ffn(h, mp, proj_over), moe.empty_stats(c.num_experts)
+
+  if not c.num_dense_layers:
+    return run_moe
+
+  def mlp(h, proj_over):
+    return jax.lax.cond(is_moe[layer_idx], lambda h: run_moe(h, proj_over),
+                        lambda h: run_dense(h, proj_over), h)
+  return mlp
 
 
 def check_inputs(bank: AdapterBank | None, adapter_idx_b, tokens_bt, *,
@@ -224,7 +345,7 @@ def forward(params: dict, bank: AdapterBank | None, adapter_idx_b,
             tokens_bt, positions_bt=None, *, config: ModelConfig,
             cache: KVCache | None = None, segment_ids_bt=None,
             lora_impl: str = "auto", remat: bool = False,
-            return_hidden: bool = False):
+            return_hidden: bool = False, return_router_stats: bool = False):
   """Runs the decoder on a batch where each row may use a different adapter.
 
   Args:
@@ -243,10 +364,14 @@ def forward(params: dict, bank: AdapterBank | None, adapter_idx_b,
     lora_impl: gather-LoRA implementation ('auto' picks per backend).
     remat: rematerialise each layer in the backward pass (training).
     return_hidden: also return the final normed hidden states.
+    return_router_stats: also return the MoE router statistics of every
+      layer (`moe.route`'s stats stacked on a leading [L] axis; zeros for
+      dense layers; None for a model without experts).
 
   Returns:
-    (logits [B, T, V] float32, updated cache or None) and, with
-    `return_hidden`, the hidden states [B, T, D] as a third element.
+    (logits [B, T, V] float32, updated cache or None), then the hidden
+    states [B, T, D] with `return_hidden`, then the router stats with
+    `return_router_stats`.
 
   Raises:
     ValueError: concrete token ids outside [0, V) or adapter slots outside
@@ -283,24 +408,28 @@ def forward(params: dict, bank: AdapterBank | None, adapter_idx_b,
     layer_kv = None
     if kv is not None:
       layer_kv = (kv[0][layer_idx], kv[1][layer_idx])
-    x, new_kv = _layer(x, lp, lb, layer_kv, step, config=c,
-                       lora_impl=lora_impl)
+    x, new_kv, stats = _layer(x, lp, lb, layer_kv, step, config=c,
+                              lora_impl=lora_impl,
+                              mlp=_mlp_fn(params, layer_idx, config=c))
     if kv is not None:
       kv = tuple(jax.lax.dynamic_update_index_in_dim(buf, new, layer_idx, 0)
                  for buf, new in zip(kv, new_kv))
-    return (x, kv), None
+    return (x, kv), stats
 
   if remat:
     body = jax.checkpoint(body, prevent_cse=False)
   kv0 = (cache.k, cache.v) if cache is not None else None
-  (x, kv), _ = jax.lax.scan(
+  (x, kv), stats = jax.lax.scan(
       body, (x, kv0), (params["layers"], jnp.arange(c.num_layers)))
   hidden = rms_norm(x, params["final_norm"], c.rms_norm_eps)
   logits = lm_head(params, hidden, config=c)
   new_cache = KVCache(*kv) if cache is not None else None
+  out = (logits, new_cache)
   if return_hidden:
-    return logits, new_cache, hidden
-  return logits, new_cache
+    out += (hidden,)
+  if return_router_stats:
+    out += (stats,)
+  return out
 
 
 def lm_head(params: dict, hidden_btd, *, config: ModelConfig):

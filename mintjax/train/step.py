@@ -122,18 +122,23 @@ def train_step(base_params: dict, bank: AdapterBank,
     (mean over present slots of per-slot loss), 'loss_s' [S], 'tokens_s' [S],
     'present_s' [S], 'grad_norm' [S], 'lr' [S], 'count' [S] and
     'dropped_tokens' (weighted completion targets outside the loss window;
-    0 unless the window is too short).
+    0 unless the window is too short); on MoE bases also 'router_load_le'
+    [L, E], the fraction of each layer's routed (token, expert) pairs per
+    expert (every position of the batch counts, padding included; zeros
+    for dense layers).
   """
   num_slots = bank.num_slots
   base_params = jax.lax.stop_gradient(base_params)
 
   def loss_fn(trainable):
     b = opt_lib.forward_bank(bank, trainable)  # VeRA: materialised here.
-    logits_btv, _, hidden_btd = llama.forward(
+    moe_stats = config.num_moe_layers > 0
+    outs = llama.forward(
         base_params, b, batch.adapter_idx, batch.tokens, batch.positions,
         config=config, segment_ids_bt=batch.segment_ids,
         lora_impl=step_cfg.lora_impl, remat=step_cfg.remat,
-        return_hidden=True)
+        return_hidden=True, return_router_stats=moe_stats)
+    logits_btv, _, hidden_btd = outs[:3]
     targets_bt, mask_bt = batch.targets, batch.loss_mask
     dropped = jnp.zeros((), jnp.float32)
     if step_cfg.loss_window and step_cfg.loss_window < batch.tokens.shape[1]:
@@ -147,6 +152,8 @@ def train_step(base_params: dict, bank: AdapterBank,
         logits_btv, targets_bt, mask_bt, batch.weight, batch.adapter_idx,
         num_slots)
     aux["dropped_tokens"] = dropped
+    if moe_stats:  # MoE bases: the router's load per (layer, expert)
+      aux["router_load_le"] = outs[3]["load_e"]
     return loss, aux
 
   trainable = opt_lib.trainable_params(bank)
@@ -162,6 +169,8 @@ def train_step(base_params: dict, bank: AdapterBank,
       loss_s=aux["loss_s"], tokens_s=aux["tokens_s"], present_s=present_s,
       count=new_state.count, dropped_tokens=aux["dropped_tokens"],
       **opt_metrics)
+  if "router_load_le" in aux:
+    metrics["router_load_le"] = aux["router_load_le"]
   return new_bank, new_state, metrics
 
 
