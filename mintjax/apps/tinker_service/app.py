@@ -39,7 +39,7 @@ from mintjax.apps.tinker_service.sampler import Sampler
 from mintjax.apps.tinker_service.trainer import (ATTN, MLP, Trainer,
                                                  UserError, adam_payload,
                                                  datum_rows,
-                                                 parse_tinker_path, tag_of)
+                                                 registry_ref)
 from mintjax.store.identity import check_name
 
 PROTO = "application/x-protobuf"
@@ -65,7 +65,7 @@ class Futures:
         self._by_key[key] = rid
       try:
         fut = start()
-      except UserError as e:
+      except (UserError, LookupError, ValueError) as e:
         fut = concurrent.futures.Future()
         fut.set_exception(e)
       if not isinstance(fut, concurrent.futures.Future):
@@ -81,7 +81,7 @@ class Futures:
 
 
 def _error(e: BaseException) -> dict:
-  user = isinstance(e, (UserError, LookupError))
+  user = isinstance(e, (UserError, LookupError, ValueError))
   return {"error": str(e) if user else f"{type(e).__name__}: {e}",
           "category": "user" if user else "server"}
 
@@ -167,7 +167,8 @@ def create_app(trainer: Trainer, sampler: Sampler, *, base_name: str,
     d = await body(request)
     sid, seq = need(d, "session_id"), need(d, "model_seq_id", int)
     lora = d.get("lora_config") or {}
-    model_id = f"tinker-{uuid.uuid4().hex[:12]}"
+    # The id the SDK derives for create-via-load too: (session, seq).
+    model_id = f"{sid}:train:{seq}"
 
     def start():
       if d.get("base_model") != base_name:
@@ -281,12 +282,12 @@ def create_app(trainer: Trainer, sampler: Sampler, *, base_name: str,
     path, optimizer = need(d, "path"), bool(d.get("optimizer"))
     model_id = d.get("model_id")
     if model_id is None:  # create-via-load: a new client from a checkpoint
-      model_id = f"tinker-{uuid.uuid4().hex[:12]}"
+      model_id = f"{need(d, 'session_id')}:train:{need(d, 'model_seq_id', int)}"
 
       def start():
-        src, kind, name = parse_tinker_path(path)
-        trainer.registry.resolve(f"{src}:{tag_of(kind, name)}")  # exists?
-        info = trainer.registry.adapter(src)["spec"]
+        ref = registry_ref(path)
+        trainer.registry.resolve(ref)  # refuse a missing checkpoint now
+        info = trainer.registry.adapter(ref.split(":")[0])["spec"]
         # The load queues behind the initialisation in the tenant's FIFO.
         trainer.create_tenant(
             model_id, rank=int(info["rank"]), targets=tuple(info["targets"]),

@@ -21,7 +21,7 @@ import numpy as np
 
 from mintjax.adapters import bank as bank_lib
 from mintjax.apps.tinker_service.trainer import (Trainer, UserError,
-                                                 parse_tinker_path, tag_of)
+                                                 registry_ref)
 from mintjax.serve.requests import GenerationRequest
 from mintjax.serve.sampling import SamplingParams
 from mintjax.serve.service import EngineService
@@ -96,10 +96,8 @@ class Sampler:
                      base_model: str | None) -> SamplingSession:
     ref = None
     if model_path:
-      src_id, kind, name = parse_tinker_path(model_path)
       try:
-        ref = self.trainer.registry.resolve(f"{src_id}:{tag_of(kind, name)}"
-                                            ).ref
+        ref = self.trainer.registry.resolve(registry_ref(model_path)).ref
       except LookupError as e:
         raise UserError(f"no saved weights at {model_path}: {e}") from None
     elif base_model not in (None, self.base_name):

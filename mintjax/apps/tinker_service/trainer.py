@@ -83,7 +83,10 @@ class TrainerConfig:
 
 @dataclasses.dataclass
 class Tenant:
+  """One training client: its Tinker model id, registry id and bank slot."""
+
   model_id: str
+  adapter_id: str
   slot: int
   rank: int
   targets: tuple[str, ...]
@@ -115,6 +118,17 @@ def parse_tinker_path(path: str) -> tuple[str, str, str]:
 
 def tag_of(kind: str, name: str) -> str:
   return f"{kind}-{name}"
+
+
+def adapter_id_of(model_id: str) -> str:
+  """Tinker model id ('<session>:train:<n>') -> registry adapter id."""
+  return model_id.replace(":", ".")
+
+
+def registry_ref(path: str) -> str:
+  """A tinker:// checkpoint path -> the registry ref of its revision."""
+  model_id, kind, name = parse_tinker_path(path)
+  return f"{adapter_id_of(model_id)}:{tag_of(kind, name)}"
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
@@ -181,15 +195,17 @@ class Trainer:
             f"all {self.config.num_slots} training slots are taken; unload a "
             "model or restart the service with a larger "
             "--config.trainer.num_slots")
-      self.registry.create_adapter(model_id, spec=info,
+      if model_id in self.tenants:
+        raise UserError(f"model {model_id!r} already exists")
+      self.registry.create_adapter(adapter_id_of(model_id), spec=info,
                                    base_fingerprint=self.base.fingerprint,
                                    owner=owner, config=self.base.config)
-      t = Tenant(model_id, self._free.pop(0), rank, tuple(targets),
-                 session_id)
+      t = Tenant(model_id, adapter_id_of(model_id), self._free.pop(0), rank,
+                 tuple(targets), session_id)
       self.tenants[model_id] = t
       self._queues[model_id] = collections.deque()
     weights = init_adapter(self.base.config, t.targets, rank,
-                           self.config.alpha, model_id,
+                           self.config.alpha, t.adapter_id,
                            self.config.seed if seed is None else seed)
     return self.submit(model_id, "init", (weights, None))
 
@@ -299,8 +315,7 @@ class Trainer:
     out = []
     for op in ops:
       path, with_optimizer = op.payload
-      src_id, kind, name = parse_tinker_path(path)
-      loaded = self.registry.load(f"{src_id}:{tag_of(kind, name)}",
+      loaded = self.registry.load(registry_ref(path),
                                   expect_base=self.base.fingerprint)
       t = op.tenant
       w = loaded.weights
@@ -409,11 +424,12 @@ class Trainer:
                          alpha=w.alpha)
       prov = dict(provenance, tinker_kind=kind, tinker_name=name,
                   session_id=t.session_id, steps=t.optim_steps,
+                  model_id=t.model_id,
                   data_fingerprint=f"tinker:{t.model_id}:{t.optim_steps}")
       extra = None
       if kind == "state":
         extra = self._optimizer_slot(t.slot)
-      rev = self.registry.publish(t.model_id, w, provenance=prov)
+      rev = self.registry.publish(t.adapter_id, w, provenance=prov)
       if extra is not None:
         self._write_optimizer(rev, extra)
       self.registry.tag(rev.ref, tag_of(kind, name), reason=f"tinker {kind}")
