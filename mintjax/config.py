@@ -151,6 +151,9 @@ class ModelConfig:
   qk_rope_head_dim: int = 0
   v_head_dim: int = 0
   rope_interleave: bool = False
+  # "float" (kernels in `dtype`) or "int8": weight-only int8 kernels with
+  # per-channel scales (mintjax.model.quant), dequantized one layer at a time.
+  weight_format: str = "float"
 
   def __post_init__(self):
     object.__setattr__(self, "moe_layers", tuple(self.moe_layers))
@@ -171,6 +174,9 @@ class ModelConfig:
       raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
     if self.dtype not in _DTYPES:
       raise ConfigError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+    if self.weight_format not in ("float", "int8"):
+      raise ConfigError(f"weight_format must be 'float' or 'int8', got "
+                        f"{self.weight_format!r}")
     self._check_moe()
     self._check_mla()
 

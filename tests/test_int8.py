@@ -75,9 +75,30 @@ def test_quantized_tree_layout_and_memory(dense):
   assert q.fingerprint != base.fingerprint
   ratio = quant.nbytes(p) / quant.nbytes(base.params)
   assert 0.25 < ratio < 0.30, ratio    # f32 -> int8 plus scales and norms
-  shapes = quant.abstract_params(llama.param_shapes(DENSE))
+  # The int8 config's parameter shapes are the quantized tree's, so loaders,
+  # checkpoints, shardings and AOT compiles see the int8 layout.
+  assert q.config == DENSE.replace(weight_format="int8")
+  shapes = llama.param_shapes(q.config)
   assert jax.tree.map(lambda s: (s.shape, s.dtype), shapes) == jax.tree.map(
       lambda a: (a.shape, a.dtype), p)
+
+
+def test_int8_tree_shards_by_its_logical_axes(dense):
+  _, q = dense
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  axes = llama.param_logical_axes(q.config)
+  assert axes["layers"]["q"] == quant.Int8Weight(
+      ("layers", "embed", "q_heads"), ("layers", None, "q_heads"))
+  placed = sharding.shard_tree(q.params, axes, mesh)
+  w = placed["layers"]["q"]
+  assert w.q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp",
+                                                         "tensor")
+  assert w.scale.sharding.spec == jax.sharding.PartitionSpec(None, None,
+                                                             "tensor")
+  with pytest.raises(Exception):
+    # A float config's axes do not fit an int8 tree (what the config
+    # field is for).
+    sharding.shard_tree(q.params, llama.param_logical_axes(DENSE), mesh)
 
 
 # The MoE twin, training and serving compile more programs (~1 min on 2
@@ -104,8 +125,8 @@ def test_model_on_int8_equals_model_on_dequantized_weights(config):
 def test_lora_trains_on_an_int8_base_which_stays_untouched(dense):
   _, q = dense
   spec = AdapterSpec(targets=("q", "v", "down"), max_rank=4, num_slots=3)
-  mesh = sharding.make_mesh(data=1, fsdp=1, devices=jax.devices()[:1])
-  step = make_train_step(DENSE, spec, opt_lib.OptimizerConfig(
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  step = make_train_step(q.config, spec, opt_lib.OptimizerConfig(
       learning_rate=3e-2), mesh, StepConfig(lora_impl="gather"))
   bank = bank_lib.bank_from_weights(DENSE, spec, {1: AdapterWeights.random(
       DENSE, spec.targets, rank=4, seed=0)})
@@ -125,7 +146,8 @@ def test_lora_trains_on_an_int8_base_which_stays_untouched(dense):
 @pytest.mark.slow
 def test_engine_serves_an_int8_base_like_its_dequantized_twin(dense):
   _, q = dense
-  twin = dataclasses.replace(q, params=quant.dequantize(q.params))
+  twin = dataclasses.replace(q, config=q.config.replace(weight_format="float"),
+                             params=quant.dequantize(q.params))
   cfg = EngineConfig(num_slots=2, max_batch=2, max_len=32, steps_per_call=4,
                      prefill_batch=2, min_bucket=16, max_rank=4,
                      fuse_projections=False)

@@ -28,8 +28,9 @@ def quantize_base(base):
   """A `BaseModel` with an int8 tree and its own fingerprint (an adapter
   trained on the float base is refused by the int8 one, and vice versa)."""
   params = quant.quantize_params(base.params)
-  return BaseModel(base.config, params,
-                   compute_fingerprint(base.config, params), base.tokenizer)
+  config = base.config.replace(weight_format="int8")
+  return BaseModel(config, params, compute_fingerprint(config, params),
+                   base.tokenizer)
 
 
 # --- on disk: one safetensors file + a small JSON header --------------------
@@ -73,7 +74,11 @@ def load_int8(directory: str | os.PathLike, tokenizer=None):
     raise ValueError(f"{str(meta_path)!r} has format {meta.get('format')!r}, "
                      f"expected {FORMAT!r}")
   config = ModelConfig.from_dict(meta["config"])
-  want = quant.abstract_params(llama.param_shapes(config))
+  if config.weight_format != "int8":
+    raise ValueError(f"{str(meta_path)!r} describes a {config.weight_format} "
+                     "base, not an int8 one; re-export it with "
+                     "int8_base.save_int8")
+  want = llama.param_shapes(config)
   arrays = load_file(str(data_path))
 
   def one(path, s):

@@ -56,20 +56,26 @@ from mintjax.model.layers import apply_rope, attention, rms_norm, rope_cos_sin
 
 
 def param_shapes(config: ModelConfig) -> dict:
-  """The parameter tree as `jax.ShapeDtypeStruct` leaves."""
+  """The parameter tree as `jax.ShapeDtypeStruct` leaves (with
+  `quant.Int8Weight` nodes where `config.weight_format` is 'int8')."""
   dt = jnp.dtype(config.dtype)
   shapes = _shapes_and_axes(config)
   shapes = jax.tree.map(lambda sa: jax.ShapeDtypeStruct(sa[0], dt), shapes,
                         is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2
                         and isinstance(x[0], tuple))
+  if config.weight_format == "int8":
+    return quant.abstract_params(shapes)
   return shapes
 
 
 def param_logical_axes(config: ModelConfig) -> dict:
   """Logical axis names for every parameter (same tree as the params)."""
-  return jax.tree.map(lambda sa: sa[1], _shapes_and_axes(config),
+  axes = jax.tree.map(lambda sa: sa[1], _shapes_and_axes(config),
                       is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2
                       and isinstance(x[0], tuple))
+  if config.weight_format == "int8":
+    return quant.logical_axes(axes, param_shapes(config))
+  return axes
 
 
 def _shapes_and_axes(config: ModelConfig) -> dict:
@@ -144,6 +150,9 @@ def _mla_shapes_and_axes(c: ModelConfig) -> dict:
 def init_params(config: ModelConfig, seed: int = 0, std: float = 0.02
                 ) -> dict:
   """Random parameters (normal(0, std) kernels, unit norms, zero biases)."""
+  if config.weight_format == "int8":
+    return quant.quantize_params(init_params(
+        config.replace(weight_format="float"), seed, std))
   shapes = param_shapes(config)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
   rng = np.random.default_rng(seed)
