@@ -39,6 +39,31 @@ def _qwen2(**kw) -> dict[str, Any]:
           "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, **kw}
 
 
+def _qwen3_moe(**kw) -> dict[str, Any]:
+  # Every layer is MoE (decoder_sparse_step 1, no mlp_only_layers), top-8 of
+  # 128 experts with renormalised weights.
+  return {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+          "head_dim": 128, "num_experts_per_tok": 8, "norm_topk_prob": True,
+          "decoder_sparse_step": 1, "mlp_only_layers": [],
+          "vocab_size": 151936, "rms_norm_eps": 1e-6,
+          "rope_theta": 1000000.0, "tie_word_embeddings": False,
+          "attention_bias": False, **kw}
+
+
+def _deepseek_v3(**kw) -> dict[str, Any]:
+  # Shared by DeepSeek-V3 and Kimi-K2: multi-head latent attention, one
+  # shared expert, sigmoid router with correction bias, top-8.
+  return {"architectures": ["DeepseekV3ForCausalLM"], "hidden_size": 7168,
+          "intermediate_size": 18432, "moe_intermediate_size": 2048,
+          "num_hidden_layers": 61, "q_lora_rank": 1536, "kv_lora_rank": 512,
+          "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+          "n_shared_experts": 1, "num_experts_per_tok": 8,
+          "norm_topk_prob": True, "scoring_func": "sigmoid",
+          "topk_method": "noaux_tc", "moe_layer_freq": 1,
+          "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+          "attention_bias": False, **kw}
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # https://huggingface.co/HuggingFaceTB/SmolLM2-135M/blob/main/config.json
     "smollm2-135m": _llama(
@@ -121,6 +146,38 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 32768,
         "rms_norm_eps": 1e-5, "rope_theta": 1000000.0, "sliding_window": None,
         "tie_word_embeddings": False, "max_position_embeddings": 32768},
+    # --- mixture-of-experts bases (issue 15: the trillion-parameter rows) ---
+    # https://huggingface.co/Qwen/Qwen3-30B-A3B/blob/main/config.json
+    "qwen3-30b-a3b": _qwen3_moe(
+        hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+        num_experts=128, max_position_embeddings=40960),
+    # https://huggingface.co/Qwen/Qwen3-235B-A22B/blob/main/config.json
+    "qwen3-235b-a22b": _qwen3_moe(
+        hidden_size=4096, intermediate_size=12288, moe_intermediate_size=1536,
+        num_hidden_layers=94, num_attention_heads=64, num_key_value_heads=4,
+        num_experts=128, max_position_embeddings=40960),
+    # https://huggingface.co/deepseek-ai/DeepSeek-V3/blob/main/config.json
+    # (the main model; the checkpoint's extra multi-token-prediction layer,
+    # num_nextn_predict_layers=1, is not part of the decoder).
+    "deepseek-v3-671b": _deepseek_v3(
+        model_type="deepseek_v3", num_attention_heads=128,
+        num_key_value_heads=128, n_routed_experts=256, n_group=8,
+        topk_group=4, routed_scaling_factor=2.5, first_k_dense_replace=3,
+        vocab_size=129280, rope_theta=10000.0, max_position_embeddings=163840,
+        rope_scaling={"type": "yarn", "factor": 40.0, "beta_fast": 32.0,
+                      "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                      "original_max_position_embeddings": 4096}),
+    # https://huggingface.co/moonshotai/Kimi-K2-Instruct/blob/main/config.json
+    # (DeepSeek-V3's architecture: 384 experts, 64 heads, one dense layer).
+    "kimi-k2-1t": _deepseek_v3(
+        model_type="kimi_k2", num_attention_heads=64, num_key_value_heads=64,
+        n_routed_experts=384, n_group=1, topk_group=1,
+        routed_scaling_factor=2.827, first_k_dense_replace=1,
+        vocab_size=163840, rope_theta=50000.0, max_position_embeddings=131072,
+        rope_scaling={"type": "yarn", "factor": 32.0, "beta_fast": 1.0,
+                      "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                      "original_max_position_embeddings": 4096}),
 }
 
 # Parameter counts as the model cards state them (tests check the presets
@@ -131,6 +188,13 @@ PUBLISHED_PARAMS: dict[str, float] = {
     "qwen2.5-72b": 72.7e9, "llama-3.2-1b": 1.23e9, "llama-3.2-3b": 3.21e9,
     "llama-3.1-8b": 8.03e9, "llama-3.1-70b": 70.6e9,
     "llama-3.1-405b": 405.9e9, "mistral-7b": 7.25e9,
+    "qwen3-30b-a3b": 30.5e9, "qwen3-235b-a22b": 235e9,
+    "deepseek-v3-671b": 671e9, "kimi-k2-1t": 1.04e12,
+}
+# Parameters active per token (model cards), for the MoE presets.
+PUBLISHED_ACTIVE_PARAMS: dict[str, float] = {
+    "qwen3-30b-a3b": 3.3e9, "qwen3-235b-a22b": 22e9,
+    "deepseek-v3-671b": 37e9, "kimi-k2-1t": 32e9,
 }
 
 
