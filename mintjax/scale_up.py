@@ -18,6 +18,7 @@ import time
 from typing import Callable, Mapping
 
 from mintjax import aot
+from mintjax.aot import moe_plan
 
 # preset -> (topology, (data, fsdp, tensor)). Topology names count chips
 # (v5p-32 is 16 chips: Google names v5p slices by TensorCores, two a chip).
@@ -550,6 +551,7 @@ def render_markdown(rows, goal_rows, meta: Mapping) -> str:
       "rerun compiles only what is missing (compiler errors other than "
       "out-of-HBM are retried). On this 2-core machine, shared with other "
       "jobs, one compile took 1–10 minutes (Llama-3.1-70B train: 10)."]
+  lines += [""] + moe_plan.render_section()
   lines += ["", "## Not run yet", ""]
   lines += ([f"- {m}" for m in missing] if missing else
             ["- every preset × step has a row."])
