@@ -218,11 +218,48 @@ def test_n_seed_stop_echo(client):
   assert cut.choices[0].finish_reason == "stop"
 
 
+def test_top_logprobs_and_echoed_prompt_logprobs(client):
+  """Chat top_logprobs, completions logprobs=n (stream too) and echo with
+  logprobs carry the engine's alternatives and prompt logprobs."""
+  ids = dict(return_tokens_as_token_ids=True, ignore_eos=True)
+  chat = client.chat.completions.create(
+      model="u1", messages=[{"role": "user", "content": "hey"}], max_tokens=3,
+      temperature=0, logprobs=True, top_logprobs=3, extra_body=ids)
+  for c in chat.choices[0].logprobs.content:
+    assert len(c.top_logprobs) == 3
+    assert (c.top_logprobs[0].token, c.top_logprobs[0].logprob) == (
+        c.token, c.logprob)
+  prompt = [5, 6, 7, 8]
+  echo = client.completions.create(
+      model="u1", prompt=prompt, max_tokens=3, temperature=0, logprobs=2,
+      echo=True, extra_body=ids).choices[0].logprobs
+  assert _tokens_of(echo.tokens)[:4] == prompt
+  assert echo.token_logprobs[0] is None and echo.top_logprobs[0] is None
+  assert all(len(t) == 2 for t in echo.top_logprobs[1:])
+  # After the echoed prompt come exactly the plain response's logprobs.
+  plain = client.completions.create(
+      model="u1", prompt=prompt, max_tokens=3, temperature=0, logprobs=2,
+      extra_body=ids).choices[0].logprobs
+  assert echo.token_logprobs[4:] == pytest.approx(plain.token_logprobs,
+                                                  abs=1e-5)
+  assert echo.top_logprobs[4:] == plain.top_logprobs
+  chunks = client.completions.create(
+      model="u1", prompt=prompt, max_tokens=3, temperature=0, logprobs=2,
+      stream=True, extra_body=ids)
+  streamed = [t for ch in chunks if ch.choices and ch.choices[0].logprobs
+              for t in ch.choices[0].logprobs.top_logprobs]
+  assert streamed == plain.top_logprobs
+
+
+def _tokens_of(texts) -> list[int]:
+  return [int(t.split(":")[1]) for t in texts]
+
+
 def test_bad_requests_and_unknown_models(client, setup):
   ok = dict(model=BASE, prompt="hi", max_tokens=2)
   cases = [
       (dict(ok, temperature=-1), "temperature"),
-      (dict(ok, logprobs=2), "logprobs=2"),
+      (dict(ok, logprobs=21), "logprobs"),
       (dict(ok, n=0), "n"),
       (dict(ok, prompt=list(range(3, 70))), "max_len is 64"),
       (dict(ok, prompt=[3, 999]), "[0, 259)"),
@@ -236,10 +273,10 @@ def test_bad_requests_and_unknown_models(client, setup):
       client.completions.create(**kw)
     assert needle in e.value.message, (kw, e.value.message)
     assert e.value.body["type"] == "invalid_request_error"
-  with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+  with pytest.raises(openai.BadRequestError, match="needs logprobs=true"):
     client.chat.completions.create(
         model=BASE, messages=[{"role": "user", "content": "x"}],
-        logprobs=True, top_logprobs=2)
+        top_logprobs=2)
   for model in ("nobody", "u0@9", "u0:staging"):
     with pytest.raises(openai.NotFoundError) as e:
       client.completions.create(**dict(ok, model=model))

@@ -31,8 +31,9 @@ def _engine_config(e) -> EngineConfig:
       num_slots=e.num_slots, max_batch=e.max_batch, max_len=e.max_len,
       host_cache_bytes=int(e.host_cache_mb * (1 << 20)),
       steps_per_call=e.steps_per_call, prefill_batch=e.prefill_batch,
-      min_bucket=e.min_bucket, max_rank=e.max_rank,
-      targets=tuple(t.strip() for t in targets if t.strip()),
+      # 0 / empty: sized from the registry's adapters (EngineConfig.sized_for).
+      min_bucket=e.min_bucket, max_rank=e.max_rank or None,
+      targets=tuple(t.strip() for t in targets if t.strip()) or None,
       adapter_dtype=e.adapter_dtype, lora_impl=e.lora_impl,
       lookahead=e.lookahead)
 

@@ -60,7 +60,8 @@ import safetensors.numpy
 from mintjax.adapters.spec import ALL_TARGETS, AdapterWeights, lora_scale
 from mintjax.config import ModelConfig
 from mintjax.store.errors import InvalidAdapterError
-from mintjax.store.identity import AdapterInfo, check_name, parse_info, parse_ref
+from mintjax.store.identity import (AdapterInfo, check_name, parse_info,
+                                    parse_ref)
 from mintjax.store.revision import Revision
 from mintjax.store.weights import RowLayout
 

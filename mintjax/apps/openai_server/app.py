@@ -337,21 +337,35 @@ def _response(chat: bool, req, rid: str, handles, results, engine) -> dict:
   for i, r in enumerate(results):
     if chat:
       lp = (P.chat_logprobs(tok, r.tokens, r.logprobs,
-                            req.return_tokens_as_token_ids)
+                            req.return_tokens_as_token_ids, r.top_logprobs)
             if req.logprobs else None)
       choices.append({"index": i, "message": {"role": "assistant",
                                               "content": r.text},
                       "logprobs": lp, "finish_reason": P.finish_reason(r)})
     else:
       prefix = _echo_text(req, engine) if req.echo else ""
-      lp = (P.completion_logprobs(tok, r.tokens, r.logprobs, len(prefix),
-                                  req.return_tokens_as_token_ids)
+      toks, lps, top = r.tokens, r.logprobs, r.top_logprobs
+      offset = len(prefix)
+      if req.echo and r.prompt_logprobs is not None:
+        # Echo with logprobs: the prompt's tokens come first (OpenAI).
+        toks = _echo_ids(req, engine) + toks
+        lps = r.prompt_logprobs + lps
+        top = (r.prompt_top_logprobs + top) if top is not None else None
+        offset = 0
+      lp = (P.completion_logprobs(tok, toks, lps, offset,
+                                  req.return_tokens_as_token_ids, top)
             if req.logprobs is not None else None)
       choices.append({"index": i, "text": prefix + r.text, "logprobs": lp,
                       "finish_reason": P.finish_reason(r)})
   kind = "chat.completion" if chat else "text_completion"
   return P.envelope(kind, rid, req.model, choices, handles[0].revision,
                     P.usage(results))
+
+
+def _echo_ids(req, engine) -> list[int]:
+  """The prompt's token ids as the engine tokenized it (no bos)."""
+  p = P.prompt_of(req)
+  return list(p) if not isinstance(p, str) else engine.tokenizer.encode(p)
 
 
 def _echo_text(req, engine) -> str:
@@ -411,6 +425,8 @@ async def _sse(chat: bool, req, rid: str, *, handles: list[RequestHandle],
     async for i, events in events_of:
       toks = [e.token for e in events if e.token is not None]
       lps = [e.logprob for e in events if e.token is not None]
+      tops = [e.top_logprobs for e in events if e.token is not None]
+      tops = tops if all(t is not None for t in tops) else None
       result = events[-1].result
       if result is not None and result.finish_reason in ("error",
                                                          "cancelled"):
@@ -426,10 +442,10 @@ async def _sse(chat: bool, req, rid: str, *, handles: list[RequestHandle],
       if want_lp and toks:
         as_ids = req.return_tokens_as_token_ids
         if chat:
-          lp = P.chat_logprobs(engine.tokenizer, toks, lps, as_ids)
+          lp = P.chat_logprobs(engine.tokenizer, toks, lps, as_ids, tops)
         else:
           lp = P.completion_logprobs(engine.tokenizer, toks, lps, offsets[i],
-                                     as_ids)
+                                     as_ids, tops)
           offsets[i] += sum(len(t) for t in lp["tokens"])
       finish = P.finish_reason(result) if result is not None else None
       if text or lp or finish or (chat and not started[i]):

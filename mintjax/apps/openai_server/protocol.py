@@ -8,13 +8,16 @@ a partial stop string or a half-decoded UTF-8 character).
 
 Supported: prompt (text or token ids), messages (text content), max_tokens /
 max_completion_tokens, temperature, top_p, seed, stop, n, stream (+
-stream_options.include_usage), logprobs of the chosen tokens, echo
-(completions), usage; extras top_k, ignore_eos, stop_token_ids,
-return_tokens_as_token_ids (vLLM's name).
+stream_options.include_usage), logprobs of the chosen tokens with up to 20
+top alternatives (chat `logprobs` + `top_logprobs`, completions
+`logprobs=n`), echo (completions; with `logprobs` the prompt tokens'
+log-probabilities too, the first null, when not streaming), usage; extras
+top_k, ignore_eos, stop_token_ids, return_tokens_as_token_ids (vLLM's name).
 Ignored: user, metadata, store, service_tier, parallel_tool_calls.
-Refused with 400: top_logprobs > 0 (completions logprobs > 0), best_of != n,
+Refused with 400: chat top_logprobs without logprobs=true, best_of != n,
 penalties != 0, logit_bias, suffix, tools/functions, non-text
-response_format, echo with logprobs, several prompts in one request.
+response_format, echo with logprobs when streaming, several prompts in one
+request.
 """
 
 from __future__ import annotations
@@ -141,25 +144,20 @@ def _refuse_unsupported(req: _Base) -> None:
   if req.stream_options and not req.stream:
     raise bad_request("stream_options needs stream=true", "stream_options")
   if isinstance(req, CompletionRequest):
-    if req.logprobs:
-      raise bad_request(
-          f"logprobs={req.logprobs} asks for top alternatives, which this "
-          "server does not compute; pass logprobs=0 for the chosen tokens' "
-          "log-probabilities", "logprobs")
-    if req.echo and req.logprobs is not None:
-      raise bad_request("echo with logprobs would need prompt logprobs, "
-                        "which this server does not compute", "echo")
+    if req.echo and req.logprobs is not None and req.stream:
+      raise bad_request("echo with logprobs (prompt logprobs) is supported "
+                        "without streaming only; drop stream, echo or "
+                        "logprobs", "echo")
     if req.best_of is not None and req.best_of != req.n:
       raise bad_request("best_of is not supported; omit it or set it to n",
                         "best_of")
     if req.suffix:
       raise bad_request("suffix is not supported; omit it", "suffix")
   else:
-    if req.top_logprobs:
+    if req.top_logprobs and not req.logprobs:
       raise bad_request(
-          f"top_logprobs={req.top_logprobs} is not supported; this server "
-          "returns the chosen tokens' logprobs only (logprobs=true, "
-          "top_logprobs 0 or omitted)", "top_logprobs")
+          f"top_logprobs={req.top_logprobs} needs logprobs=true (as in "
+          "OpenAI's API)", "top_logprobs")
     if req.tools or req.functions or req.tool_choice not in (None, "none"):
       raise bad_request("tools and function calling are not supported",
                         "tools")
@@ -199,6 +197,11 @@ def to_generation_requests(req: _Base, *, adapter: str | None,
   temperature = 1.0 if req.temperature is None else req.temperature
   stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
   seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
+  if isinstance(req, ChatCompletionRequest):
+    top, prompt_lp = (req.top_logprobs or 0) if req.logprobs else 0, None
+  else:
+    top = req.logprobs or 0
+    prompt_lp = req.logprobs if req.echo and req.logprobs is not None else None
   out = []
   for i in range(req.n):
     try:
@@ -208,7 +211,8 @@ def to_generation_requests(req: _Base, *, adapter: str | None,
           top_p=1.0 if req.top_p is None else float(req.top_p),
           top_k=req.top_k or 0, seed=(seed + i) % 2**31, stop=tuple(stop),
           stop_token_ids=tuple(req.stop_token_ids or ()),
-          ignore_eos=req.ignore_eos)
+          ignore_eos=req.ignore_eos, top_logprobs=top,
+          prompt_logprobs=prompt_lp)
     except SamplingError as e:
       raise bad_request(str(e)) from None
     out.append(GenerationRequest(prompt=prompt, messages=messages,
@@ -242,24 +246,50 @@ def token_texts(tokenizer, tokens: Sequence[int], as_ids: bool) -> list[str]:
 
 
 def completion_logprobs(tokenizer, tokens: Sequence[int],
-                        logprobs: Sequence[float], offset: int,
-                        as_ids: bool = False) -> dict:
-  """The legacy completions `logprobs` object for the chosen tokens."""
+                        logprobs: Sequence[float | None], offset: int,
+                        as_ids: bool = False, top=None) -> dict:
+  """The legacy completions `logprobs` object.
+
+  Args:
+    tokens / logprobs: the tokens and their log-probabilities (None for an
+      echoed prompt's first token).
+    offset: text offset of the first token.
+    as_ids: name tokens 'token_id:<id>'.
+    top: None, or per token its [(token id, logprob), ...] alternatives
+      (`GenerationResult.top_logprobs`; None entries stay null).
+  """
   texts = token_texts(tokenizer, tokens, as_ids)
   offsets, pos = [], offset
   for t in texts:
     offsets.append(pos)
     pos += len(t)
-  return {"tokens": texts, "token_logprobs": [float(x) for x in logprobs],
-          "top_logprobs": None, "text_offset": offsets}
+  tops = None
+  if top is not None:
+    tops = [None if alts is None else {
+        s: float(lp) for s, (_, lp) in zip(
+            token_texts(tokenizer, [i for i, _ in alts], as_ids), alts)}
+            for alts in top]
+  return {"tokens": texts,
+          "token_logprobs": [None if x is None else float(x)
+                             for x in logprobs],
+          "top_logprobs": tops, "text_offset": offsets}
 
 
 def chat_logprobs(tokenizer, tokens: Sequence[int],
-                  logprobs: Sequence[float], as_ids: bool = False) -> dict:
+                  logprobs: Sequence[float], as_ids: bool = False,
+                  top=None) -> dict:
+  """The chat `logprobs` object; `top` as for `completion_logprobs`."""
   content = []
-  for s, lp in zip(token_texts(tokenizer, tokens, as_ids), logprobs):
+  for j, (s, lp) in enumerate(zip(token_texts(tokenizer, tokens, as_ids),
+                                  logprobs)):
+    alts = []
+    if top is not None:
+      ids = [i for i, _ in top[j]]
+      alts = [{"token": a, "logprob": float(x), "bytes": list(a.encode())}
+              for a, (_, x) in zip(token_texts(tokenizer, ids, as_ids),
+                                   top[j])]
     content.append({"token": s, "logprob": float(lp),
-                    "bytes": list(s.encode()), "top_logprobs": []})
+                    "bytes": list(s.encode()), "top_logprobs": alts})
   return {"content": content, "refusal": None}
 
 
