@@ -1,0 +1,50 @@
+"""The trillion-parameter rows (mintjax.aot.moe_plan): exact shard bytes, fits."""
+
+from __future__ import annotations
+
+import pytest
+
+from mintjax.aot import moe_plan
+from mintjax.model import presets
+
+
+@pytest.fixture(scope="module")
+def rows():
+  return {(r["preset"], r["weight_format"]): r for r in moe_plan.all_rows()}
+
+
+def test_expert_weights_split_over_expert_and_tensor(rows):
+  r = rows[("kimi-k2-1t", "float")]
+  c = presets.get_config("kimi-k2-1t")
+  whole = c.num_moe_layers * c.num_experts * 3 * c.hidden_size * (
+      c.moe_intermediate_size) * 2
+  assert r["mesh"]["expert"] * r["mesh"]["tensor"] == 128
+  assert r["expert_bytes"] == whole // 128
+  # Non-expert weights are replicated over `expert`, never less than a share.
+  assert r["params_bytes"] * r["devices"] >= c.num_params() * 2
+
+
+def test_int8_base_halves_the_weights_per_chip(rows):
+  for name in moe_plan.PLAN:
+    f, q = rows[(name, "float")], rows[(name, "int8")]
+    assert 0.49 < q["params_bytes"] / f["params_bytes"] < 0.53, name
+    assert q["decode"]["est_step_s"] < f["decode"]["est_step_s"]
+
+
+def test_every_planned_row_fits_and_is_bound_where_expected(rows):
+  moe_plan._check_plan()  # pylint: disable=protected-access
+  for r in rows.values():
+    for step in ("train", "decode"):
+      s = r[step]
+      assert s["fits"] and s["total_bytes"] < r["hbm"], (r["preset"], step)
+      assert s["est_step_s"] > 0
+    assert r["decode"]["bound"] == "memory"
+    assert r["train"]["bound"] == "compute"
+  assert rows[("kimi-k2-1t", "float")]["slots"] == 1024
+
+
+def test_too_small_a_slice_does_not_fit():
+  small = moe_plan.Placement("v5p:2x2x2", "v5p-16 (8 chips)", 1, 1, 8, 1)
+  r = moe_plan.plan_row("deepseek-v3-671b", placement=small)
+  assert r["params_bytes"] > r["hbm"]
+  assert not r["train"]["fits"] and not r["decode"]["fits"]
