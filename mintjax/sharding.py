@@ -66,8 +66,9 @@ DEFAULT_RULES: dict[str, Any] = {
 # axes (the factor dims are then left whole, since a mesh axis shards one
 # dim of an array); a row's gather reads its adapter where it lives and XLA
 # all-reduces the [B, d, R] result, which is small next to the bank.
+# On an expert-parallel mesh the slots spread over `expert` too.
 SLOT_SHARDED_RULES: dict[str, Any] = {**DEFAULT_RULES,
-                                      "slot": ("fsdp", "tensor")}
+                                      "slot": ("fsdp", "expert", "tensor")}
 
 # Named rule sets, selectable by configs and the AOT tool (`mintjax.aot`).
 RULE_SETS: dict[str, dict[str, Any]] = {
