@@ -50,7 +50,7 @@ from mintjax import sharding
 from mintjax.adapters.bank import AdapterBank, activation_axes
 from mintjax.adapters.lora_op import lora_project
 from mintjax.config import ModelConfig
-from mintjax.model import mla, moe, quant
+from mintjax.model import expert_parallel, mla, moe, quant
 from mintjax.model.kv_cache import KVCache
 from mintjax.model.layers import apply_rope, attention, rms_norm, rope_cos_sin
 
@@ -270,6 +270,16 @@ def _dense_ffn(h_btd, weights, proj_over):
   return proj("down", gated)
 
 
+def _experts_fn():
+  """Grouped experts: expert-parallel under mesh rules whose mesh has an
+  `expert` axis (`sharding.make_mesh(expert=n)`), else `moe.experts_ffn`."""
+  active = sharding.active_mesh_rules()
+  if active is not None and active[0].shape.get("expert", 1) > 1:
+    return functools.partial(expert_parallel.experts_ffn_sharded,
+                             mesh=active[0])
+  return moe.experts_ffn
+
+
 def _mlp_fn(params, layer_idx, *, config: ModelConfig):
   """The feed-forward of layer `layer_idx` of an MoE model, or None (dense).
 
@@ -293,7 +303,8 @@ def _mlp_fn(params, layer_idx, *, config: ModelConfig):
 
   def run_moe(h, proj_over):
     mp = at(params["moe"], jnp.asarray(moe_index, jnp.int32)[layer_idx])
-    return moe.moe_block(h, mp, config=c, proj=proj_over(mp))
+    return moe.moe_block(h, mp, config=c, proj=proj_over(mp),
+                         experts_fn=_experts_fn())
 
   def run_dense(h, proj_over):
     mp = at(params["dense_mlp"], jnp.asarray(dense_index,
