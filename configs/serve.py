@@ -31,9 +31,12 @@ ENGINE_HELP = {
     "engine.steps_per_call": "decode steps per device call",
     "engine.prefill_batch": "prompts prefilled per device call",
     "engine.min_bucket": "shortest prompt bucket (buckets double to max_len)",
-    "engine.max_rank": "bank LoRA rank; adapters of a higher rank are "
-                       "refused, lower ones are zero padded",
-    "engine.targets": "projections the bank adapts (q,k,v,o,gate,up,down)",
+    "engine.max_rank": "bank LoRA rank; 0: the largest rank among the "
+                       "registry's adapters. Lower ranks are zero padded; an "
+                       "adapter of a higher rank is refused at start-up",
+    "engine.targets": "projections the bank adapts (any of q,k,v,o,gate,up,"
+                      "down); empty: every target the registry's adapters "
+                      "use",
     "engine.adapter_dtype": "dtype of the device adapter bank",
     "engine.lora_impl": "gather-LoRA implementation ('auto' picks per "
                         "backend: gather, pallas_sgmv, ...)",
@@ -62,8 +65,9 @@ def engine_fields(c: ml_collections.ConfigDict) -> None:
   c.pin = ""
   c.engine = ml_collections.ConfigDict(dict(
       num_slots=16, max_batch=16, max_len=256, host_cache_mb=1024,
-      steps_per_call=8, prefill_batch=4, min_bucket=16, max_rank=8,
-      targets="q,k,v,o,gate,up,down", adapter_dtype="float32",
+      steps_per_call=8, prefill_batch=4, min_bucket=16,
+      max_rank=0, targets="",  # sized from the adapters to serve
+      adapter_dtype="float32",
       lora_impl="auto", lookahead=64))
   c.mesh = ml_collections.ConfigDict(dict(use=False, data=1, fsdp=-1,
                                           tensor=1))
