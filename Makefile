@@ -66,6 +66,22 @@ parity-venv: .venv-parity/.installed
 parity-fixtures: .venv-parity/.installed
 	.venv-parity/bin/python tools/make_parity_fixtures.py
 
+# The `fleet` marker: multi-process PostgreSQL concurrency and kill tests,
+# weights on a local S3 server (moto) with its kill test, and the Ray Serve
+# fleet (2 replicas). Installs the `fleet` extra (psycopg, moto, boto3,
+# ray[serve]) into .venv once; PostgreSQL's server binaries come from
+# Debian's postgresql package (.ci/run installs it when missing).
+FLEET_STAMP := $(VENV)/.installed-fleet
+
+.PHONY: test-fleet
+$(FLEET_STAMP): pyproject.toml $(STAMP)
+	$(VPY) -m pip install -q -e '.[test,fleet]'
+	@touch $(FLEET_STAMP)
+
+test-fleet: $(FLEET_STAMP)
+	$(VPY) -m pytest -q -m fleet tests/test_postgres_concurrency.py \
+	  tests/test_s3_store.py tests/test_fleet.py $(PYTEST_ARGS)
+
 # Optional: a second venv with jax[tpu] (libtpu, ~640 MB) for deviceless TPU
 # compiles (jax.experimental.topologies). Kept apart so the main .venv stays
 # libtpu-free: libtpu warns about a missing TPU on every start-up. jax is
