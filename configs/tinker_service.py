@@ -53,7 +53,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
       long_poll_s=10.0, log_level="warning"))
   c.engine.max_len = 128
   c.engine.max_batch = 32
+  # The engine serves whatever the trainer saves: every target, its rank.
   c.engine.max_rank = 16
+  c.engine.targets = "q,k,v,o,gate,up,down"
   if variant == "smollm2":
     c.base = "smollm2"
     c.model_name = "HuggingFaceTB/SmolLM2-135M-Instruct"

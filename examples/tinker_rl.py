@@ -69,7 +69,7 @@ def reward(text: str, colour: str) -> float:
 
 def rl_step(tc, tok, colour: str, args, step: int) -> float:
   """One GRPO step for one user; returns the mean reward of its samples."""
-  sampler = tc.save_weights_and_get_sampling_client()
+  sampler = tc.save_weights_and_get_sampling_client().result()
   prompts = [tok.encode(p, add_special_tokens=False) for p in PROMPTS]
   futs = [sampler.sample(types.ModelInput.from_ints(p),
                          num_samples=args.group,
@@ -106,7 +106,7 @@ def rl_step(tc, tok, colour: str, args, step: int) -> float:
 def run_user(user: int, colour: str, args, base: str) -> dict:
   sc = tinker.ServiceClient()
   tc = sc.create_lora_training_client(base_model=base, rank=args.rank,
-                                      seed=args.seed + user)
+                                      seed=args.seed + user).result()
   tok = tc.get_tokenizer()
   curve = [rl_step(tc, tok, colour, args, s) for s in range(args.steps)]
   k = max(1, args.steps // 4)
@@ -130,7 +130,7 @@ def main(argv=None) -> dict:
   base = args.base_model or sc.get_server_capabilities(
   ).supported_models[0].model_name
   bystander = sc.create_lora_training_client(base_model=base, rank=args.rank,
-                                             seed=12345)
+                                             seed=12345).result()
   btok = bystander.get_tokenizer()
   before = probe_logprobs(bystander, btok)
   rng = np.random.default_rng(args.seed)

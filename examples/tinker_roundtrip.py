@@ -80,14 +80,15 @@ def main(argv=None) -> dict:
   sc = tinker.ServiceClient()
   base = args.base_model or sc.get_server_capabilities(
   ).supported_models[0].model_name
-  a = sc.create_lora_training_client(base_model=base, rank=args.rank)
+  a = sc.create_lora_training_client(base_model=base, rank=args.rank
+                                     ).result()
   tok = a.get_tokenizer()
   data = datums(tok)
   losses_a = [step(a, data, args.lr) for _ in range(args.steps)]
   state = a.save_state("mid").result().path
   sampler_path = a.save_weights_for_sampler("mid").result().path
 
-  b = sc.create_training_client_from_state_with_optimizer(state)
+  b = sc.create_training_client_from_state_with_optimizer(state).result()
   same_at_load = bool(np.array_equal(logprobs(a, data), logprobs(b, data)))
   loss_a, loss_b = step(a, data, args.lr), step(b, data, args.lr)
   lp_a, lp_b = logprobs(a, data), logprobs(b, data)
@@ -97,7 +98,7 @@ def main(argv=None) -> dict:
   for _ in range(2):
     step(a, data, args.lr)
   prompt = tok.encode("My cat is", add_special_tokens=False)
-  mid = sc.create_sampling_client(model_path=sampler_path)
+  mid = sc.create_sampling_client(model_path=sampler_path).result()
   t_seq = mid.sample(types.ModelInput.from_ints(prompt), num_samples=1,
                      sampling_params=types.SamplingParams(
                          max_tokens=6, temperature=0.0)).result().sequences[0]

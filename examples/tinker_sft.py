@@ -89,7 +89,8 @@ def train_user(user: str, train: list[dict], held: list[dict], args,
                base_model: str) -> dict:
   sc = tinker.ServiceClient()
   tc = sc.create_lora_training_client(base_model=base_model, rank=args.rank,
-                                      train_mlp=False, seed=args.seed)
+                                      train_mlp=False, seed=args.seed
+                                      ).result()
   tok = tc.get_tokenizer()
   data = [make_datum(tok, r) for r in train]
   n_tok = sum(sum(d.loss_fn_inputs["weights"].data) for d in data)
@@ -101,7 +102,7 @@ def train_user(user: str, train: list[dict], held: list[dict], args,
         beta2=0.999, eps=1e-8))
     losses.append(fb.result().metrics["loss:sum"] / n_tok)
     opt.result()
-  sampler = tc.save_weights_and_get_sampling_client()
+  sampler = tc.save_weights_and_get_sampling_client().result()
   return {"user": user, "model_id": tc.model_id,
           "loss_first": losses[0], "loss_last": losses[-1],
           "loss_curve": [round(x, 4) for x in losses],

@@ -164,7 +164,7 @@ def optim_step(bank: AdapterBank, opt_state: opt_lib.SlotOptState,
   corr2_s = jnp.where(active_s, 1.0 - jnp.power(hp.beta2, t), 1.0)
   b = opt_lib._bcast  # pylint: disable=protected-access
 
-  def update(p, g, m, v):
+  def update(p, g, m, v, acc):
     act = b(active_s, p)
     g32 = g.astype(jnp.float32) * b(factor_s, g)
     b1, b2 = b(hp.beta1, p), b(hp.beta2, p)
@@ -176,14 +176,15 @@ def optim_step(bank: AdapterBank, opt_state: opt_lib.SlotOptState,
     step = step + b(hp.weight_decay, p) * p32
     p_new = (p32 - b(hp.learning_rate, p) * step).astype(p.dtype)
     return (jnp.where(act, p_new, p), jnp.where(act, m_new, m),
-            jnp.where(act, v_new, v), jnp.where(act, jnp.zeros_like(g), g))
+            jnp.where(act, v_new, v), jnp.where(act, jnp.zeros_like(acc), acc))
 
-  out = jax.tree.map(update, params, grads_acc, opt_state.mu, opt_state.nu)
+  out = jax.tree.map(update, params, grads, opt_state.mu, opt_state.nu,
+                     grads_acc)
   is_quad = lambda x: isinstance(x, tuple) and len(x) == 4
   pick = lambda i: jax.tree.map(lambda o: o[i], out, is_leaf=is_quad)
   # Masked projections (an untrained target, padded rank) keep their exact
-  # zeros: their gradient is zero, so Adam's step is 0 / (0 + eps) = 0 and
-  # only weight decay could move them, which multiplies zero.
+  # zeros: their (masked) gradient is zero, so Adam's step is 0 / (0 + eps)
+  # = 0 and only weight decay could move them, which multiplies zero.
   new_state = opt_lib.SlotOptState(mu=pick(1), nu=pick(2), count=count_s)
   return (bank.replace(**pick(0)), new_state, pick(3),
           {"grad_norm": norm_s})

@@ -374,6 +374,13 @@ def create_app(trainer: Trainer, sampler: Sampler, *, base_name: str,
       return responses.Response(out, media_type=PROTO)
     return out
 
+  @app.api_route("/api/v1/{rest:path}",
+                 methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
+  async def unsupported(rest: str):
+    raise fastapi.HTTPException(
+        404, f"this mintjax service does not implement /api/v1/{rest}; "
+        "docs/TINKER.md lists the supported SDK calls")
+
   @app.on_event("shutdown")
   def _shutdown():
     pool.shutdown(wait=False, cancel_futures=True)

@@ -117,6 +117,12 @@ class Sampler:
 
   def sample(self, session: SamplingSession, body: dict) -> dict:
     """Runs one SampleRequest (blocking); returns sequences and logprobs."""
+    for k in ("topk_prompt_logprobs", "topk_sample_logprobs",
+              "target_prompt_logprobs", "prompt_alt_tokens_k",
+              "prompt_logprobs_last_n", "record_stability_info"):
+      if body.get(k):
+        raise UserError(f"{k} is not supported by this service; sample "
+                        "without it (docs/TINKER.md lists what is served)")
     tokens = prompt_tokens(body.get("prompt"))
     vocab = self.trainer.base.config.vocab_size
     if not tokens or min(tokens) < 0 or max(tokens) >= vocab:

@@ -81,6 +81,11 @@ def build_service(config) -> Service:
   if not config.registry or not config.state_dir:
     raise ValueError("set --config.registry (the adapter registry directory) "
                      "and --config.state_dir (optimizer states, tokenizer)")
+  if config.engine.max_rank < config.trainer.max_rank:
+    raise ValueError(
+        f"engine.max_rank ({config.engine.max_rank}) must be at least "
+        f"trainer.max_rank ({config.trainer.max_rank}): the engine serves "
+        "what the trainer saves; raise --config.engine.max_rank")
   os.makedirs(config.state_dir, exist_ok=True)
   registry = Registry.open(config.registry, create=True)
   engine = engine_from_config(config)

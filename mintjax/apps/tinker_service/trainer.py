@@ -144,12 +144,32 @@ def _pow2(n: int, lo: int, hi: int) -> int:
   return min(b, hi)
 
 
+class LockedRegistry:
+  """A registry whose calls are serialised: the trainer's worker publishes
+  while HTTP threads resolve and the scorer loads, through one handle."""
+
+  def __init__(self, registry: Registry):
+    self._registry = registry
+    self._lock = threading.RLock()
+
+  def __getattr__(self, name):
+    fn = getattr(self._registry, name)
+    if not callable(fn):
+      return fn
+
+    def locked(*args, **kwargs):
+      with self._lock:
+        return fn(*args, **kwargs)
+    return locked
+
+
 class Trainer:
   """Tenants' adapters in one bank; their requests batched (module doc)."""
 
   def __init__(self, base: BaseModel, registry: Registry, *, base_name: str,
                state_dir: str, config: TrainerConfig = TrainerConfig()):
-    self.base, self.registry, self.config = base, registry, config
+    self.base, self.config = base, config
+    self.registry = LockedRegistry(registry)
     self.base_name = base_name
     self.state_dir = state_dir
     os.makedirs(os.path.join(state_dir, "optimizer"), exist_ok=True)
