@@ -30,6 +30,14 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(VPY) -m pytest -q -m slow $(PYTEST_ARGS)
 
+# The Tinker-compatible service driven by the official SDK (the `tinker`
+# marker; examples/tinker_*.py at a small size). Installs the `[tinker]`
+# extra (tinker + transformers, ~60 MB) into .venv.
+.PHONY: test-tinker
+test-tinker: $(STAMP)
+	$(VPY) -m pip install -q -e '.[tinker]'
+	$(VPY) -m pytest -q -m tinker tests/test_tinker.py $(PYTEST_ARGS)
+
 # The first hour of a new user, end to end through the installed console
 # scripts on the embedded SmolLM2 (tests/test_first_hour.py), and every
 # Python example of docs/API.md run in order (tests/test_docs_examples.py).
