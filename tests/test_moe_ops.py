@@ -1,11 +1,16 @@
 """The MoE building blocks against their oracles: routing, grouped experts.
 
+Both grouped matmuls (`ragged_dot`, and the single-expert tiles CPU uses)
+are checked; tests that do not name one use 'auto' (tiled on CPU).
+
 `route` is checked against a numpy transcription of transformers' routers
 (softmax top-k; DeepSeek's sigmoid + correction bias + group-limited top-k
 + routed scaling), `experts_ffn` (sort + ragged_dot) against the dense
 every-expert oracle, forward and gradients, and for "no token dropping": a
 token's output does not depend on how many other tokens chose its expert.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -116,18 +121,20 @@ def _routing(t, seed, k=2):
   return jnp.asarray(ids), jnp.asarray(w)
 
 
-def test_experts_ffn_matches_dense_oracle_and_gradients():
+@pytest.mark.parametrize("impl", ["ragged_dot", "tiled"])
+def test_experts_ffn_matches_dense_oracle_and_gradients(impl):
   x = jnp.asarray(np.random.default_rng(4).normal(size=(13, D)), jnp.float32)
   ids, w = _routing(13, 5)
   params = _experts()
-  got = moe.experts_ffn(x, params, ids, w)
+  ffn = functools.partial(moe.experts_ffn, impl=impl)
+  got = ffn(x, params, ids, w)
   want = moe.experts_ffn_reference(x, params, ids, w)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
 
   def loss(fn, x, params, w):
     return jnp.sum(jnp.sin(fn(x, params, ids, w)))
 
-  g = jax.grad(lambda *a: loss(moe.experts_ffn, *a), argnums=(0, 1, 2))(
+  g = jax.grad(lambda *a: loss(ffn, *a), argnums=(0, 1, 2))(
       x, params, w)
   g_ref = jax.grad(lambda *a: loss(moe.experts_ffn_reference, *a),
                    argnums=(0, 1, 2))(x, params, w)
@@ -181,9 +188,12 @@ def test_experts_ffn_and_its_gradient_lower_for_cuda():
   params = {"gate": s(E, D, F), "up": s(E, D, F), "down": s(E, F, D)}
   args = (s(32, D), params, s(32, 2, dt=jnp.int32), s(32, 2, dt=jnp.float32))
 
-  def loss(x, params, ids, w):
-    return jnp.sum(moe.experts_ffn(x, params, ids, w).astype(jnp.float32))
+  # 'auto' decides by the process's backend (CPU here); name the GPU form.
+  ffn = functools.partial(moe.experts_ffn, impl="ragged_dot")
 
-  for fn in (moe.experts_ffn, jax.grad(loss, argnums=(0, 1))):
+  def loss(x, params, ids, w):
+    return jnp.sum(ffn(x, params, ids, w).astype(jnp.float32))
+
+  for fn in (ffn, jax.grad(loss, argnums=(0, 1))):
     text = export.export(jax.jit(fn), platforms=["cuda"])(*args).mlir_module()
     assert "ragged_dot" in text

@@ -10,7 +10,9 @@ functions:
   of `n_group` groups, and the weights are renormalised and multiplied by
   `routed_scaling_factor`.
 - `experts_ffn`: every token's k (token, expert) pairs sorted by expert and
-  run as three `jax.lax.ragged_dot` grouped matmuls (SwiGLU). Nothing is
+  run as three grouped matmuls (SwiGLU): `jax.lax.ragged_dot` on GPU (and
+  TPU unless the Pallas kernel is used), whole single-expert tiles on CPU,
+  where XLA runs ragged_dot as every group over every row. Nothing is
   dropped: there is no capacity factor, every pair is computed, so results
   do not depend on what else is in the batch.
 - `moe_block`: router + routed experts + DeepSeek's shared experts.
@@ -122,8 +124,64 @@ def empty_stats(num_experts: int) -> dict:
           "prob_e": z, "aux_loss": jnp.zeros((), jnp.float32)}
 
 
+GROUPED_IMPLS = ("auto", "ragged_dot", "tiled")
+
+
+def grouped_matmul(h_md, w_edf, group_sizes_e, expert_m, *, impl="auto"):
+  """Rows sorted by expert times their expert's weights: [M, F] float32.
+
+  Args:
+    h_md: [M, D] rows sorted by expert (group e is the group_sizes[e] rows
+      after groups 0..e-1).
+    w_edf: [E, D, F] weights.
+    group_sizes_e: [E] int32 rows per expert (sum == M).
+    expert_m: [M] int32 expert of each row (sorted).
+    impl: 'ragged_dot' (`jax.lax.ragged_dot`), 'tiled' (`_tiled_matmul`) or
+      'auto': tiled on CPU, ragged_dot elsewhere. XLA:CPU runs ragged_dot as
+      every group over all M rows (E times the work; tools/bench_moe.py
+      measures it), so CPU takes the tiled form.
+  """
+  if impl == "auto":
+    impl = "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
+  if impl == "ragged_dot":
+    return jax.lax.ragged_dot(h_md, w_edf, group_sizes_e,
+                              preferred_element_type=jnp.float32)
+  if impl == "tiled":
+    return _tiled_matmul(h_md, w_edf, group_sizes_e, expert_m)
+  raise ValueError(f"grouped matmul impl {impl!r}; expected one of "
+                   f"{GROUPED_IMPLS}")
+
+
+def _tiled_matmul(h_md, w_edf, group_sizes_e, expert_m):
+  """Grouped matmul as whole tiles of one expert each (megablox's layout).
+
+  Each group is padded to a multiple of `tm` rows, so every tile of `tm`
+  rows belongs to one expert; a batched matmul runs each tile against its
+  expert's weights. Static bound: ceil(M / tm) + E tiles. tm is about M / E
+  (at least 8), so the padding and the gathered weights stay within about
+  twice the useful rows and weights.
+  """
+  m, d = h_md.shape
+  e = w_edf.shape[0]
+  tm = max(8, 1 << max(0, (-(-m // e) - 1).bit_length()))
+  n_tiles = -(-m // tm) + e
+  tiles_e = (group_sizes_e + tm - 1) // tm
+  tile_end_e = jnp.cumsum(tiles_e)
+  row_start_e = jnp.cumsum(group_sizes_e) - group_sizes_e
+  pos_m = ((tile_end_e - tiles_e)[expert_m] * tm + jnp.arange(m)
+           - row_start_e[expert_m])
+  padded = jnp.zeros((n_tiles * tm, d), h_md.dtype).at[pos_m].set(
+      h_md, unique_indices=True)
+  # Tiles past the last group hold zeros; they borrow expert E-1's weights.
+  tile_expert = jnp.minimum(
+      jnp.searchsorted(tile_end_e, jnp.arange(n_tiles), side="right"), e - 1)
+  out = jnp.einsum("ntd,ndf->ntf", padded.reshape(n_tiles, tm, d),
+                   w_edf[tile_expert], preferred_element_type=jnp.float32)
+  return out.reshape(n_tiles * tm, -1)[pos_m]
+
+
 def experts_ffn(x_td, expert_params: dict, expert_ids_tk, weights_tk, *,
-                adapter: ExpertAdapter | None = None):
+                adapter: ExpertAdapter | None = None, impl: str = "auto"):
   """Runs each token through its k experts with grouped matmuls.
 
   Args:
@@ -132,6 +190,7 @@ def experts_ffn(x_td, expert_params: dict, expert_ids_tk, weights_tk, *,
     expert_ids_tk: [T, k] int32 expert per (token, choice).
     weights_tk: [T, k] routing weights.
     adapter: optional `ExpertAdapter` (per-tenant expert LoRA).
+    impl: grouped matmul implementation (`grouped_matmul`).
 
   Returns:
     [T, D] in x's dtype: sum_k weights[t, k] * expert_{ids[t, k]}(x[t]).
@@ -149,8 +208,7 @@ def experts_ffn(x_td, expert_params: dict, expert_ids_tk, weights_tk, *,
 
   def grouped(name, h_m):
     w = expert_params[name].astype(h_m.dtype)
-    out = jax.lax.ragged_dot(h_m, w, group_sizes_e,
-                             preferred_element_type=jnp.float32)
+    out = grouped_matmul(h_m, w, group_sizes_e, expert_m, impl=impl)
     if adapter is not None:
       delta = adapter(name, h_m, expert_m=expert_m, token_m=token_m,
                       group_sizes_e=group_sizes_e)
