@@ -48,3 +48,30 @@ def test_too_small_a_slice_does_not_fit():
   r = moe_plan.plan_row("deepseek-v3-671b", placement=small)
   assert r["params_bytes"] > r["hbm"]
   assert not r["train"]["fits"] and not r["decode"]["fits"]
+
+
+def test_aot_compiles_an_expert_parallel_step_on_a_4_axis_mesh(tmp_path):
+  # The AOT tool takes (data, fsdp, expert, tensor) meshes; a tiny Qwen3-MoE
+  # decode step compiled for 8 CPU devices splits its experts 4 ways.
+  from mintjax import aot
+  cfg = dict(presets.hf_config("qwen3-30b-a3b"), hidden_size=64,
+             intermediate_size=128, moe_intermediate_size=32,
+             num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, num_experts=8,
+             num_experts_per_tok=2, vocab_size=512)
+  path = tmp_path / "config.json"
+  path.write_text(__import__("json").dumps(cfg))
+  req = aot.AotRequest(model=str(path), topology="cpu:8", mesh=(1, 1, 4, 2),
+                       step="decode", slots=4, rank=4,
+                       targets=("q", "k", "v", "o"), batch=8, cache_len=32,
+                       lora_impl="gather", dtype="float32")
+  out = aot.compile_step(req)
+  assert "error" not in out, out.get("error")
+  assert out["mesh"] == {"data": 1, "fsdp": 1, "expert": 4, "tensor": 2}
+  c = aot.presets.get_config(str(path), dtype="float32")
+  experts = 2 * c.num_experts * 3 * 64 * 32 * 4  # f32 [L, E, D, F] x 3
+  # Expert weights are a quarter (expert) of a half (tensor) per device.
+  assert out["resident_bytes"]["params"] < (
+      c.num_params() * 4 - experts + experts // 8) * 1.01
+  with pytest.raises(aot.AotError, match="mesh must be"):
+    aot.AotRequest(mesh=(1, 2))

@@ -72,7 +72,8 @@ class AotRequest:
     model: a preset name (`mintjax.model.presets`) or an HF config.json path.
     topology: 'v5e:2x4', 'v5p:4x4x4', 'v6e:4x4', 'v4:2x2x1', ... (TPU,
       deviceless; needs libtpu) or 'cpu:N' (N of this host's CPU devices).
-    mesh: (data, fsdp, tensor) sizes; one may be -1 (the rest).
+    mesh: (data, fsdp, tensor) sizes, or (data, fsdp, expert, tensor) for
+      an expert-parallel MoE model; one may be -1 (the rest).
     step: 'train', 'prefill' or 'decode'.
     slots: bank slots S (slot 0 is the null adapter).
     rank: bank max rank R.
@@ -96,7 +97,7 @@ class AotRequest:
 
   model: str = "llama-3.1-8b"
   topology: str = "v5e:2x4"
-  mesh: tuple[int, int, int] = (1, 1, -1)
+  mesh: tuple[int, ...] = (1, 1, -1)
   step: str = "decode"
   slots: int = 64
   rank: int = 16
@@ -121,8 +122,9 @@ class AotRequest:
           f"need slots >= 2 (slot 0 is the null adapter), rank >= 1 and "
           f"batch >= 1; got slots={self.slots}, rank={self.rank}, "
           f"batch={self.batch}")
-    if len(self.mesh) != 3:
-      raise AotError(f"mesh must be (data, fsdp, tensor), got {self.mesh}")
+    if len(self.mesh) not in (3, 4):
+      raise AotError(f"mesh must be (data, fsdp, tensor) or (data, fsdp, "
+                     f"expert, tensor), got {self.mesh}")
 
   def replace(self, **changes) -> "AotRequest":
     return dataclasses.replace(self, **changes)
@@ -415,7 +417,12 @@ def compile_step(req: AotRequest, *, with_adapters: bool = True) -> dict:
   cfg = req.model_config()
   devices = topology_devices(req.topology)
   try:
-    mesh = sharding.make_mesh(*req.mesh, devices=devices)
+    if len(req.mesh) == 4:
+      data, fsdp, expert, tensor = req.mesh
+      mesh = sharding.make_mesh(data, fsdp, tensor, devices=devices,
+                                expert=expert)
+    else:
+      mesh = sharding.make_mesh(*req.mesh, devices=devices)
   except ValueError as e:
     raise AotError(f"{e} (topology {req.topology})") from None
   rules = req.rules_dict()
@@ -434,8 +441,7 @@ def compile_step(req: AotRequest, *, with_adapters: bool = True) -> dict:
              for k, v in groups.items()}
   out = dict(step=req.step, with_adapters=with_adapters, lora_impl=impl,
              platform=platform, devices=len(devices), chip=chip.name,
-             mesh=dict(zip(sharding.MESH_AXES,
-                           (int(mesh.shape[a]) for a in sharding.MESH_AXES))),
+             mesh={a: int(mesh.shape[a]) for a in mesh.axis_names},
              resident_bytes=per_dev, hbm=float(chip.hbm_bytes))
   t0 = time.perf_counter()
   try:
