@@ -538,22 +538,26 @@ def parse_rules(text: str) -> tuple:
     if not sep:
       raise AotError(f"rule {item!r} is not logical_axis=mesh_axis[+axis]")
     axes = tuple(a for a in target.split("+") if a)
-    bad = [a for a in axes if a not in sharding.MESH_AXES]
+    bad = [a for a in axes if a not in sharding.EXPERT_MESH_AXES]
     if bad:
       raise AotError(f"rule {item!r}: unknown mesh axes {bad}; use "
-                     f"{'/'.join(sharding.MESH_AXES)}")
+                     f"{'/'.join(sharding.EXPERT_MESH_AXES)}")
     out.append((name, axes[0] if len(axes) == 1 else (axes or None)))
   return tuple(out)
 
 
-def mesh_sizes(text: str) -> tuple[int, int, int]:
-  """'1,1,8' or 'data=1,fsdp=1,tensor=8' -> (1, 1, 8)."""
+def mesh_sizes(text: str) -> tuple[int, ...]:
+  """'1,1,8' or 'data=1,fsdp=1,tensor=8' -> (1, 1, 8); four sizes or an
+  `expert=` key give (data, fsdp, expert, tensor)."""
   if "=" in text:
     kv = dict(p.split("=") for p in text.split(","))
-    return tuple(int(kv.get(a, 1)) for a in sharding.MESH_AXES)
+    axes = (sharding.EXPERT_MESH_AXES if "expert" in kv
+            else sharding.MESH_AXES)
+    return tuple(int(kv.get(a, 1)) for a in axes)
   sizes = tuple(int(x) for x in text.split(","))
-  if len(sizes) != 3:
-    raise AotError(f"mesh {text!r}: give data,fsdp,tensor sizes")
+  if len(sizes) not in (3, 4):
+    raise AotError(f"mesh {text!r}: give data,fsdp,tensor or "
+                   "data,fsdp,expert,tensor sizes")
   return sizes
 
 
