@@ -171,3 +171,14 @@ def test_moe_checkpoint_missing_expert_is_named(tmp_path):
   safetensors.numpy.save_file(tensors, str(tmp_path / hf.SINGLE_FILE))
   with pytest.raises(hf.CheckpointError, match=key.replace(".", r"\.")):
     hf.load_hf(tmp_path)
+
+
+def test_qwen3_moe_sparse_step_and_mlp_only_layers():
+  cfg = json.loads((FIXTURES / "qwen3_moe" / "config.json").read_text())
+  cfg.update(num_hidden_layers=6, decoder_sparse_step=2, mlp_only_layers=[3])
+  parsed = ModelConfig.from_hf_config(cfg)
+  assert parsed.moe_layers == (1, 5)  # (i + 1) % 2 == 0, minus layer 3
+  assert ModelConfig.from_hf_config(parsed.to_hf_config()) == parsed
+  shapes = llama.param_shapes(parsed)
+  assert shapes["moe"]["gate"].shape[:2] == (2, 8)
+  assert shapes["dense_mlp"]["gate"].shape[0] == 4
