@@ -22,6 +22,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -75,10 +76,18 @@ class Steps:
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=self.cwd, env=self.env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # Read both pipes through their file objects (communicate() after a
+    # readline() would skip what readline() buffered); stdout in a thread
+    # so neither pipe can fill and stall the process.
+    stdout = []
+    reader = threading.Thread(target=lambda: stdout.append(proc.stdout.read()))
+    reader.start()
     first_line = proc.stderr.readline()  # launchers speak on stderr first
     first = time.perf_counter() - t0
-    out, err = proc.communicate(timeout=timeout)
-    err = first_line + err
+    err = first_line + proc.stderr.read()
+    proc.wait(timeout=timeout)
+    reader.join()
+    out = stdout[0]
     total = time.perf_counter() - t0
     self.timings[step] = dict(seconds=round(total, 1))
     if console:  # a plain script prints nothing until it ends
