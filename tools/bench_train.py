@@ -2,7 +2,7 @@
 
   .venv/bin/python -m tools.bench_train [--quick] [--no-peft]
       [--slots S] [--slot_sweep all,present] [--model tiny]
-      [--users 16]
+      [--users 16] [--compute_dtypes float32,bfloat16]
 
 For each model (tiny; SmolLM2-135M shapes with random weights) and U users
 (16, 64), measured side by side in one run on the same tokens (one row of T
@@ -10,9 +10,14 @@ tokens per user):
   multi       one compiled step training U adapters (adapter_idx = 1..U)
   sequential  U single-user steps (batch of that user's row), same program
   shared      one step training one adapter over all U rows
-and, when the parity interpreter (`make parity-venv`) has torch + peft, PEFT training the same U
-adapters one after another (AdamW, same rows) in a subprocess. Prints a
-markdown table of speed-ups, overhead and peak memory.
+and, when the peer venv (`make peer-venv`) or the parity interpreter (`make
+parity-venv`) has torch + peft, PEFT training the same U adapters one after
+another (AdamW, same rows) in a subprocess. Prints a markdown table of
+speed-ups, training tokens/s (U * T / step time), overhead and peak memory.
+
+`--compute_dtypes float32,bfloat16` measures each compute dtype side by
+side (`StepConfig.compute_dtype`: bf16 base matmuls, f32 adapter master
+weights and optimizer state); PEFT trains in f32.
 
 `--slots S` trains in a bank of S slots (every slot holding a user; the
 batch's rows use slots 1..U) instead of U + 1; `--slot_sweep all,present`
@@ -23,6 +28,7 @@ bank and tokens, one table row each, side by side in one run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -43,6 +49,7 @@ from mintjax.train.cohort import cohort_state, init_cohort
 from mintjax.train.step import (Batch, StepConfig, log_memory_analysis,
                                 make_train_step)
 from tools.parity_env import parity_python
+from tools.peer_env import peer_python
 
 TARGETS = ("q", "k", "v", "o")
 
@@ -59,14 +66,18 @@ def _time(fn, reps):
 
 def bench_one(variant: str, users: int, seq_len: int, rank: int, reps: int,
               lora_impl: str = "auto", *, num_slots: int = 0,
-              slot_sweep: str = "auto"):
+              slot_sweep: str = "auto", compute_dtype: str = "float32"):
   cfg = RANDOM_VARIANTS[variant]
   base = random_base(cfg, seed=0)
   num_slots = max(num_slots, users + 1)
   spec = BankSpec(targets=TARGETS, max_rank=rank, num_slots=num_slots)
   mesh = sharding.make_mesh(fsdp=-1)
+  # Only name compute_dtype when it is not the default, so f32 runs also
+  # work on a StepConfig without the field.
+  dt = {} if compute_dtype == "float32" else {"compute_dtype": compute_dtype}
   step = make_train_step(cfg, spec, opt_lib.OptimizerConfig(
-      1e-3, slot_sweep=slot_sweep), mesh, StepConfig(lora_impl=lora_impl))
+      1e-3, slot_sweep=slot_sweep), mesh, StepConfig(lora_impl=lora_impl,
+                                                     **dt))
   names = [f"u{i}" for i in range(num_slots - 1)]
   cohort = cohort_state(cfg, spec, names, init_cohort(
       cfg, spec, names, alpha=2.0 * rank), shardings=step.state_shardings[1:])
@@ -100,6 +111,7 @@ def bench_one(variant: str, users: int, seq_len: int, rank: int, reps: int,
   t_seq = _time(sequential, max(1, reps // 2))
   return dict(model=variant, users=users, seq_len=seq_len, rank=rank,
               slots=num_slots, slot_sweep=slot_sweep,
+              compute=compute_dtype,
               multi_s=t_multi, shared_s=t_shared, sequential_s=t_seq,
               speedup_vs_sequential=t_seq / t_multi,
               overhead_vs_shared=t_multi / t_shared,
@@ -138,7 +150,7 @@ print(json.dumps({"peft_s": time.perf_counter() - t0}))
 
 
 def bench_peft(variant, rank, tokens):
-  parity_py = parity_python()
+  parity_py = peer_python() or parity_python()
   if parity_py is None:
     return None
   cfg = RANDOM_VARIANTS[variant].to_dict()
@@ -172,8 +184,16 @@ def main():
                  help="measure only this model of the plan (e.g. tiny)")
   p.add_argument("--users", default="",
                  help="comma list: measure only these U of the plan")
+  p.add_argument("--compute_dtypes", default="float32",
+                 help="comma list of step compute dtypes to measure side by "
+                      "side: float32, bfloat16")
   args = p.parse_args()
   sweeps = args.slot_sweep.split(",")
+  dtypes = args.compute_dtypes.split(",")
+  if any(d != "float32" for d in dtypes) and "compute_dtype" not in {
+      f.name for f in dataclasses.fields(StepConfig)}:
+    p.error("this StepConfig has no compute_dtype; use --compute_dtypes "
+            "float32")
   if args.quick:
     plan = [("tiny", 16, 32, 4, 5)]
   else:
@@ -183,31 +203,41 @@ def main():
       not args.users or str(r[1]) in args.users.split(","))]
   rows = []
   for variant, users, seq, rank, reps in plan:
+    peft_s = "not run"
     for sweep in sweeps:
-      r = bench_one(variant, users, seq, rank, reps, args.lora_impl,
-                    num_slots=args.slots, slot_sweep=sweep)
-      r["peft_s"] = None if args.no_peft else bench_peft(variant, rank,
-                                                         r["tokens"])
-      rows.append(r)
-      print(f"done {variant} U={users} {sweep}", file=sys.stderr)
+      for dtype in dtypes:
+        r = bench_one(variant, users, seq, rank, reps, args.lora_impl,
+                      num_slots=args.slots, slot_sweep=sweep,
+                      compute_dtype=dtype)
+        if peft_s == "not run":  # once per model and U: same rows each time
+          peft_s = None if args.no_peft else bench_peft(variant, rank,
+                                                        r["tokens"])
+        r["peft_s"] = peft_s
+        rows.append(r)
+        print(f"done {variant} U={users} {sweep} {dtype}", file=sys.stderr)
   rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, "
         f"lora_impl {args.lora_impl}, "
         f"{jax.device_count()} device(s); process peak RSS {rss_mb:.0f} MB\n")
-  print("| model | U | slots | optimizer path | T | rank | multi step (ms) | "
-        "U sequential (ms) | "
+  print("| model | U | slots | optimizer path | compute | T | rank | "
+        "multi step (ms) | multi tok/s | U sequential (ms) | "
         "speed-up (goal >= 8x) | shared adapter (ms) | overhead (goal <= "
-        "1.15x) | PEFT sequential (ms) | speed-up vs PEFT | step peak MB |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        "1.15x) | PEFT sequential (ms) | PEFT tok/s | speed-up vs PEFT | "
+        "step peak MB |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "---|")
   for r in rows:
-    peft = ("-", "-") if r["peft_s"] is None else (
-        f"{r['peft_s'] * 1e3:.1f}", f"{r['peft_s'] / r['multi_s']:.1f}x")
+    toks = r["users"] * r["seq_len"]
+    peft = ("-", "-", "-") if r["peft_s"] is None else (
+        f"{r['peft_s'] * 1e3:.1f}", f"{toks / r['peft_s']:.0f}",
+        f"{r['peft_s'] / r['multi_s']:.1f}x")
     print(f"| {r['model']} | {r['users']} | {r['slots']} | "
-          f"{r['slot_sweep']} | {r['seq_len']} | {r['rank']} | "
-          f"{r['multi_s'] * 1e3:.1f} | {r['sequential_s'] * 1e3:.1f} | "
+          f"{r['slot_sweep']} | {r['compute']} | {r['seq_len']} | "
+          f"{r['rank']} | {r['multi_s'] * 1e3:.1f} | "
+          f"{toks / r['multi_s']:.0f} | {r['sequential_s'] * 1e3:.1f} | "
           f"{r['speedup_vs_sequential']:.1f}x | {r['shared_s'] * 1e3:.1f} | "
           f"{r['overhead_vs_shared']:.2f}x | {peft[0]} | {peft[1]} | "
-          f"{r['step_peak_mb']:.1f} |")
+          f"{peft[2]} | {r['step_peak_mb']:.1f} |")
 
 
 if __name__ == "__main__":
