@@ -10,7 +10,7 @@ stand-in for folders a user brings from Hugging Face PEFT.
 
 Each step's wall time and the time to its first line of output are written
 to $FIRST_HOUR_TIMINGS when set (and printed); every console script must
-speak within a few seconds. Marker `first_hour` (`make test-first-hour`): it runs the
+speak within 2 s. Marker `first_hour` (`make test-first-hour`): it runs the
 real 135M model on CPU for a few minutes.
 """
 
@@ -29,7 +29,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
-FIRST_OUTPUT_LIMIT_S = 5.0  # the goal is 2 s; shared CI cores get slack
+FIRST_OUTPUT_LIMIT_S = 2.0  # the issue: "says within 2 s" (measured <= 0.6 s)
 
 pytestmark = pytest.mark.first_hour
 
