@@ -35,7 +35,24 @@ _CONFIG_HELP = flags.DEFINE_bool(
     "config_help", False,
     "Print every --config.* field with its default and meaning, then exit.")
 
-_T0 = time.perf_counter()
+
+
+def _process_start() -> float:
+  """perf_counter() at this process's start (Linux /proc), else now."""
+  try:
+    with open("/proc/self/stat", encoding="ascii") as f:
+      ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/uptime", encoding="ascii") as f:
+      uptime = float(f.read().split()[0])
+    age = uptime - ticks / os.sysconf("SC_CLK_TCK")
+    return time.perf_counter() - max(age, 0.0)
+  except (OSError, ValueError, IndexError):
+    return time.perf_counter()
+
+
+# say() stamps seconds since the process started (interpreter start-up
+# and imports included), so "[0.4s]" is what the user waited.
+_T0 = _process_start()
 
 # Third-party loggers that speak at INFO on every run (backend probing,
 # checkpoint I/O): quiet unless --verbosity is given.
