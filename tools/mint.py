@@ -126,7 +126,6 @@ def run(reg: Registry, args: Sequence[str], as_json: bool = False) -> str:
                           "--base=smollm2): the adapter is tied to its base")
     from mintjax.adapters.spec import AdapterInfo  # pylint: disable=g-import-not-at-top
     from mintjax.model.sources import load_base_source  # Heavy; only here.
-    console.say(f"mint: loading base {_BASE.value!r} for its fingerprint")
     base = load_base_source(_BASE.value)
     info = AdapterInfo(
         targets=tuple(_TARGETS.value), rank=_RANK.value,
@@ -245,8 +244,6 @@ def run(reg: Registry, args: Sequence[str], as_json: bool = False) -> str:
           "--base_fingerprint=sha256:...")
     if _BASE.value:
       from mintjax.model.sources import load_base_source  # Heavy; only here.
-      console.say(f"mint: loading base {_BASE.value!r} once for "
-                  f"{len(rest)} folder(s)")
       # Loaded once; every folder is checked against it (shapes, layers)
       # and all ids against the registry before any is stored.
       revs = peft_io.import_peft(reg, load_base_source(_BASE.value), *rest,
