@@ -24,7 +24,7 @@ import pytest
 import safetensors.numpy
 
 from mintjax.config import ConfigError, ModelConfig
-from mintjax.model import hf, llama
+from mintjax.model import hf, llama, mla
 from mintjax.model.kv_cache import init_cache
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "parity"
@@ -182,3 +182,19 @@ def test_qwen3_moe_sparse_step_and_mlp_only_layers():
   shapes = llama.param_shapes(parsed)
   assert shapes["moe"]["gate"].shape[:2] == (2, 8)
   assert shapes["dense_mlp"]["gate"].shape[0] == 4
+
+
+def test_mla_absorbed_form_matches_transformers(monkeypatch):
+  """Through a KV cache longer than the prompt, MLA attends to the latents
+  directly (kv_b absorbed into q and o; what decode steps use) and still
+  gives transformers' logits. (The expanded form is what the cache-free
+  `test_logits_match_transformers` runs.)"""
+  monkeypatch.setattr(mla, "_absorb_pays", lambda t, s, c: True)
+  base, expected = _base("deepseek_v3"), _expected("deepseek_v3")
+  tokens = expected["tokens"]
+  cache = init_cache(base.config, tokens.shape[0], 16)
+  # A fresh jit per form: the monkeypatched choice is read at trace time.
+  run = jax.jit(lambda p, cache, tok: llama.forward(
+      p, None, None, tok, config=base.config, cache=cache)[0])
+  got = np.asarray(run(base.params, cache, tokens))
+  np.testing.assert_allclose(got, expected["logits"], atol=1e-4, rtol=0)

@@ -10,9 +10,17 @@ scale `qk_head_dim ** -0.5` times YaRN's `mscale_all_dim` correction.
 The KV cache holds the compressed latents, as transformers does: cache.k
 is c_kv [L, B, S, 1, kv_lora_rank] (normed) and cache.v the RoPE'd shared
 key part [L, B, S, 1, qk_rope_head_dim], so a cached token costs
-kv_lora_rank + qk_rope_head_dim values instead of 2 * H * head_dim. Keys
-and values are expanded through kv_b for the attended span at each call
-(weight absorption into q and o is a later optimisation).
+kv_lora_rank + qk_rope_head_dim values instead of 2 * H * head_dim.
+
+Two equal ways to attend over the latents (`_absorb_pays`):
+- expanded: keys and values of all S positions through kv_b, then ordinary
+  attention (prefill and training, where T is about S);
+- absorbed (DeepSeek-V2's weight absorption): kv_b's key half is folded
+  into the queries and its value half applied after attention, so a query
+  attends to the latents directly as one shared (MQA) head of width
+  kv_lora + rope; a decode step then costs O(S * kv_lora) per head instead
+  of expanding S keys. Used when few queries meet a long cache and kv_b
+  carries no per-tenant adapter (a LoRA on kv_b acts on the expanded keys).
 
 Parameters of one layer (x @ W layout; H heads, C = qk_nope + qk_rope):
   q [D, H*C]  or  q_a [D, q_lora], q_a_norm [q_lora], q_b [q_lora, H*C]
@@ -42,8 +50,15 @@ def _deinterleave(x):
   return jnp.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
 
 
+def _absorb_pays(t: int, s: int, c: ModelConfig) -> bool:
+  """Absorption's per-(query, key) cost 2r - nope - v (r = kv_lora) against
+  expansion's r * (nope + v) per key, paid once for all t queries."""
+  r, nope, v = c.kv_lora_rank, c.qk_nope_head_dim, c.v_head_dim
+  return t < s and t * (2 * r - nope - v) < r * (nope + v)
+
+
 def mla_attention(h_btd, lp: dict, cache_kv, step, *, config: ModelConfig,
-                  proj):
+                  proj, kv_b_adapted: bool = False, absorb: bool | None = None):
   """The attention of one MLA layer, before the output projection.
 
   Args:
@@ -54,6 +69,9 @@ def mla_attention(h_btd, lp: dict, cache_kv, step, *, config: ModelConfig,
     step: the decoder's per-call inputs (`llama._StepInputs`).
     config: model config with `uses_mla`.
     proj: the decoder's `proj(name, h)` (LoRA-aware) projection.
+    kv_b_adapted: the bank adapts kv_b (absorption is then never used).
+    absorb: force the absorbed (True) or expanded (False) form; None picks
+      by cost (`_absorb_pays`).
 
   Returns:
     (attn [B, T, H * v_head_dim], updated (c_kv, k_rope) or None).
@@ -86,13 +104,26 @@ def mla_attention(h_btd, lp: dict, cache_kv, step, *, config: ModelConfig,
     new_kv = (c_all, r_all)
     c_kv, k_rope = c_all.astype(q.dtype), r_all.astype(q.dtype)
   s = c_kv.shape[1]
+  scale = yarn_softmax_scale(c) / math.sqrt(nope + rope)
+  q_seg, k_seg = step.segments
+  if absorb is None:
+    absorb = _absorb_pays(t, s, c)
+  if absorb and not kv_b_adapted:
+    w = lp["kv_b"].reshape(c.kv_lora_rank, nh, nope + c.v_head_dim)
+    w = w.astype(q.dtype)
+    q_lat = jnp.einsum("bthn,rhn->bthr", q_nope, w[..., :nope])
+    latent = jnp.concatenate([c_kv, k_rope], axis=-1)  # [B, S, 1, r + rope]
+    ctx = attention(jnp.concatenate([q_lat, q_rope], axis=-1), latent, c_kv,
+                    step.q_pos_bt, step.k_pos_bs, q_segment_bt=q_seg,
+                    k_segment_bs=k_seg, scale=scale)  # [B, T, H * r]
+    out = jnp.einsum("bthr,rhv->bthv", ctx.reshape(b, t, nh, -1),
+                     w[..., nope:])
+    return out.reshape(b, t, nh * c.v_head_dim), new_kv
   kv_b = proj("kv_b", c_kv[:, :, 0, :]).reshape(b, s, nh, nope + c.v_head_dim)
   k_nope, v = kv_b[..., :nope], kv_b[..., nope:]
   k = jnp.concatenate(
       [k_nope, jnp.broadcast_to(k_rope, (b, s, nh, rope))], axis=-1)
   q = jnp.concatenate([q_nope, q_rope], axis=-1)
-  scale = yarn_softmax_scale(c) / math.sqrt(nope + rope)
-  q_seg, k_seg = step.segments
   out = attention(q, k, v, step.q_pos_bt, step.k_pos_bs, q_segment_bt=q_seg,
                   k_segment_bs=k_seg, scale=scale)
   return out, new_kv
