@@ -215,8 +215,9 @@ def _layer(x_btd, lp, lb, cache_kv, step: _StepInputs, *,
   proj = proj_over(lp)
   h = rms_norm(x_btd, lp["attn_norm"], c.rms_norm_eps)
   if c.uses_mla:
-    attn, new_kv = mla.mla_attention(h, lp, cache_kv, step, config=c,
-                                     proj=proj)
+    attn, new_kv = mla.mla_attention(
+        h, lp, cache_kv, step, config=c, proj=proj,
+        kv_b_adapted=lb is not None and "kv_b" in lb.lora_a)
     return _layer_tail(x_btd, attn, lp, proj, proj_over, config=c, mlp=mlp,
                        new_kv=new_kv)
   q = proj("q", h).reshape(b, t, c.num_heads, c.head_dim)
