@@ -71,10 +71,11 @@ def test_sharded_equals_unsharded(mesh):
   assert spec[0] in (ep.token_axes(mesh), ep.token_axes(mesh)[0]), spec
 
 
-# Gradients on two layouts by default (each compile costs seconds on 2
+# Gradients on one layout by default (each compile costs seconds on 2
 # cores); the other two under `make test-slow`.
 @pytest.mark.parametrize("mesh_name", [
-    "expert8", "data2_fsdp1_expert2_tensor2",
+    "data2_fsdp1_expert2_tensor2",
+    pytest.param("expert8", marks=pytest.mark.slow),
     pytest.param("data2_expert4", marks=pytest.mark.slow),
     pytest.param("expert4_tensor2", marks=pytest.mark.slow)])
 def test_gradients_equal_unsharded(mesh_name):
@@ -93,6 +94,7 @@ def test_gradients_equal_unsharded(mesh_name):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bf16_matches_unsharded():
   mesh = sharding.make_mesh(**MESHES["data2_expert4"])
   x, params, ids, w = _inputs(jnp.bfloat16, seed=2)
