@@ -10,9 +10,10 @@ resolves the ref (one catalog query: an adapter published a moment ago is
 found) and makes the adapter resident in a device slot, reading it from the
 store unless the host cache has it.
 
-Capacity: Serve keeps at most `capacity` adapter refs per replica, the
-number of device slots (`EngineConfig.num_slots`); the engine's own host
-cache (`host_cache_bytes`) keeps recently evicted adapters one copy away.
+Capacity: Serve keeps at most `capacity` adapter refs per replica: the
+device slots (`EngineConfig.num_slots`) by default, or `max_adapters`
+(what the host cache, `host_cache_bytes`, holds), which keeps an adapter
+routed to the replica that still has it in host memory.
 """
 
 from __future__ import annotations
@@ -45,12 +46,18 @@ class ReplicaConfig:
     engine: engine shapes; set max_rank and targets (adapters published
       later must fit the bank without a recompile).
     service: queue bound and timeouts of the replica's service loop.
+    max_adapters: adapter refs Serve keeps routed to one replica; None is
+      the device slots. Set it to what the host cache holds
+      (host_cache_bytes // adapter bytes) to route an adapter back to the
+      replica that still has it in host memory after it left the slots
+      (docs/BENCHMARKS.md, "Fleet", measures both).
   """
 
   registry: str
   base: Callable[[], BaseModel]
   engine: EngineConfig = EngineConfig()
   service: ServiceConfig = ServiceConfig()
+  max_adapters: int | None = None
 
   def __post_init__(self):
     if self.engine.max_rank is None or self.engine.targets is None:
@@ -61,8 +68,9 @@ class ReplicaConfig:
 
   @property
   def capacity(self) -> int:
-    """Adapter refs Serve keeps per replica: the device slots."""
-    return self.engine.num_slots
+    """Adapter refs Serve keeps per replica (`max_adapters`, else the
+    device slots)."""
+    return self.max_adapters or self.engine.num_slots
 
 
 class FleetReplica:
