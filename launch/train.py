@@ -13,6 +13,7 @@ All logic lives in `mintjax.apps.train_workflow.train_and_publish`.
 """
 
 import importlib
+import os
 import sys
 
 from launch import console  # light (absl only): say() runs before jax loads
@@ -45,6 +46,10 @@ def main(argv):
     sys.exit("error: --workdir is required (the run directory: checkpoints "
              "and metrics.jsonl; rerun with the same one to resume)")
   cfg = _CONFIG.value
+  if os.path.exists(cfg.base):
+    # Provenance records the base as given; an absolute path lets
+    # `mintjax-eval` find it (its --base default) from any directory.
+    cfg.base = os.path.abspath(cfg.base)
   console.say(f"mintjax-train: loading base {cfg.base!r} and data "
               f"{cfg.train_data!r}")
   distributed.initialize()
