@@ -375,6 +375,10 @@ class ModelConfig:
           f"config.json is missing required key {e.args[0]!r}") from None
     rope_theta, rope_scaling = _hf_rope(hf)
     default_bias = architecture == "qwen2"
+    if architecture in ("qwen3", "qwen3_moe") and hf.get("use_sliding_window"):
+      raise ConfigError(
+          "config.json sets use_sliding_window=true; sliding-window "
+          "attention is not supported, set it to false (full attention)")
     cfg.update(_hf_moe(hf, architecture, cfg["num_layers"]))
     if architecture == "deepseek_v3":
       cfg.update(_hf_mla(hf))

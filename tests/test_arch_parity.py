@@ -198,3 +198,10 @@ def test_mla_absorbed_form_matches_transformers(monkeypatch):
       p, None, None, tok, config=base.config, cache=cache)[0])
   got = np.asarray(run(base.params, cache, tokens))
   np.testing.assert_allclose(got, expected["logits"], atol=1e-4, rtol=0)
+
+
+def test_qwen3_sliding_window_is_refused():
+  cfg = json.loads((FIXTURES / "qwen3" / "config.json").read_text())
+  cfg.update(use_sliding_window=True, sliding_window=8)
+  with pytest.raises(ConfigError, match="use_sliding_window"):
+    ModelConfig.from_hf_config(cfg)
