@@ -149,8 +149,7 @@ def test_engine_serves_an_int8_base_like_its_dequantized_twin(dense):
   twin = dataclasses.replace(q, config=q.config.replace(weight_format="float"),
                              params=quant.dequantize(q.params))
   cfg = EngineConfig(num_slots=2, max_batch=2, max_len=32, steps_per_call=4,
-                     prefill_batch=2, min_bucket=16, max_rank=4,
-                     fuse_projections=False)
+                     prefill_batch=2, min_bucket=16, max_rank=4)
   reqs = [GenerationRequest(prompt=tuple(int(t) for t in row),
                             sampling=SamplingParams(max_new_tokens=6,
                                                     ignore_eos=True))
