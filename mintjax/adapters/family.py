@@ -113,10 +113,11 @@ class AdapterFamily(abc.ABC):
     the base model's outputs unchanged until it is trained."""
 
   @abc.abstractmethod
-  def stored_shapes(self, rank: int, shape: tuple[int, int, int]
+  def stored_shapes(self, rank: int, shape: tuple[int, ...]
                     ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Shapes of a row's two tensors for one target of `shape` (L, d_in,
-    d_out) at rank `rank` (in `tensor_names` order)."""
+    d_out), or (L, E, d_in, d_out) for a routed-expert target
+    (`spec.target_shape`), at rank `rank` (in `tensor_names` order)."""
 
   @abc.abstractmethod
   def tensors(self, weights) -> tuple[Mapping, Mapping]:
@@ -162,8 +163,9 @@ class AdapterFamily(abc.ABC):
                          ) -> int:
     """Numbers one stored adapter of rank `rank` holds (shared state such as
     VeRA's basis is not counted)."""
-    return sum(math.prod(s) for t in targets for s in self.stored_shapes(
-        rank, (config.num_layers, *config.projection_shape(t))))
+    from mintjax.adapters.spec import target_shape  # pylint: disable=g-import-not-at-top
+    return sum(math.prod(s) for t in targets
+               for s in self.stored_shapes(rank, target_shape(config, t)))
 
   # ------------------------------------------------ the trainer's bank
 

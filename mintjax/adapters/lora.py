@@ -21,7 +21,7 @@ import numpy as np
 from mintjax.adapters import bank as bank_lib
 from mintjax.adapters.family import AdapterFamily
 from mintjax.adapters.spec import (AdapterError, AdapterInfo, AdapterWeights,
-                                   BankSpec)
+                                   BankSpec, factor_shapes)
 from mintjax.config import ModelConfig
 
 
@@ -39,16 +39,16 @@ def init_lora(config: ModelConfig, info: AdapterInfo, *, user: str,
   the base model's outputs unchanged until it is trained.
 
   Returns:
-    AdapterWeights with A[t]: [L, d_in, r] and B[t]: [L, r, d_out] float32.
+    AdapterWeights with A[t]: [L, d_in, r] and B[t]: [L, r, d_out] float32
+    (routed-expert targets: [L, E, d_in, r] and [L, E, r, d_out]).
   """
   rng = np.random.default_rng(_seed_for(seed, user))
   a, b = {}, {}
   for t in info.targets:
-    d_in, d_out = config.projection_shape(t)
-    bound = 1.0 / math.sqrt(d_in)
-    a[t] = rng.uniform(-bound, bound, (config.num_layers, d_in, info.rank)
-                       ).astype(np.float32)
-    b[t] = np.zeros((config.num_layers, info.rank, d_out), np.float32)
+    shape_a, shape_b = factor_shapes(config, t, info.rank)
+    bound = 1.0 / math.sqrt(shape_a[-2])
+    a[t] = rng.uniform(-bound, bound, shape_a).astype(np.float32)
+    b[t] = np.zeros(shape_b, np.float32)
   return AdapterWeights(a, b, rank=info.rank, alpha=info.alpha,
                         use_rslora=info.use_rslora)
 
@@ -66,8 +66,9 @@ class LoraFamily(AdapterFamily):
     return init_lora(config, info, user=user, seed=seed)
 
   def stored_shapes(self, rank, shape):
-    l, d_in, d_out = shape
-    return (l, d_in, rank), (l, rank, d_out)
+    # shape is (L, d_in, d_out), or (L, E, d_in, d_out) for routed experts.
+    *lead, d_in, d_out = shape
+    return (*lead, d_in, rank), (*lead, rank, d_out)
 
   def shapes_of(self, weights):
     shapes = {}
@@ -75,11 +76,12 @@ class LoraFamily(AdapterFamily):
       if t not in weights.lora_b:
         raise AdapterError(f"lora_b lacks target {t!r} that lora_a has")
       a, b = np.shape(weights.lora_a[t]), np.shape(weights.lora_b[t])
-      if len(a) != 3 or len(b) != 3 or a[0] != b[0]:
+      if len(a) not in (3, 4) or len(b) != len(a) or a[:-2] != b[:-2]:
         raise AdapterError(
             f"lora_a[{t!r}] {a} / lora_b[{t!r}] {b} must be [L, d_in, r] / "
-            "[L, r, d_out]")
-      shapes[t] = (a[0], a[1], b[2])
+            "[L, r, d_out] (routed experts: [L, E, d_in, r] / "
+            "[L, E, r, d_out])")
+      shapes[t] = (*a[:-1], b[-1])
     return shapes
 
   def tensors(self, weights):
@@ -116,8 +118,12 @@ class LoraFamily(AdapterFamily):
   def rank_mask(self, bank):
     keep_sr = (jnp.arange(bank.max_rank)[None, :] < bank.rank[:, None]
                ).astype(jnp.float32)
-    return {"lora_a": {t: keep_sr[:, None, None, :] for t in bank.lora_a},
-            "lora_b": {t: keep_sr[:, None, :, None] for t in bank.lora_b}}
+    s, r = keep_sr.shape
+    # A [S, L, (E,) d_in, R] and B [S, L, (E,) R, d_out].
+    mask_a = lambda x: keep_sr.reshape(s, *(1,) * (x.ndim - 2), r)
+    mask_b = lambda x: keep_sr.reshape(s, *(1,) * (x.ndim - 3), r, 1)
+    return {"lora_a": {t: mask_a(x) for t, x in bank.lora_a.items()},
+            "lora_b": {t: mask_b(x) for t, x in bank.lora_b.items()}}
 
   def to_lora_bank(self, bank):
     return bank

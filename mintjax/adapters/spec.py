@@ -32,6 +32,19 @@ from mintjax.config import ModelConfig
 
 ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 ATTENTION_TARGETS = ("q", "k", "v", "o")
+# Targets of the MoE/MLA architectures (`mintjax.model.mla`, `.moe`). They
+# stay out of ALL_TARGETS, which callers use as "every projection of a dense
+# Llama-family base". MLA's output projection is 'o'. Shared experts are
+# ordinary [L, d_in, r] rows (zero on dense layers). The routed experts'
+# rows gain an expert axis, [L, E, d_in, r] / [L, E, r, d_out]; gate and up
+# are one fused target, like transformers 5's `mlp.experts.gate_up_proj`
+# (d_out = 2 * Fe, gate columns first), so PEFT's `target_parameters` maps
+# onto them one to one. The router is never a target.
+MLA_TARGETS = ("q_a", "q_b", "kv_a", "kv_b")
+SHARED_EXPERT_TARGETS = ("shared_gate", "shared_up", "shared_down")
+EXPERT_TARGETS = ("experts_gate_up", "experts_down")
+KNOWN_TARGETS = (ALL_TARGETS[:1] + MLA_TARGETS + ALL_TARGETS[1:] +
+                 SHARED_EXPERT_TARGETS + EXPERT_TARGETS)
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -50,14 +63,54 @@ def _check_targets(targets) -> tuple[str, ...]:
   targets = tuple(targets)
   if not targets:
     raise AdapterError("an adapter needs at least one target projection")
-  bad = [t for t in targets if t not in ALL_TARGETS]
+  bad = [t for t in targets if t not in KNOWN_TARGETS]
   if bad:
+    hint = (" (the router is never adapted)" if "router" in bad else "")
     raise AdapterError(
-        f"unknown target projections {bad}; expected a subset of {ALL_TARGETS}")
+        f"unknown target projections {bad}{hint}; expected a subset of "
+        f"{KNOWN_TARGETS}")
   if len(set(targets)) != len(targets):
     raise AdapterError(f"duplicate target projections in {targets}")
   # Canonical order keeps pytrees and fingerprints stable.
-  return tuple(t for t in ALL_TARGETS if t in targets)
+  return tuple(t for t in KNOWN_TARGETS if t in targets)
+
+
+def target_shape(config: ModelConfig, target: str) -> tuple[int, ...]:
+  """(*lead, d_in, d_out) of one target's LoRA: lead is (L,) for a
+  per-layer projection and (L, E) for a routed-expert target.
+
+  Raises:
+    AdapterError: the target does not exist in this architecture.
+  """
+  c = config
+  if target in EXPERT_TARGETS:
+    if not c.num_moe_layers:
+      raise AdapterError(
+          f"target {target!r} needs routed experts, but {c.architecture} has "
+          "none; drop it from the targets")
+    d, f = c.hidden_size, c.moe_intermediate_size
+    shape = (d, 2 * f) if target == "experts_gate_up" else (f, d)
+    return (c.num_layers, c.num_experts, *shape)
+  if target in SHARED_EXPERT_TARGETS:
+    if not (c.num_moe_layers and c.n_shared_experts):
+      raise AdapterError(
+          f"target {target!r} needs shared experts, but {c.architecture} has "
+          "none; drop it from the targets")
+    d, f = c.hidden_size, c.shared_expert_size
+    return (c.num_layers, *((f, d) if target == "shared_down" else (d, f)))
+  if target not in c.projection_names():
+    raise AdapterError(
+        f"target {target!r} is not a projection of {c.architecture}"
+        f"{' (multi-head latent attention)' if c.uses_mla else ''}; expected "
+        f"a subset of {c.projection_names()}")
+  return (c.num_layers, *c.projection_shape(target))
+
+
+def factor_shapes(config: ModelConfig, target: str, rank: int
+                  ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """Shapes of one target's A [*lead, d_in, r] and B [*lead, r, d_out]."""
+  *lead, d_in, d_out = target_shape(config, target)
+  return (*lead, d_in, rank), (*lead, rank, d_out)
 
 
 def _np_dtype(name: str):
@@ -324,8 +377,9 @@ class AdapterWeights:
   """One adapter's weights on the host, unpadded.
 
   Attributes:
-    lora_a: target -> float array [L, d_in, rank].
-    lora_b: target -> float array [L, rank, d_out].
+    lora_a: target -> float array [L, d_in, rank] ([L, E, d_in, rank] for
+      a routed-expert target, see `target_shape`).
+    lora_b: target -> float array [L, rank, d_out] ([L, E, rank, d_out]).
     rank: true LoRA rank r.
     alpha: LoRA alpha.
     use_rslora: scale is alpha / sqrt(r) instead of alpha / r.
@@ -376,9 +430,7 @@ class AdapterWeights:
     targets = self.targets
     check_fits_spec(targets, self.rank, spec)
     for t in targets:
-      d_in, d_out = config.projection_shape(t)
-      want_a = (config.num_layers, d_in, self.rank)
-      want_b = (config.num_layers, self.rank, d_out)
+      want_a, want_b = factor_shapes(config, t, self.rank)
       for name, arr, want in (("lora_a", self.lora_a[t], want_a),
                               ("lora_b", self.lora_b[t], want_b)):
         check_factor(f"{name}[{t!r}]", arr, want, config, self.rank)
@@ -399,10 +451,10 @@ class AdapterWeights:
     targets = _check_targets(targets)
     a, b = {}, {}
     for t in targets:
-      d_in, d_out = config.projection_shape(t)
-      a[t] = (rng.standard_normal((config.num_layers, d_in, rank)) /
-              math.sqrt(d_in)).astype(dtype)
-      b[t] = (rng.standard_normal((config.num_layers, rank, d_out)) *
+      shape_a, shape_b = factor_shapes(config, t, rank)
+      a[t] = (rng.standard_normal(shape_a) /
+              math.sqrt(shape_a[-2])).astype(dtype)
+      b[t] = (rng.standard_normal(shape_b) *
               std * math.sqrt(rank)).astype(dtype)
     return cls(a, b, rank=rank, alpha=float(alpha if alpha is not None else
                                             rank))

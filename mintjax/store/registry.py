@@ -30,7 +30,7 @@ import json
 import os
 from typing import Mapping, Sequence
 
-from mintjax.adapters.spec import AdapterWeights
+from mintjax.adapters.spec import AdapterError, AdapterWeights, target_shape
 from mintjax.config import ModelConfig
 from mintjax.store import records
 from mintjax.store.catalog import Catalog
@@ -303,8 +303,10 @@ def _adapter_row(adapter_id: str, *, spec, base_fingerprint, owner, config,
   if not isinstance(owner, str):
     raise InvalidAdapterError(f"owner must be a string, got {owner!r}")
   if config is not None:
-    shapes = {t: (config.num_layers, *config.projection_shape(t))
-              for t in info.targets}
+    try:
+      shapes = {t: target_shape(config, t) for t in info.targets}
+    except AdapterError as e:
+      raise InvalidAdapterError(str(e)) from None
   layout_json = key = None
   if shapes is not None:
     if not isinstance(shapes, Mapping) or set(shapes) != set(info.targets):

@@ -59,7 +59,7 @@ import numpy as np
 import tensorstore as ts
 
 from mintjax.adapters.family import FamilyError, get_family
-from mintjax.adapters.spec import ALL_TARGETS
+from mintjax.adapters.spec import KNOWN_TARGETS
 from mintjax.store.checksum import le_bytes, row_xxh3_64
 from mintjax.store.errors import (InvalidAdapterError, RegistryError,
                                   StoreCorruptionError)
@@ -120,11 +120,11 @@ class RowLayout:
     if self.dtype not in DTYPES:
       raise InvalidAdapterError(
           f"unsupported adapter dtype {self.dtype!r}; expected one of {DTYPES}")
-    order = tuple(t for t in ALL_TARGETS if t in self.targets)
+    order = tuple(t for t in KNOWN_TARGETS if t in self.targets)
     if order != tuple(self.targets) or set(self.shapes) != set(self.targets):
       raise InvalidAdapterError(
           f"row layout targets {self.targets} must be in canonical order "
-          f"{ALL_TARGETS} and match the shape keys {sorted(self.shapes)}")
+          f"{KNOWN_TARGETS} and match the shape keys {sorted(self.shapes)}")
     object.__setattr__(self, "shapes", {
         t: tuple(int(x) for x in self.shapes[t]) for t in self.targets})
     try:
