@@ -16,8 +16,9 @@ Where the numbers come from (all per device):
             AdamW moments to train, bf16 to serve; the KV cache (MLA keeps
             its compressed latents) split over the batch axes; and an
             activation estimate (train: the remat checkpoints, one bf16
-            [tokens, D] per layer, plus one layer's working set; decode:
-            one layer's working set), labelled as an estimate.
+            [tokens, D] per layer, one layer's working set and the bank's
+            gradient; decode: one layer's working set), labelled as an
+            estimate (`COMPILED_CHECKS` holds compiled totals to compare).
   step time roofline: max(FLOPs / peak bf16, HBM bytes / bandwidth) plus the
             expert-parallel token exchange (an all-gather of the tokens and
             a reduce-scatter of the outputs per MoE layer,
@@ -30,9 +31,8 @@ Where the numbers come from (all per device):
             recompute and backward, and the per-slot optimizer's traffic.
 
 Not a compile: the deviceless compile of the same steps is `mintjax.aot`
-(`tools/aot.py`); what it needs for these presets (an `expert` mesh axis in
-`AotRequest`, MLA targets in the adapter spec) is listed in
-docs/SCALE_UP.md.
+(`tools/aot.py`, which takes the (data, fsdp, expert, tensor) mesh);
+`COMPILED_CHECKS` records the compiled Qwen3-30B-A3B steps.
 """
 
 from __future__ import annotations
@@ -190,7 +190,8 @@ def plan_row(preset: str, *, weight_format: str = "float",
       # the gathered tokens' k choices through the expert FFN (bf16).
       working = (pl.expert * tok_dev * k
                  * (2 * d + 3 * cfg.moe_intermediate_size / pl.tensor) * 2)
-      activations = tok_dev * d * 2 * layers + working
+      # + the bank's f32 gradient (one more bank-sized buffer).
+      activations = tok_dev * d * 2 * layers + working + bank_params * 4 / n
       bank = bank_train
       passes = 3                               # forward, recompute, dx
       flops = tokens * layers * (passes * 2 * act["per_layer"]
@@ -288,6 +289,37 @@ def _check_plan() -> None:
                        f"{pl.topology}")
 
 
+# Deviceless TPU compiles of the same workloads (`tools/aot.py`, libtpu
+# 0.0.50.1), the cross-check of the analytic rows: GB per chip as XLA's
+# memory analysis reports them.
+COMPILED_CHECKS = {
+    ("qwen3-30b-a3b", "decode"): dict(
+        total=15.65, params=10.33, bank=3.42, kv_cache=1.61, temporaries=0.28,
+        compile_s=385),
+    ("qwen3-30b-a3b", "train"): dict(
+        total=55.10, params=10.33, bank=6.85, optimizer=13.69,
+        temporaries=24.23, compile_s=1409),
+}
+COMPILE_COMMAND = (
+    ".venv-tpu/bin/python -m tools.aot --model=qwen3-30b-a3b "
+    "--topology=v5p:2x2x2 --mesh=1,1,8,1 --step={step} --slots=1024 "
+    "--targets=q,k,v,o --batch=64 --lora_impl=gather --rule_set=slot_sharded")
+
+
+def render_compiled_checks(rows: list[dict]) -> list[str]:
+  by_name = {(r["preset"], r["weight_format"]): r for r in rows}
+  out = ["| compiled check | GB/chip compiled (split) | analytic row | "
+         "compile |", "|---|---|---|---|"]
+  for (preset, step), c in COMPILED_CHECKS.items():
+    split = ", ".join(f"{k} {v:.2f}" for k, v in c.items()
+                      if k not in ("total", "compile_s"))
+    row = by_name.get((preset, "float"))
+    analytic = f"{row[step]['total_bytes'] / 1e9:.1f}" if row else "-"
+    out.append(f"| {preset} {step}, {PLAN[preset].name} | {c['total']:.2f} "
+               f"({split}); fits | {analytic} | {c['compile_s']} s |")
+  return out
+
+
 def render_section(rows: list[dict] | None = None) -> list[str]:
   """The '## Trillion-parameter MoE bases' section of docs/SCALE_UP.md."""
   rows = all_rows() if rows is None else rows
@@ -309,17 +341,30 @@ def render_section(rows: list[dict] | None = None) -> list[str]:
       "(`mintjax.aot.moe_plan`): weight bytes per chip are the exact shard "
       "shapes of every parameter under the rules table; bank, optimizer "
       "and KV cache bytes are exact; activations are an estimate (train: "
-      "one bf16 [tokens, D] remat checkpoint per layer plus one MoE "
-      "layer's working set). Step time is the roofline on *active* "
+      "one bf16 [tokens, D] remat checkpoint per layer, one MoE "
+      "layer's working set and the bank's f32 gradient). Step time is the roofline on *active* "
       "parameters (k routed + shared experts), decode reading every "
       "non-expert weight plus the experts the batch touches, plus the "
       "expert-parallel token exchange over ICI (v5p 4,800 Gbps per chip), "
-      "not overlapped with compute. The deviceless compiles of these "
-      "steps (as the rows above) need two things this checkout lacks: "
-      "an `expert` axis in `AotRequest.mesh` and MLA target names in the "
-      "adapter spec; the grouped-matmul kernel and the expert-parallel "
-      "FFN themselves do compile for v5p (tests/test_gmm_tpu.py).", "",
+      "not overlapped with compute. `tools/aot.py` compiles these steps "
+      "with an expert mesh axis (cross-check below); the DeepSeek-V3 and "
+      "Kimi-K2 rows additionally need MLA target names (q_a, q_b, kv_a, "
+      "kv_b) in the adapter spec, and each large compile takes 6-25 "
+      "minutes on this 2-core host, so only the Qwen3-30B-A3B steps were "
+      "compiled. The grouped-matmul kernel and the expert-parallel FFN "
+      "compile for v5p on their own (tests/test_gmm_tpu.py).", "",
       render_rows(rows), "",
+      "Cross-check: the Qwen3-30B-A3B steps compiled deviceless for the "
+      "same v5p slice and mesh with the 1,024-slot bank on q, k, v, o (the "
+      "expert-parallel FFN inside; `" + COMPILE_COMMAND.format(
+          step="decode|train") + "`). Weights, bank, optimizer and cache "
+      "agree with the analytic bytes; training's XLA temporaries (24.2 GB: "
+      "the bank gradient, the optimizer's gathered slots, remat "
+      "checkpoints, the gathered tokens' expert activations) are larger "
+      "than the analytic activation estimate, so read the other train rows' "
+      "totals as lower bounds (with the same ~17 GB of extra temporaries "
+      "per chip they still fit v5p's 95 GiB).", "",
+      *render_compiled_checks(rows), "",
       "Regenerate: `python -m tools.scale_up --render_only` (these rows "
       "need no compile; `python -c 'from mintjax.aot import moe_plan; "
       "print(moe_plan.render_rows(moe_plan.all_rows()))'` prints them "
