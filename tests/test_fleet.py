@@ -10,6 +10,7 @@ tens of seconds on 2 shared cores.
 """
 
 import functools
+import time
 
 import pytest
 
@@ -57,7 +58,10 @@ def fleet(postgres_server, s3_server):
                "AWS_SECRET_ACCESS_KEY": "testing"}})
   try:
     app = deployment.fleet_deployment(
-        replica.ReplicaConfig(url, base_fn, ENGINE), num_replicas=2,
+        # Serve's LRU sized to the host cache (8 refs), not the 2 device
+        # slots, so no adapter of the test is evicted from routing.
+        replica.ReplicaConfig(url, base_fn, ENGINE, max_adapters=8),
+        num_replicas=2,
         ray_actor_options={"num_cpus": 0.5})
     handle = serve.run(app, name="fleet_test", route_prefix=None)
     yield dict(client=deployment.FleetClient(handle), registry=reg,
@@ -80,10 +84,20 @@ def _reference(fleet, refs):
 
 def test_outputs_correct_isolated_and_routed_by_adapter(fleet):
   client = fleet["client"]
-  futures = [(u, p, client.generate(dict(prompt=p, model=u, max_tokens=6,
-                                         temperature=0.0)))
-             for _ in range(2) for u in USERS for p in PROMPTS]
-  results = [(u, p, f.result()) for u, p, f in futures]
+
+  def ask(u, p):
+    return client.generate(dict(prompt=p, model=u, max_tokens=6,
+                                temperature=0.0))
+
+  # First request per adapter: some replica loads it.
+  holder = {u: ask(u, PROMPTS[0]).result()["replica"] for u in USERS}
+  time.sleep(3.0)  # Replicas report their model ids to the router.
+  # Then each adapter's requests, a few at a time (no replica saturated).
+  results = []
+  for _ in range(2):
+    for u in USERS:
+      futures = [(p, ask(u, p)) for p in PROMPTS]
+      results += [(u, p, f.result()) for p, f in futures]
   want = dict(zip([(u, tuple(p)) for u in USERS for p in PROMPTS],
                   _reference(fleet, USERS)))
   for u, p, got in results:
@@ -91,14 +105,11 @@ def test_outputs_correct_isolated_and_routed_by_adapter(fleet):
     assert got["tokens"] == want[(u, tuple(p))], (u, p)
   # Adapters differ, so isolation is visible: not all outputs are equal.
   assert len({tuple(v) for v in want.values()}) > len(PROMPTS)
-  replicas_of = {}
-  for u, _, got in results:
-    replicas_of.setdefault(u, []).append(got["replica"])
-  assert len({r for _, _, got in results for r in [got["replica"]]}) == 2
-  # Multiplexed routing: most requests of an adapter reach one replica.
-  for u, names in replicas_of.items():
-    top = max(names.count(n) for n in set(names))
-    assert top >= len(names) * 2 // 3, (u, names)
+  # Multiplexed routing: requests go to the replica holding the adapter
+  # (random routing would send half of them elsewhere).
+  at_holder = sum(got["replica"] == holder[u] for u, _, got in results)
+  assert at_holder >= 0.8 * len(results), (holder, [
+      (u, got["replica"]) for u, _, got in results])
 
 
 def test_adapter_published_while_running_is_served_at_once(fleet):
