@@ -182,3 +182,18 @@ def test_save_load_round_trip_and_refusals(dense, tmp_path):
   (d / "int8.json").write_text(json.dumps(meta))
   with pytest.raises(ValueError, match="has format 'other'"):
     int8_base.load_int8(d)
+
+
+def test_quantize_cli_writes_a_loadable_int8_base(tmp_path, capsys):
+  from mintjax.model.sources import load_base_source
+  from tools import quantize as quantize_cli
+  assert quantize_cli.main(["--base=random:tiny",
+                            f"--out={tmp_path / 'q'}"]) == 0
+  assert "int8 in" in capsys.readouterr().out
+  back = int8_base.load_int8(tmp_path / "q")
+  want = int8_base.quantize_base(load_base_source("random:tiny"))
+  assert back.fingerprint == want.fingerprint
+  assert quantize_cli.main(["--base=random:nope",
+                            f"--out={tmp_path / 'x'}"]) == 2
+  assert "unknown random base variant" in capsys.readouterr().err
+  assert not (tmp_path / "x").exists()
