@@ -285,6 +285,9 @@ ARCH_FIXTURES = {
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         first_k_dense_replace=0, n_group=1, topk_group=1,
         norm_topk_prob=False),
+    # Built on the saved bases above (run after them).
+    "qwen3_moe_peft": lambda: make_moe_peft("qwen3_moe"),
+    "deepseek_v3_peft": lambda: make_moe_peft("deepseek_v3"),
 }
 
 
@@ -328,6 +331,71 @@ def make_peft(base: transformers.LlamaForCausalLM) -> None:
            logits=logits, adapter_names=np.array(names),
            prompt_ids=prompts.astype(np.int32),
            generated_ids=gen[:, prompts.shape[1]:].astype(np.int32))
+
+
+# PEFT adapters on the MoE fixtures (issue 15): attention / MLA modules by
+# name plus `target_parameters` on transformers 5's fused expert weights.
+# PEFT requires every adapter of a model to target the same parameters;
+# the second adapter differs in rank, scale rule and modules.
+MOE_PEFT = {
+    "qwen3_moe": (
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+             target_parameters=["mlp.experts.gate_up_proj",
+                                "mlp.experts.down_proj"]),
+        dict(r=2, lora_alpha=6, use_rslora=True, target_modules=["o_proj"],
+             target_parameters=["mlp.experts.gate_up_proj",
+                                "mlp.experts.down_proj"])),
+    "deepseek_v3": (
+        dict(r=4, lora_alpha=8,
+             target_modules=["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
+                             "kv_b_proj", "o_proj"],
+             target_parameters=["mlp.experts.gate_up_proj",
+                                "mlp.experts.down_proj"]),
+        dict(r=2, lora_alpha=2, target_modules=["kv_b_proj"],
+             target_parameters=["mlp.experts.gate_up_proj",
+                                "mlp.experts.down_proj"])),
+}
+
+
+def make_moe_peft(arch: str) -> None:
+  """Two PEFT adapters on the `arch` fixture, saved with their logits.
+
+  PEFT's ParamWrapper (target_parameters) refuses mixed-adapter batches, so
+  expected.npz holds, for a batch whose rows name adapters a1, none, a2,
+  each row's logits with only that row's adapter active (mintjax must match
+  them in one mixed batch).
+  """
+  folder = OUT / f"{arch}_peft"
+  shutil.rmtree(folder, ignore_errors=True)
+  cls = {"qwen3_moe": transformers.Qwen3MoeForCausalLM,
+         "deepseek_v3": transformers.DeepseekV3ForCausalLM}[arch]
+  base = cls.from_pretrained(OUT / arch, dtype=torch.float32,
+                             attn_implementation="eager").eval()
+  first, second = MOE_PEFT[arch]
+  model = peft.get_peft_model(
+      base, peft.LoraConfig(lora_dropout=0.0, **first), adapter_name="a1")
+  model.add_adapter("a2", peft.LoraConfig(lora_dropout=0.0, **second))
+  g = torch.Generator().manual_seed(SEED + 30)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "lora_A" in name or "lora_B" in name:
+        p.copy_(0.3 * torch.randn(p.shape, generator=g))
+  model.eval()
+  model.save_pretrained(folder)
+  for f in folder.rglob("README.md"):
+    f.unlink()
+  names = ["a1", "__base__", "a2"]
+  tokens = _tokens((3, 10), 96, SEED + 31)
+  rows = []
+  for row, name in enumerate(names):
+    if name == "__base__":
+      with model.disable_adapter():
+        rows.append(_logits(model, tokens[row:row + 1])[0])
+    else:
+      model.set_adapter(name)
+      rows.append(_logits(model, tokens[row:row + 1])[0])
+  np.savez(folder / "expected.npz", tokens=tokens.astype(np.int32),
+           logits=np.stack(rows), adapter_names=np.array(names))
 
 
 def smollm2_path() -> pathlib.Path:

@@ -57,7 +57,9 @@ import ml_dtypes  # noqa: F401  (bfloat16 with numpy / safetensors)
 import numpy as np
 import safetensors.numpy
 
-from mintjax.adapters.spec import ALL_TARGETS, AdapterWeights, lora_scale
+from mintjax.adapters.spec import (EXPERT_TARGETS, KNOWN_TARGETS,
+                                   SHARED_EXPERT_TARGETS, AdapterError,
+                                   AdapterWeights, lora_scale, target_shape)
 from mintjax.config import ModelConfig
 from mintjax.store.errors import InvalidAdapterError
 from mintjax.store.identity import (AdapterInfo, check_name, parse_info,
@@ -74,11 +76,31 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 HF_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj",
               "v": "self_attn.v_proj", "o": "self_attn.o_proj",
               "gate": "mlp.gate_proj", "up": "mlp.up_proj",
-              "down": "mlp.down_proj"}
-_BY_HF = {m.split(".")[1]: t for t, m in HF_MODULES.items()}
+              "down": "mlp.down_proj",
+              # Multi-head latent attention (DeepSeek-V3, Kimi-K2).
+              "q_a": "self_attn.q_a_proj", "q_b": "self_attn.q_b_proj",
+              "kv_a": "self_attn.kv_a_proj_with_mqa",
+              "kv_b": "self_attn.kv_b_proj",
+              "shared_gate": "mlp.shared_experts.gate_proj",
+              "shared_up": "mlp.shared_experts.up_proj",
+              "shared_down": "mlp.shared_experts.down_proj"}
+_BY_HF = {m.split(".")[-1]: t for t, m in HF_MODULES.items()
+          if t not in SHARED_EXPERT_TARGETS}
+_BY_MODULE = {m: t for t, m in HF_MODULES.items()}
 _KEY_RE = re.compile(
     r"base_model\.model\.model\.layers\.([0-9]{1,9})\.(self_attn|mlp)\."
-    r"([a-z_]+)\.lora_([AB])\.weight\Z")
+    r"([a-z_]+(?:\.[a-z_]+)?)\.lora_([AB])\.weight\Z")
+# PEFT `target_parameters` LoRA on transformers 5's fused expert weights
+# (`mlp.experts.gate_up_proj` [E, 2F, D], `mlp.experts.down_proj` [E, D, F]):
+# one ParamWrapper per parameter, nested on the experts module, so the
+# second one's keys gain `.base_layer`. lora_A is [r * E, d_in] (expert e's
+# rows e*r .. e*r+r-1), lora_B is [d_out, r * E] (expert e's columns
+# e, E + e, ...). Which parameter a key holds is read off its d_in.
+_EXPERT_KEY_RE = re.compile(
+    r"base_model\.model\.model\.layers\.([0-9]{1,9})\.mlp\.experts"
+    r"((?:\.base_layer){0,2})\.lora_([AB])\.weight\Z")
+EXPERT_PARAMS = {"experts_gate_up": "mlp.experts.gate_up_proj",
+                 "experts_down": "mlp.experts.down_proj"}
 _DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16",
            np.dtype(ml_dtypes.bfloat16): "bfloat16"}
 # Config options that change the math in ways a plain LoRA row cannot hold.
@@ -89,7 +111,6 @@ _UNSUPPORTED = (
     ("lora_bias", "LoRA bias (lora_bias=true)"),
     ("layer_replication", "layer_replication"),
     ("trainable_token_indices", "trainable_token_indices"),
-    ("target_parameters", "target_parameters (LoRA on nn.Parameter)"),
     ("use_qalora", "QA-LoRA (use_qalora=true)"),
     ("alora_invocation_tokens", "aLoRA (alora_invocation_tokens)"),
     ("use_bdlora", "BD-LoRA (use_bdlora)"),
@@ -232,6 +253,14 @@ def _check_config(cfg: Mapping, folder: str) -> None:
     raise InvalidAdapterError(
         f"{folder}: PEFT feature LoRA bias (bias={cfg['bias']!r}) is not "
         "supported; use bias='none'")
+  params = cfg.get("target_parameters") or []
+  if not isinstance(params, list) or any(
+      not isinstance(p, str) or not any(
+          p == e or e.endswith("." + p) for e in EXPERT_PARAMS.values())
+      for p in params):
+    raise InvalidAdapterError(
+        f"{folder}: target_parameters {params!r} are not supported; mintjax "
+        f"adapts only the fused expert weights {sorted(EXPERT_PARAMS.values())}")
   targets = cfg.get("target_modules")
   if targets is not None and not isinstance(targets, (str, list)):
     raise InvalidAdapterError(
@@ -287,6 +316,15 @@ def _load_files(folder: str) -> tuple[dict, dict, str]:
   return cfg, tensors, w_path
 
 
+def _base_shape(w_path: str, config: ModelConfig, t: str) -> tuple:
+  try:
+    return target_shape(config, t)
+  except AdapterError as e:
+    raise InvalidAdapterError(
+        f"{w_path}: adapts {HF_MODULES.get(t) or EXPERT_PARAMS[t]}, but {e}"
+    ) from None
+
+
 def _check_against_base(w_path: str, key_of, mods, config: ModelConfig
                         ) -> None:
   """Every factor's layer index and [r, d_in] / [d_out, r] fit the base."""
@@ -297,7 +335,7 @@ def _check_against_base(w_path: str, key_of, mods, config: ModelConfig
           f"adapts layer {i}, but the base has {config.num_layers} layers "
           f"(0..{config.num_layers - 1}); import it for the base it was "
           "trained on")
-    d_in, d_out = config.projection_shape(t)
+    *_, d_in, d_out = _base_shape(w_path, config, t)
     for side, arr in sorted(pair.items()):
       r = arr.shape[0] if side == "A" else arr.shape[-1]
       want = (r, d_in) if side == "A" else (d_out, r)
@@ -308,6 +346,67 @@ def _check_against_base(w_path: str, key_of, mods, config: ModelConfig
             f"{want} (lora_{side} is "
             f"{'[r, d_in]' if side == 'A' else '[d_out, r]'}, d_in={d_in}, "
             f"d_out={d_out}); import it for the base it was trained on")
+
+
+def _resolve_expert_keys(w_path: str, expert_keys, mods, key_of,
+                         config: ModelConfig | None) -> None:
+  """Adds the `target_parameters` factors ({(layer, nesting): {A|B: (key,
+  array)}}) to `mods` as experts_gate_up / experts_down, told apart by
+  their d_in (the hidden size or the expert width)."""
+  if not expert_keys:
+    return
+  first = next(iter(expert_keys.values()))
+  key = next(iter(first.values()))[0]
+  if config is None:
+    raise InvalidAdapterError(
+        f"{w_path}: key {key!r} is target_parameters LoRA on fused expert "
+        "weights; pass the base's config (config=, or import_peft with the "
+        "base) so its experts can be matched")
+  shapes = {t: _base_shape(w_path, config, t) for t in EXPERT_TARGETS}
+  for (i, _), pair in sorted(expert_keys.items()):
+    key = next(iter(pair.values()))[0]
+    if set(pair) != {"A", "B"}:
+      raise InvalidAdapterError(f"{w_path}: {key!r} lacks its lora_A or "
+                                "lora_B")
+    a, b = pair["A"][1], pair["B"][1]
+    t = next((t for t, s in shapes.items() if a.ndim == b.ndim == 2 and
+              a.shape[1] == s[-2] and b.shape[0] == s[-1]), None)
+    e = config.num_experts
+    if t is None or a.shape[0] % e or a.shape[0] != b.shape[1]:
+      want = {t: f"[r * {e}, {s[-2]}] / [{s[-1]}, r * {e}]"
+              for t, s in shapes.items()}
+      raise InvalidAdapterError(
+          f"{w_path}: key {key!r} has lora_A {a.shape} / lora_B {b.shape}, "
+          f"but the base's fused experts need {want}; import it for the base "
+          "it was trained on")
+    if i < config.num_layers and not config.is_moe_layer(i):
+      raise InvalidAdapterError(
+          f"{w_path}: key {key!r} adapts the experts of layer {i}, which is "
+          "a dense layer of this base; import it for the base it was trained "
+          "on")
+    if (t, i) in mods:
+      raise InvalidAdapterError(
+          f"{w_path}: layer {i} holds two {EXPERT_PARAMS[t]} LoRAs")
+    mods[(t, i)] = {"A": a, "B": b}
+    key_of.update({(t, i, "A"): pair["A"][0], (t, i, "B"): pair["B"][0]})
+
+
+def _experts_from_peft(pair, num_experts: int, r: int):
+  """PEFT's [r * E, d_in] / [d_out, r * E] -> A [E, d_in, r], B [E, r, d_out]
+  (ParamWrapper: A.reshape(E, r, d_in), B.reshape(d_out, r, E))."""
+  a, b = pair["A"], pair["B"]
+  a_erd = a.reshape(num_experts, r, a.shape[1])
+  b_ore = b.reshape(b.shape[0], r, num_experts)
+  return a_erd.transpose(0, 2, 1), b_ore.transpose(2, 1, 0)
+
+
+def _experts_to_peft(a_edr, b_ero):
+  """Inverse of `_experts_from_peft`: A [E, d_in, r], B [E, r, d_out] ->
+  PEFT's lora_A [r * E, d_in] and lora_B [d_out, r * E]."""
+  e, d_in, r = a_edr.shape
+  a = a_edr.transpose(0, 2, 1).reshape(e * r, d_in)
+  b = b_ero.transpose(2, 1, 0).reshape(b_ero.shape[2], r * e)
+  return np.ascontiguousarray(a), np.ascontiguousarray(b)
 
 
 class PeftAdapter(NamedTuple):
@@ -377,9 +476,20 @@ def read_peft_raw(folder: str, num_layers: int | None = None, *,
                                      folder)
   mods: dict[tuple[str, int], dict[str, np.ndarray]] = {}
   key_of: dict[tuple[str, int, str], str] = {}
+  expert_keys: dict[tuple[int, str], dict[str, tuple[str, np.ndarray]]] = {}
   for key, arr in tensors.items():
+    if not np.all(np.isfinite(np.asarray(arr, np.float32))):
+      raise InvalidAdapterError(
+          f"{w_path}: key {key!r} holds NaN or Inf values; retrain or "
+          "re-save the adapter")
+    em = _EXPERT_KEY_RE.match(key)
+    if em:  # target_parameters: resolved against the base below
+      expert_keys.setdefault((int(em.group(1)), em.group(2)), {})[
+          em.group(3)] = (key, arr)
+      continue
     m = _KEY_RE.match(key)
-    if not m or m.group(3) not in _BY_HF:
+    module = m and f"{m.group(2)}.{m.group(3)}"
+    if not m or (module not in _BY_MODULE and m.group(3) not in _BY_HF):
       feature = ("embedding LoRA" if "embed" in key or "lora_embedding" in key
                  else "LoRA bias" if "bias" in key
                  else "DoRA" if "magnitude" in key
@@ -387,18 +497,17 @@ def read_peft_raw(folder: str, num_layers: int | None = None, *,
                  else "a tensor mintjax does not know")
       raise InvalidAdapterError(
           f"{w_path}: key {key!r} is {feature}, which mintjax does not "
-          f"support; expected only q/k/v/o/gate/up/down_proj lora_A/lora_B")
-    t, i = _BY_HF[m.group(3)], int(m.group(1))
-    if HF_MODULES[t] != f"{m.group(2)}.{m.group(3)}":
+          f"support; expected only q/k/v/o/gate/up/down_proj (and MLA, "
+          f"shared-expert, fused-expert) lora_A/lora_B")
+    if module not in _BY_MODULE:
+      t = _BY_HF[m.group(3)]
       raise InvalidAdapterError(
           f"{w_path}: key {key!r} puts {m.group(3)} under {m.group(2)}; "
           f"expected {HF_MODULES[t]}")
-    if not np.all(np.isfinite(np.asarray(arr, np.float32))):
-      raise InvalidAdapterError(
-          f"{w_path}: key {key!r} holds NaN or Inf values; retrain or "
-          "re-save the adapter")
+    t, i = _BY_MODULE[module], int(m.group(1))
     mods.setdefault((t, i), {})[m.group(4)] = arr
     key_of[(t, i, m.group(4))] = key
+  _resolve_expert_keys(w_path, expert_keys, mods, key_of, config)
   if not mods:
     raise InvalidAdapterError(f"{w_path} holds no LoRA tensors")
   if config is not None:
@@ -420,14 +529,16 @@ def read_peft_raw(folder: str, num_layers: int | None = None, *,
         f"{w_path} adapts layer {layers - 1}; pass the base (--base or "
         "config=) so the layer count can be checked")
     layers = num_layers
-  targets = tuple(t for t in ALL_TARGETS if any(k[0] == t for k in mods))
+  if num_layers is not None:
+    layers = num_layers
+  targets = tuple(t for t in KNOWN_TARGETS if any(k[0] == t for k in mods))
   rslora = bool(cfg.get("use_rslora", False))
   alpha = float(cfg["lora_alpha"])
   ranks = {t: [0] * layers for t in targets}
   alphas = {t: [0.0] * layers for t in targets}
   dims: dict[str, tuple[int, int]] = {}
   for (t, i), pair in sorted(mods.items()):
-    name = f"model.layers.{i}.{HF_MODULES[t]}"
+    name = f"model.layers.{i}.{HF_MODULES.get(t) or EXPERT_PARAMS[t]}"
     if set(pair) != {"A", "B"}:
       raise InvalidAdapterError(f"{w_path}: {name} lacks lora_A or lora_B")
     a, b = pair["A"], pair["B"]
@@ -445,12 +556,13 @@ def read_peft_raw(folder: str, num_layers: int | None = None, *,
     rank_key = _pattern_key(rank_patterns, name)
     want_r = (rank_patterns[rank_key][1] if rank_key is not None
               else cfg["r"])
-    if a.shape[0] != want_r:
+    experts = config.num_experts if t in EXPERT_TARGETS else 1
+    if a.shape[0] != want_r * experts:
       raise InvalidAdapterError(
-          f"{w_path}: {name} has rank {a.shape[0]}, adapter_config.json "
-          f"(r / rank_pattern) says {want_r}")
+          f"{w_path}: {name} has rank {a.shape[0] // experts}, "
+          f"adapter_config.json (r / rank_pattern) says {want_r}")
     alpha_key = _pattern_key(alpha_patterns, name)
-    ranks[t][i] = int(a.shape[0])
+    ranks[t][i] = int(a.shape[0]) // experts
     alphas[t][i] = float(alpha_patterns[alpha_key][1] if alpha_key
                          is not None else alpha)
   big_r = max(max(r) for r in ranks.values())
@@ -458,12 +570,18 @@ def read_peft_raw(folder: str, num_layers: int | None = None, *,
   lora_a, lora_b, b_scale = {}, {}, {}
   for t in targets:
     d_in, d_out = dims[t]
-    lora_a[t] = np.zeros((layers, d_in, big_r), dtype)
-    lora_b[t] = np.zeros((layers, big_r, d_out), dtype)
+    lead = (layers, config.num_experts) if t in EXPERT_TARGETS else (layers,)
+    lora_a[t] = np.zeros((*lead, d_in, big_r), dtype)
+    lora_b[t] = np.zeros((*lead, big_r, d_out), dtype)
     b_scale[t] = [1.0] * layers
     for i in range(layers):
       r = ranks[t][i]
-      if r:
+      if r and t in EXPERT_TARGETS:
+        a, b = _experts_from_peft(mods[(t, i)], lead[1], r)
+        lora_a[t][i, ..., :r] = a
+        lora_b[t][i, :, :r, :] = b
+        b_scale[t][i] = lora_scale(r, alphas[t][i], rslora) / scale
+      elif r:
         pair = mods[(t, i)]
         lora_a[t][i, :, :r] = pair["A"].T
         lora_b[t][i, :r, :] = pair["B"].T
@@ -485,23 +603,42 @@ def write_peft(folder: str, info: AdapterInfo, lora_a: Mapping,
   """
   peft = (meta or {}).get("peft")
   layers = next(iter(lora_a.values())).shape[0]
+  experts = [t for t in info.targets if t in EXPERT_TARGETS]
   if peft:
     cfg, ranks = dict(peft["config"]), peft["module_ranks"]
   else:
+    _check_peft_expressible(info.targets)
     ranks = {t: [info.rank] * layers for t in info.targets}
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM",
            "r": info.rank, "lora_alpha": info.alpha,
            "use_rslora": info.use_rslora, "lora_dropout": 0.0,
            "bias": "none", "fan_in_fan_out": False,
-           "target_modules": [HF_MODULES[t].split(".")[1]
-                              for t in info.targets],
+           "target_modules": [HF_MODULES[t].split(".")[-1]
+                              for t in info.targets if t in HF_MODULES],
            "rank_pattern": {}, "alpha_pattern": {},
            "base_model_name_or_path": None, "inference_mode": True}
+    if experts:
+      cfg["target_parameters"] = [EXPERT_PARAMS[t] for t in experts]
   tensors = {}
   for t in info.targets:
     for i in range(layers):
       r = ranks[t][i]
       if not r:
+        continue
+      if t in EXPERT_TARGETS and not np.any(lora_b[t][i]):
+        continue  # a dense layer's (or an untrained) expert row: no delta
+      if t in EXPERT_TARGETS:
+        # PEFT nests one ParamWrapper per parameter on the experts module,
+        # gate_up_proj innermost (it is defined first): its keys gain
+        # `.base_layer` when down_proj is wrapped around it.
+        nested = t == "experts_gate_up" and all(
+            ranks[x][i] for x in EXPERT_TARGETS if x in ranks) and len(
+                experts) == 2
+        stem = (f"base_model.model.model.layers.{i}.mlp.experts"
+                f"{'.base_layer' if nested else ''}")
+        a, b = _experts_to_peft(lora_a[t][i, ..., :r], lora_b[t][i, :, :r])
+        tensors[f"{stem}.lora_A.weight"] = a
+        tensors[f"{stem}.lora_B.weight"] = b
         continue
       stem = f"base_model.model.model.layers.{i}.{HF_MODULES[t]}"
       tensors[f"{stem}.lora_A.weight"] = np.ascontiguousarray(
@@ -522,6 +659,24 @@ def write_peft(folder: str, info: AdapterInfo, lora_a: Mapping,
   with open(cfg_path + ".tmp", "w") as f:
     json.dump(cfg, f, indent=2, sort_keys=True)
   os.replace(cfg_path + ".tmp", cfg_path)
+
+
+def _check_peft_expressible(targets) -> None:
+  """Refuses targets a PEFT folder cannot carry to transformers 5.
+
+  PEFT (0.21) re-targets `gate_proj` / `up_proj` / `down_proj` entries of
+  `target_modules` on Qwen3-MoE / DeepSeek-V3 bases to the fused experts'
+  `gate_up_proj` / `down_proj` when it loads a folder, so shared-expert
+  LoRA (and dense-layer MLP LoRA next to expert LoRA) would be silently
+  re-applied to the routed experts.
+  """
+  shared = [t for t in targets if t in SHARED_EXPERT_TARGETS]
+  dense_mlp = [t for t in targets if t in ("gate", "up", "down")]
+  if shared or (dense_mlp and any(t in EXPERT_TARGETS for t in targets)):
+    raise InvalidAdapterError(
+        f"targets {shared or dense_mlp} cannot be exported as a PEFT folder: "
+        "PEFT on transformers 5 re-targets gate_proj/up_proj/down_proj of "
+        "MoE bases to the fused experts; export an adapter without them")
 
 
 def _files_sha256(folder: str) -> dict[str, str]:
@@ -695,8 +850,9 @@ def fold_b_scale(lora_b: Mapping[str, np.ndarray], meta: Mapping
   for t, f in (meta.get("b_scale") or {}).items():
     f = np.asarray(f, np.float64)
     if not np.all(f == 1.0):
-      b = out[t]
-      out[t] = (b.astype(np.float64) * f[:, None, None]).astype(b.dtype)
+      b = out[t]  # [L, (E,) r, d_out]
+      f = f.reshape(-1, *(1,) * (b.ndim - 1))
+      out[t] = (b.astype(np.float64) * f).astype(b.dtype)
   return out
 
 
