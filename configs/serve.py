@@ -38,6 +38,9 @@ ENGINE_HELP = {
                       "down); empty: every target the registry's adapters "
                       "use",
     "engine.adapter_dtype": "dtype of the device adapter bank",
+    "engine.dtype": "base weight/activation/KV dtype: float32 (exact) or "
+                    "bfloat16 (f32 accumulation; faster on CPU with the "
+                    "XLA flags in docs/BENCHMARKS.md)",
     "engine.lora_impl": "gather-LoRA implementation ('auto' picks per "
                         "backend: gather, pallas_sgmv, ...)",
     "engine.lookahead": "queued requests considered for admission/prefetch",
@@ -67,7 +70,7 @@ def engine_fields(c: ml_collections.ConfigDict) -> None:
       num_slots=16, max_batch=16, max_len=256, host_cache_mb=1024,
       steps_per_call=8, prefill_batch=4, min_bucket=16,
       max_rank=0, targets="",  # sized from the adapters to serve
-      adapter_dtype="float32",
+      adapter_dtype="float32", dtype="float32",
       lora_impl="auto", lookahead=64))
   c.mesh = ml_collections.ConfigDict(dict(use=False, data=1, fsdp=-1,
                                           tensor=1))

@@ -53,12 +53,24 @@ class AdapterBank:
   def max_rank(self) -> int:
     return int(next(iter(self.lora_a.values())).shape[-1])
 
-  def layer(self, layer_idx) -> "LayerBank":
-    """The bank of one layer; `layer_idx` may be traced (inside a scan)."""
+  def layer(self, layer_idx, rank: int | None = None) -> "LayerBank":
+    """The bank of one layer; `layer_idx` may be traced (inside a scan).
+
+    `rank` (static) keeps only the first `rank` rank columns: exact when
+    every slot the batch reads has a true rank <= `rank` (the columns
+    beyond are zero padding), and the gather-LoRA work then scales with
+    `rank`, not with the bank's max_rank (the serving engine picks it per
+    call from the rows' true ranks, see `rank_buckets`).
+    """
     take = lambda x: jax.lax.dynamic_index_in_dim(x, layer_idx, 1, False)
+    if rank is None or rank >= self.max_rank:
+      cut_a = cut_b = lambda x: x
+    else:
+      cut_a = lambda x: x[..., :rank]
+      cut_b = lambda x: x[..., :rank, :]
     return LayerBank(
-        lora_a={t: take(a) for t, a in self.lora_a.items()},
-        lora_b={t: take(b) for t, b in self.lora_b.items()},
+        lora_a={t: cut_a(take(a)) for t, a in self.lora_a.items()},
+        lora_b={t: cut_b(take(b)) for t, b in self.lora_b.items()},
         scale=self.scale, rank=self.rank)
 
   def nbytes(self) -> int:
@@ -79,6 +91,21 @@ class LayerBank:
   def lora(self, target: str):
     """(A, B, scale, rank) of one target: `lora_op.lora_project`'s `lora`."""
     return (self.lora_a[target], self.lora_b[target], self.scale, self.rank)
+
+
+def rank_buckets(max_rank: int, smallest: int = 8) -> tuple[int, ...]:
+  """Static rank widths a step is compiled for: max_rank halving down to
+  `smallest` (one width when max_rank <= smallest), ascending."""
+  out = [max_rank]
+  while out[-1] // 2 >= smallest and out[-1] % 2 == 0:
+    out.append(out[-1] // 2)
+  return tuple(sorted(out))
+
+
+def rank_bucket(buckets: tuple[int, ...], ranks) -> int:
+  """The smallest bucket holding every true rank in `ranks` (host ints)."""
+  need = max((int(r) for r in ranks), default=0)
+  return next(b for b in buckets if b >= need)
 
 
 def activation_axes(target: str) -> tuple[str, str]:

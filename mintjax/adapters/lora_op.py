@@ -1,6 +1,7 @@
 """The gather-LoRA op: one interface, several implementations, one dispatcher.
 
-Owns `lora_delta` and `lora_project`:
+Owns `lora_delta`, `lora_deltas` (targets sharing one input, e.g. q/k/v,
+with one fused shrink) and `lora_project`:
 
   y[b, t] = x[b, t] @ W (+ bias) + scale[s_b] * (x[b, t] @ A[s_b]) @ B[s_b]
 
@@ -318,11 +319,80 @@ def lora_project(x_btd, w_do, bias_o=None, lora=None, adapter_idx_b=None,
     impl: gather-LoRA implementation.
     axes: logical activation axes of d_in and d_out (see `lora_delta`).
   """
-  y = jnp.einsum("btd,do->bto", x_btd, w_do.astype(x_btd.dtype))
+  # bf16 operands accumulate in f32 (the fast XLA:CPU and TPU/GPU path);
+  # the base output, bias and delta are summed in f32, then cast once.
+  y = jnp.einsum("btd,do->bto", x_btd, w_do.astype(x_btd.dtype),
+                 preferred_element_type=jnp.float32)
   if bias_o is not None:
     y = y + bias_o.astype(y.dtype)
   if lora is not None:
     a_sdr, b_sro, scale_s, *rank = lora
     y = y + lora_delta(x_btd, a_sdr, b_sro, scale_s, adapter_idx_b, impl,
                        rank_s=rank[0] if rank else None, axes=axes)
-  return y
+  return y.astype(x_btd.dtype)
+
+
+def _gather_shared_input(x_btd, loras, adapter_idx_b):
+  """The `gather` formulation for targets that share x: one shrink.
+
+  The gathered A factors are concatenated on the rank axis, so x is read
+  once by one [B, T, d_in] x [B, d_in, sum R] einsum instead of one per
+  target; each target's expand stays its own einsum.
+  """
+  a_bdk = jnp.concatenate(
+      [a[adapter_idx_b].astype(x_btd.dtype) for a, *_ in loras], axis=-1)
+  h_btk = jnp.einsum("btd,bdk->btk", x_btd, a_bdk,
+                     preferred_element_type=jnp.float32)
+  out, start = [], 0
+  for a_sdr, b_sro, scale_s, *_ in loras:
+    r = a_sdr.shape[-1]
+    h_btr = h_btk[..., start:start + r] * scale_s[adapter_idx_b][:, None, None]
+    start += r
+    y_bto = jnp.einsum("btr,bro->bto", h_btr.astype(x_btd.dtype),
+                       b_sro[adapter_idx_b].astype(x_btd.dtype),
+                       preferred_element_type=jnp.float32)
+    out.append(y_bto.astype(x_btd.dtype))
+  return out
+
+
+def lora_deltas(x_btd, loras, adapter_idx_b, impl: str = "auto", *,
+                axes=None):
+  """The deltas of several targets that read the same input x (q/k/v,
+  gate/up), with one shared shrink where the implementation allows.
+
+  Args:
+    x_btd: [B, T, d_in] the shared input.
+    loras: per target, (a_sdr, b_sro, scale_s[, rank_s]) or None (target
+      not adapted: its delta is None).
+    adapter_idx_b: [B] int32 slot of each example.
+    impl: an implementation name or 'auto'. The `gather` formulation fuses
+      the shrinks; every other implementation (kernels included) runs
+      `lora_delta` per target, so kernels keep their per-target contract.
+    axes: per target, the logical activation axes (see `lora_delta`).
+
+  Returns:
+    a list aligned with `loras`: [B, T, d_out_t] in x's dtype, or None.
+  """
+  axes = axes or [(None, None)] * len(loras)
+  present = [i for i, l in enumerate(loras) if l is not None]
+  out = [None] * len(loras)
+  if not present:
+    return out
+  if impl == "auto":
+    a0, b0 = loras[present[0]][0], loras[present[0]][1]
+    impl = select_impl(jax.default_backend(),
+                       x_btd.shape[0] * x_btd.shape[1], x_btd.shape[0],
+                       a0.shape[0], dims=(a0.shape[1], b0.shape[2]))
+  if impl == "gather" and len(present) > 1:
+    num_slots = loras[present[0]][0].shape[0]
+    idx_b = jnp.where((adapter_idx_b >= 0) & (adapter_idx_b < num_slots),
+                      adapter_idx_b, 0)  # as in `lora_delta`
+    for i, y in zip(present, _gather_shared_input(
+        x_btd, [loras[i] for i in present], idx_b)):
+      out[i] = y
+    return out
+  for i in present:
+    a_sdr, b_sro, scale_s, *rank = loras[i]
+    out[i] = lora_delta(x_btd, a_sdr, b_sro, scale_s, adapter_idx_b, impl,
+                        rank_s=rank[0] if rank else None, axes=axes[i])
+  return out

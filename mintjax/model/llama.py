@@ -50,7 +50,7 @@ from mintjax import sharding
 from mintjax.adapters.bank import AdapterBank, activation_axes
 from mintjax.adapters.lora_op import lora_project
 from mintjax.config import ModelConfig
-from mintjax.model import expert_parallel, mla, moe, quant
+from mintjax.model import expert_parallel, fused, mla, moe, quant
 from mintjax.model.kv_cache import KVCache
 from mintjax.model.layers import apply_rope, attention, rms_norm, rope_cos_sin
 
@@ -220,9 +220,16 @@ def _layer(x_btd, lp, lb, cache_kv, step: _StepInputs, *,
         kv_b_adapted=lb is not None and "kv_b" in lb.lora_a)
     return _layer_tail(x_btd, attn, lp, proj, proj_over, config=c, mlp=mlp,
                        new_kv=new_kv)
-  q = proj("q", h).reshape(b, t, c.num_heads, c.head_dim)
-  k = proj("k", h).reshape(b, t, c.num_kv_heads, c.head_dim)
-  v = proj("v", h).reshape(b, t, c.num_kv_heads, c.head_dim)
+  if mlp is None and "gate_up" in lp:  # the fused serving layout
+    mlp = functools.partial(_fused_ffn, lp=lp, lb=lb,
+                            adapter_idx_b=adapter_idx_b, lora_impl=lora_impl)
+  if "qkv" in lp:  # the fused serving layout (`mintjax.model.fused`)
+    q, k, v = fused.qkv(h, lp, lb, adapter_idx_b, config=c,
+                        lora_impl=lora_impl)
+  else:
+    q = proj("q", h).reshape(b, t, c.num_heads, c.head_dim)
+    k = proj("k", h).reshape(b, t, c.num_kv_heads, c.head_dim)
+    v = proj("v", h).reshape(b, t, c.num_kv_heads, c.head_dim)
   if c.qk_norm:  # Qwen3: RMSNorm over each head before RoPE
     q = rms_norm(q, lp["q_norm"], c.rms_norm_eps)
     k = rms_norm(k, lp["k_norm"], c.rms_norm_eps)
@@ -261,6 +268,13 @@ def _layer_tail(x_btd, attn, lp, proj, proj_over, *, config: ModelConfig,
   x_btd = x_btd + y
   x_btd = sharding.constrain(x_btd, ("batch", "length", "embed_act"))
   return x_btd, new_kv, stats
+
+
+def _fused_ffn(h_btd, proj_over, *, lp, lb, adapter_idx_b, lora_impl):
+  """SwiGLU of a dense layer in the fused layout (one gate_up matmul)."""
+  gated = fused.gate_up(h_btd, lp, lb, adapter_idx_b, lora_impl=lora_impl)
+  gated = sharding.constrain(gated, ("batch", "length", "mlp"))
+  return proj_over(lp)("down", gated), None
 
 
 def _dense_ffn(h_btd, weights, proj_over):
@@ -366,7 +380,8 @@ def forward(params: dict, bank: AdapterBank | None, adapter_idx_b,
             tokens_bt, positions_bt=None, *, config: ModelConfig,
             cache: KVCache | None = None, segment_ids_bt=None,
             lora_impl: str = "auto", remat: bool = False,
-            return_hidden: bool = False, return_router_stats: bool = False):
+            return_hidden: bool = False, return_router_stats: bool = False,
+            lora_rank: int | None = None):
   """Runs the decoder on a batch where each row may use a different adapter.
 
   Args:
@@ -385,6 +400,9 @@ def forward(params: dict, bank: AdapterBank | None, adapter_idx_b,
     lora_impl: gather-LoRA implementation ('auto' picks per backend).
     remat: rematerialise each layer in the backward pass (training).
     return_hidden: also return the final normed hidden states.
+    lora_rank: static rank width of the LoRA work (`AdapterBank.layer`);
+      exact only when every row's slot has a true rank <= lora_rank. None
+      uses the bank's max_rank.
     return_router_stats: also return the MoE router statistics of every
       layer (`moe.route`'s stats stacked on a leading [L] axis; zeros for
       dense layers; None for a model without experts).
@@ -425,7 +443,7 @@ def forward(params: dict, bank: AdapterBank | None, adapter_idx_b,
     x, kv = carry
     lp, layer_idx = xs
     lp = quant.dequantize(lp, dt)  # int8 base: only this layer goes float
-    lb = bank.layer(layer_idx) if bank is not None else None
+    lb = bank.layer(layer_idx, lora_rank) if bank is not None else None
     layer_kv = None
     if kv is not None:
       layer_kv = (kv[0][layer_idx], kv[1][layer_idx])

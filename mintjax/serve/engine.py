@@ -32,7 +32,7 @@ from mintjax import progress
 from mintjax import sharding
 from mintjax.adapters import bank as bank_lib
 from mintjax.adapters.spec import ALL_TARGETS, BankSpec
-from mintjax.model import llama
+from mintjax.model import fused, llama
 from mintjax.model.base import BaseModel
 from mintjax.model.kv_cache import init_cache
 from mintjax.serve import sampling as sampling_lib
@@ -69,6 +69,12 @@ class EngineConfig:
     adapter_dtype: bank dtype.
     lora_impl: gather-LoRA implementation ('auto' picks per backend).
     lookahead: queued requests considered for admission and prefetch.
+    dtype: base weight, activation and KV cache dtype: 'float32' (the
+      exactness mode) or 'bfloat16' (half the bytes; every matmul still
+      accumulates in f32). See docs/BENCHMARKS.md for the XLA:CPU flags
+      that make bf16 dots fast on AMX/avx512_bf16 CPUs.
+    fuse_projections: serve q/k/v and gate/up as one matmul each
+      (`mintjax.model.fused`; exact in f32).
   """
 
   num_slots: int = 16
@@ -83,6 +89,8 @@ class EngineConfig:
   adapter_dtype: str = "float32"
   lora_impl: str = "auto"
   lookahead: int = 64
+  dtype: str = "float32"
+  fuse_projections: bool = True
 
   def __post_init__(self):
     for name in ("num_slots", "max_batch", "max_len", "steps_per_call",
@@ -92,6 +100,10 @@ class EngineConfig:
         continue
       if not isinstance(v, int) or v < 1:
         raise ValueError(f"EngineConfig.{name} must be an int >= 1, got {v!r}")
+    if self.dtype not in ("float32", "bfloat16"):
+      raise ValueError(
+          f"EngineConfig.dtype must be 'float32' or 'bfloat16', got "
+          f"{self.dtype!r}")
     if self.prefill_batch > self.max_batch:
       raise ValueError(
           f"prefill_batch ({self.prefill_batch}) must not exceed max_batch "
@@ -166,12 +178,17 @@ class Engine:
     self.config = config
     self.mesh = mesh
     self.tokenizer = base.tokenizer
-    mc = base.config
     spec = config.spec()
     self.spec = spec
-    params, bank_sh = base.params, None
+    # Serving layout: weights in config.dtype, q/k/v and gate/up fused.
+    params, mc, axes = fused.serving_layout(
+        base.params, base.config, llama.param_logical_axes(base.config),
+        dtype=config.dtype, fuse=config.fuse_projections,
+        tensor_shards=mesh.shape.get("tensor", 1) if mesh is not None else 1)
+    self.model_config = mc
+    bank_sh = None
     if mesh is not None:
-      params = sharding.shard_tree(params, llama.param_logical_axes(mc), mesh)
+      params = sharding.shard_tree(params, axes, mesh)
       bank_sh = sharding.logical_sharding(
           bank_lib.bank_logical_axes(spec), bank_lib.bank_shapes(mc, spec),
           mesh)
@@ -204,6 +221,10 @@ class Engine:
                        active_b=np.zeros(b, bool),
                        adapter_idx_b=np.zeros(b, np.int32))
     self._rows = sampling_lib.empty_rows(b)
+    # Decode compiles once per LoRA rank width; each call takes the
+    # narrowest that holds its rows' true ranks (padded rank is free).
+    self._rank_buckets = bank_lib.rank_buckets(spec.max_rank)
+    self._host_ranks = (None, None)  # (bank it was read from, ranks [S])
     # Finish events of requests refused at submit, returned by the next step.
     self._pending: list[TokenEvent] = []
     self._counters = dict(requests=0, errors=0, generated_tokens=0,
@@ -228,23 +249,26 @@ class Engine:
     drop = np.full(p, c.max_batch, np.int32)  # every row dropped: no effect
     prow = _take_rows(sampling_lib.empty_rows(c.max_batch), np.zeros(p, int))
     # One bar step per compiled program: the prefill buckets, then decode.
-    bar = progress.bar(total=len(c.buckets) + 1, unit="program",
+    bar = progress.bar(total=len(c.buckets) + len(self._rank_buckets),
+                       unit="program",
                        desc="warm-up compiles", leave=False)
     for t in c.buckets:
       self.cache, tok, *_ = self.fns.prefill(
           self.params, self.bank, self.cache, np.zeros((p, t), np.int32),
           np.ones(p, np.int32), drop, np.zeros(p, np.int32), prow)
       bar.update(1)
-    self.cache, *_ = self.fns.decode(
-        self.params, self.bank, self.cache,
-        steps_lib.DecodeState(**{k: v.copy() for k, v in self._state.items()}),
-        self._rows)
+    for r in self._rank_buckets:  # one decode program per LoRA rank width
+      self.cache, *_ = self.fns.decode(
+          self.params, self.bank, self.cache,
+          steps_lib.DecodeState(**{k: v.copy()
+                                   for k, v in self._state.items()}),
+          self._rows, lora_rank=r)
+      bar.update(1)
     if self.residency is not None:
       # A slot write of zeros into an empty slot compiles the writer once.
       self.residency.bank = bank_lib.write_slot(
           self.residency.bank, 1, None, self.base.config, self.spec)
     jax.block_until_ready(tok)
-    bar.update(1)
     bar.close()
     self.compilations_at_warmup = steps_lib.compiled_count(self.fns)
     self._compiles_at_warmup = steps_lib.backend_compiles()
@@ -564,11 +588,26 @@ class Engine:
           sampling_lib.top_pairs(ids_1tk[0, t], tlp_1tk[0, t], k)
           for t in range(n - 1)]
 
+  def _lora_rank(self) -> int:
+    """The rank width of this decode call: the narrowest bucket holding
+    the true rank of every active row's slot (the bank's ranks are read
+    to the host once per bank version, not per call)."""
+    if len(self._rank_buckets) == 1:
+      return self._rank_buckets[0]
+    bank = self.bank
+    if self._host_ranks[0] is not bank:
+      self._host_ranks = (bank, np.asarray(bank.rank))
+    st = self._state
+    return bank_lib.rank_bucket(
+        self._rank_buckets, self._host_ranks[1][st["adapter_idx_b"][
+            st["active_b"]]])
+
   def _decode(self) -> Iterator[TokenEvent]:
     t0 = time.perf_counter()
     state = steps_lib.DecodeState(**self._state)
     self.cache, state, toks, lps, valid, tid, tlp = self.fns.decode(
-        self.params, self.bank, self.cache, state, self._rows)
+        self.params, self.bank, self.cache, state, self._rows,
+        lora_rank=self._lora_rank())
     toks, lps, valid = np.asarray(toks), np.asarray(lps), np.asarray(valid)
     # Top-k rows come to the host only when some row asked for them.
     want_top = bool(self._rows.top_logprobs_b.any())

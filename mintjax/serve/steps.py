@@ -66,7 +66,8 @@ class StepFns:
   prefill(params, bank, cache, tokens_pt, lengths_p, rows_p, adapter_idx_p,
           rows: RowSampling[P]) -> (cache, token_p, logprob_p, top_ids_pk,
                                     top_logprobs_pk)
-  decode(params, bank, cache, state: DecodeState, rows: RowSampling[B])
+  decode(params, bank, cache, state: DecodeState, rows: RowSampling[B],
+         lora_rank=None)
       -> (cache, state, tokens_bn, logprobs_bn, valid_bn, top_ids_bnk,
           top_logprobs_bnk)
   score(params, bank, tokens_1t, adapter_idx_1) -> (logprob_1t, top_ids_1tk,
@@ -146,8 +147,13 @@ def _score(params, bank, tokens_1t, adapter_idx_1, *, config: ModelConfig,
 
 def _decode(params, bank, cache: KVCache, state: DecodeState,
             rows: sampling_lib.RowSampling, *, config: ModelConfig,
-            lora_impl: str, steps: int, mesh: Mesh | None, rules=None):
+            lora_impl: str, steps: int, mesh: Mesh | None, rules=None,
+            lora_rank: int | None = None):
   """Up to `steps` decode steps for every active row.
+
+  `lora_rank` (static) narrows the LoRA work to that many rank columns
+  (exact when every active row's adapter has a true rank <= lora_rank; the
+  engine picks the smallest of `bank.rank_buckets` that holds them).
 
   Returns:
     (cache, state, tokens_bn [B, N] int32, logprobs_bn [B, N] float32,
@@ -167,7 +173,8 @@ def _decode(params, bank, cache: KVCache, state: DecodeState,
     with _rules(mesh, rules):
       logits_b1v, cache = llama.forward(
           params, bank, st.adapter_idx_b, st.token_b[:, None],
-          st.pos_b[:, None], config=config, cache=cache, lora_impl=lora_impl)
+          st.pos_b[:, None], config=config, cache=cache, lora_impl=lora_impl,
+          lora_rank=lora_rank)
     nxt_pos = st.pos_b + 1
     token_b, logprob_b = sampling_lib.sample(logits_b1v[:, 0], rows, nxt_pos)
     ids_bk, tlp_bk = sampling_lib.top_logprobs(logits_b1v[:, 0], rows)
@@ -251,9 +258,10 @@ def make_step_fns(config: ModelConfig, *, batch: int, max_len: int,
                           rules=rules),
       donate_argnums=(2,), **prefill_kw)
   decode = jax.jit(
-      lambda *a: _decode(*a, config=config, lora_impl=lora_impl,
-                         steps=steps_per_call, mesh=mesh, rules=rules),
-      donate_argnums=(2,), **decode_kw)
+      lambda *a, lora_rank=None: _decode(
+          *a, config=config, lora_impl=lora_impl, steps=steps_per_call,
+          mesh=mesh, rules=rules, lora_rank=lora_rank),
+      donate_argnums=(2,), static_argnames=("lora_rank",), **decode_kw)
   score = jax.jit(lambda *a: _score(*a, config=config, lora_impl=lora_impl,
                                     mesh=mesh, rules=rules))
   return StepFns(prefill=prefill, decode=decode, steps_per_call=steps_per_call,

@@ -104,11 +104,23 @@ class StepConfig:
       target (see `loss.completion_window`). Every example's completion
       (plus eos) must fit in W; `train_and_publish` checks that before any
       step and the step reports any overflow as 'dropped_tokens'.
+    compute_dtype: None computes in the model's dtype; 'bfloat16' casts
+      the frozen base to bf16 for the forward and backward matmuls (f32
+      accumulation) while the adapter bank (the master weights), its
+      gradients and the optimizer moments stay float32. Pass the base
+      already in bf16 to skip the per-step cast.
   """
 
   lora_impl: str = "auto"
   remat: bool = False
   loss_window: int = 0
+  compute_dtype: str | None = None
+
+  def __post_init__(self):
+    if self.compute_dtype not in (None, "float32", "bfloat16"):
+      raise ValueError(
+          f"StepConfig.compute_dtype must be None, 'float32' or 'bfloat16', "
+          f"got {self.compute_dtype!r}")
 
 
 def train_step(base_params: dict, bank: AdapterBank,
@@ -129,6 +141,12 @@ def train_step(base_params: dict, bank: AdapterBank,
   """
   num_slots = bank.num_slots
   base_params = jax.lax.stop_gradient(base_params)
+  if step_cfg.compute_dtype is not None:
+    config = dataclasses.replace(config, dtype=step_cfg.compute_dtype)
+    cdt = jnp.dtype(step_cfg.compute_dtype)
+    base_params = jax.tree.map(
+        lambda x: x.astype(cdt) if jnp.issubdtype(x.dtype, jnp.floating)
+        else x, base_params)
 
   def loss_fn(trainable):
     b = opt_lib.forward_bank(bank, trainable)  # VeRA: materialised here.
