@@ -72,12 +72,12 @@ def test_sharded_equals_unsharded(mesh):
 
 
 # Gradients on one layout by default (each compile costs seconds on 2
-# cores); the other two under `make test-slow`.
+# cores); the other three under `make test-moe`.
 @pytest.mark.parametrize("mesh_name", [
     "data2_fsdp1_expert2_tensor2",
-    pytest.param("expert8", marks=pytest.mark.slow),
-    pytest.param("data2_expert4", marks=pytest.mark.slow),
-    pytest.param("expert4_tensor2", marks=pytest.mark.slow)])
+    pytest.param("expert8", marks=pytest.mark.moe),
+    pytest.param("data2_expert4", marks=pytest.mark.moe),
+    pytest.param("expert4_tensor2", marks=pytest.mark.moe)])
 def test_gradients_equal_unsharded(mesh_name):
   mesh = sharding.make_mesh(**MESHES[mesh_name])
   x, params, ids, w = _inputs(seed=1)
@@ -94,7 +94,7 @@ def test_gradients_equal_unsharded(mesh_name):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.slow
+@pytest.mark.moe
 def test_bf16_matches_unsharded():
   mesh = sharding.make_mesh(**MESHES["data2_expert4"])
   x, params, ids, w = _inputs(jnp.bfloat16, seed=2)
@@ -180,7 +180,7 @@ def test_bad_splits_are_refused():
     ep.experts_ffn_sharded(x[:12], params, ids[:12], w[:12], mesh=mesh)
 
 
-@pytest.mark.slow
+@pytest.mark.moe
 def test_pallas_interpret_under_shard_map():
   # The TPU kernel path (megablox in interpret mode) inside the shard_map.
   mesh = sharding.make_mesh(**MESHES["expert4_tensor2"])

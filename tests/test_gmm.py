@@ -17,12 +17,12 @@ from pallas_kernels import gmm
 # K/N not multiples of 128, empty groups, rows past sum(group_sizes), and
 # offsets that select a middle window of groups (expert parallelism).
 # Interpret mode is slow on 2 cores: two cases run by default, the rest
-# (and the gradient check) under `make test-slow`.
+# (and the gradient check) under `make test-moe`.
 CASES = [
-    pytest.param(40, 64, 96, (7, 0, 20, 13), 0, 4, marks=pytest.mark.slow),
+    pytest.param(40, 64, 96, (7, 0, 20, 13), 0, 4, marks=pytest.mark.moe),
     (40, 64, 96, (7, 0, 20, 5), 0, 4),           # 8 rows in no group
     (136, 128, 256, (30, 50, 0, 40, 16), 1, 3),  # a middle window
-    pytest.param(24, 32, 48, (0, 0, 24), 2, 1, marks=pytest.mark.slow),
+    pytest.param(24, 32, 48, (0, 0, 24), 2, 1, marks=pytest.mark.moe),
 ]
 
 
@@ -53,7 +53,7 @@ def test_pallas_interpret_and_ragged_dot_equal_reference(m, k, n, sizes,
     assert np.abs(np.asarray(out[lo:hi])).min(axis=1).max() > 0
 
 
-@pytest.mark.slow
+@pytest.mark.moe
 def test_gradients_match_reference():
   m, k, n, sizes, offset, g = CASES[2]
   x, w = _arrays(m, k, n, g, seed=1)
@@ -73,7 +73,7 @@ def test_gradients_match_reference():
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.slow
+@pytest.mark.moe
 def test_bf16_accumulates_in_float32():
   x, w = _arrays(32, 256, 128, 2, dtype=jnp.bfloat16, seed=3)
   gs = jnp.asarray([12, 20], jnp.int32)

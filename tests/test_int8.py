@@ -102,9 +102,9 @@ def test_int8_tree_shards_by_its_logical_axes(dense):
 
 
 # The MoE twin, training and serving compile more programs (~1 min on 2
-# busy cores): `make test-slow`.
+# busy cores): `make test-moe`.
 @pytest.mark.parametrize("config", [
-    DENSE, pytest.param(MOE, marks=pytest.mark.slow)], ids=["dense", "moe"])
+    DENSE, pytest.param(MOE, marks=pytest.mark.moe)], ids=["dense", "moe"])
 def test_model_on_int8_equals_model_on_dequantized_weights(config):
   base = random_base(config, seed=1)  # std 0.02, a trained model's scale
   q = int8_base.quantize_base(base).params
@@ -121,7 +121,7 @@ def test_model_on_int8_equals_model_on_dequantized_weights(config):
     assert isinstance(q["moe"]["gate"], quant.Int8Weight)
 
 
-@pytest.mark.slow
+@pytest.mark.moe
 def test_lora_trains_on_an_int8_base_which_stays_untouched(dense):
   _, q = dense
   spec = AdapterSpec(targets=("q", "v", "down"), max_rank=4, num_slots=3)
@@ -143,7 +143,7 @@ def test_lora_trains_on_an_int8_base_which_stays_untouched(dense):
                jax.tree.map(np.array, q.params))
 
 
-@pytest.mark.slow
+@pytest.mark.moe
 def test_engine_serves_an_int8_base_like_its_dequantized_twin(dense):
   _, q = dense
   twin = dataclasses.replace(q, config=q.config.replace(weight_format="float"),

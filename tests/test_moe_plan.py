@@ -50,7 +50,7 @@ def test_too_small_a_slice_does_not_fit():
   assert not r["train"]["fits"] and not r["decode"]["fits"]
 
 
-@pytest.mark.slow  # one model compile (~7 s of CPU): `make test-slow`
+@pytest.mark.moe  # one model compile (~7 s of CPU): `make test-moe`
 def test_aot_compiles_an_expert_parallel_step_on_a_4_axis_mesh(tmp_path):
   # The AOT tool takes (data, fsdp, expert, tensor) meshes; a tiny Qwen3-MoE
   # decode step compiled for 8 CPU devices splits its experts 4 ways.
