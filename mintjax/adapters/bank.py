@@ -5,6 +5,8 @@ compiled step), its construction, slot writes and reads, and the logical axis
 names of its tensors. Layout per target projection:
 
   lora_a[t]: [S, L, d_in, R]    lora_b[t]: [S, L, R, d_out]
+  (routed-expert targets add an expert axis after L: [S, L, E, d_in, R],
+  [S, L, E, R, d_out]; `mintjax.adapters.expert_lora` runs them)
   scale:     [S] float32        rank:      [S] int32 (true rank, 0 = empty)
 
 S = num_slots (slot 0 is the null adapter, all zeros), L = layers,
@@ -22,14 +24,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mintjax.adapters.spec import AdapterError, BankSpec, AdapterWeights
+from mintjax.adapters.spec import (AdapterError, AdapterWeights, BankSpec,
+                                   factor_shapes)
 from mintjax.config import ModelConfig
 
 # Logical axis names per bank tensor; `mintjax.sharding` maps them to a mesh.
 _IN_AXIS = {"q": "embed", "k": "embed", "v": "embed", "o": "q_heads",
-            "gate": "embed", "up": "embed", "down": "mlp"}
+            "gate": "embed", "up": "embed", "down": "mlp",
+            "q_a": "embed", "q_b": "latent", "kv_a": "embed",
+            "kv_b": "latent", "shared_gate": "embed", "shared_up": "embed",
+            "shared_down": "mlp", "experts_gate_up": "embed",
+            "experts_down": "mlp"}
 _OUT_AXIS = {"q": "q_heads", "k": "kv_heads", "v": "kv_heads", "o": "embed",
-             "gate": "mlp", "up": "mlp", "down": "embed"}
+             "gate": "mlp", "up": "mlp", "down": "embed",
+             "q_a": "latent", "q_b": "q_heads", "kv_a": "latent",
+             "kv_b": "q_heads", "shared_gate": "mlp", "shared_up": "mlp",
+             "shared_down": "embed", "experts_gate_up": "mlp",
+             "experts_down": "embed"}
+# Routed-expert targets carry an expert axis after the layer axis.
+_EXPERT_AXIS = {"experts_gate_up": ("experts",), "experts_down": ("experts",)}
 
 
 @flax.struct.dataclass
@@ -120,20 +133,23 @@ def bank_shapes(config: ModelConfig, spec: BankSpec
                 ) -> AdapterBank:
   """The bank's shapes as `jax.ShapeDtypeStruct` leaves."""
   dtype = jnp.dtype(spec.dtype)
-  s, l, r = spec.num_slots, config.num_layers, spec.max_rank
+  s, r = spec.num_slots, spec.max_rank
   a, b = {}, {}
   for t in spec.targets:
-    d_in, d_out = config.projection_shape(t)
-    a[t] = jax.ShapeDtypeStruct((s, l, d_in, r), dtype)
-    b[t] = jax.ShapeDtypeStruct((s, l, r, d_out), dtype)
+    shape_a, shape_b = factor_shapes(config, t, r)
+    a[t] = jax.ShapeDtypeStruct((s, *shape_a), dtype)
+    b[t] = jax.ShapeDtypeStruct((s, *shape_b), dtype)
   return AdapterBank(a, b, jax.ShapeDtypeStruct((s,), jnp.float32),
                      jax.ShapeDtypeStruct((s,), jnp.int32))
 
 
 def bank_logical_axes(spec: BankSpec) -> AdapterBank:
   """Logical axis names of every bank tensor (same tree as the bank)."""
-  a = {t: ("slot", "layers", _IN_AXIS[t], "lora_rank") for t in spec.targets}
-  b = {t: ("slot", "layers", "lora_rank", _OUT_AXIS[t]) for t in spec.targets}
+  e = lambda t: _EXPERT_AXIS.get(t, ())
+  a = {t: ("slot", "layers", *e(t), _IN_AXIS[t], "lora_rank")
+       for t in spec.targets}
+  b = {t: ("slot", "layers", *e(t), "lora_rank", _OUT_AXIS[t])
+       for t in spec.targets}
   return AdapterBank(a, b, ("slot",), ("slot",))
 
 
@@ -168,12 +184,12 @@ def pad_weights(weights: AdapterWeights, config: ModelConfig,
   r, big_r = weights.rank, spec.max_rank
   a, b = {}, {}
   for t in spec.targets:
-    d_in, d_out = config.projection_shape(t)
-    a[t] = np.zeros((config.num_layers, d_in, big_r), dtype)
-    b[t] = np.zeros((config.num_layers, big_r, d_out), dtype)
+    shape_a, shape_b = factor_shapes(config, t, big_r)
+    a[t] = np.zeros(shape_a, dtype)
+    b[t] = np.zeros(shape_b, dtype)
     if t in weights.lora_a:
       a[t][..., :r] = weights.lora_a[t]
-      b[t][:, :r, :] = weights.lora_b[t]
+      b[t][..., :r, :] = weights.lora_b[t]
   return dict(lora_a=a, lora_b=b, scale=np.float32(weights.scale),
               rank=np.int32(r))
 
@@ -225,7 +241,7 @@ def read_slot(bank: AdapterBank, slot: int, alpha: float | None = None,
   if rank <= 0:
     raise AdapterError(f"slot {slot} is empty")
   a = {t: np.asarray(x[slot, ..., :rank]) for t, x in bank.lora_a.items()}
-  b = {t: np.asarray(x[slot, :, :rank, :]) for t, x in bank.lora_b.items()}
+  b = {t: np.asarray(x[slot, ..., :rank, :]) for t, x in bank.lora_b.items()}
   scale = float(bank.scale[slot])
   if alpha is None:
     alpha = scale * (np.sqrt(rank) if use_rslora else rank)

@@ -159,13 +159,13 @@ class AdapterFamily(abc.ABC):
     del info
     return None
 
-  def params_per_adapter(self, config: "ModelConfig", targets, rank: int
-                         ) -> int:
-    """Numbers one stored adapter of rank `rank` holds (shared state such as
-    VeRA's basis is not counted)."""
-    from mintjax.adapters.spec import target_shape  # pylint: disable=g-import-not-at-top
-    return sum(math.prod(s) for t in targets
-               for s in self.stored_shapes(rank, target_shape(config, t)))
+  def params_per_adapter(self, shapes: Mapping[str, tuple[int, ...]],
+                         rank: int) -> int:
+    """Numbers one stored adapter of rank `rank` holds, given each target's
+    (L, d_in, d_out) or (L, E, d_in, d_out) (`spec.target_shape`; shared
+    state such as VeRA's basis is not counted)."""
+    return sum(math.prod(s) for shape in shapes.values()
+               for s in self.stored_shapes(rank, shape))
 
   # ------------------------------------------------ the trainer's bank
 

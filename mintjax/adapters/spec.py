@@ -192,7 +192,8 @@ class BankSpec:
     (LoRA: L * r * (d_in + d_out) per target; VeRA: L * (r + d_out), its
     shared basis not counted)."""
     return self.family.params_per_adapter(
-        config, self.targets, self.max_rank if rank is None else rank)
+        {t: target_shape(config, t) for t in self.targets},
+        self.max_rank if rank is None else rank)
 
   def stored_bytes(self, config: ModelConfig, rank: int | None = None) -> int:
     """Bytes one adapter occupies in the store (`params_per_adapter` times

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mintjax import sharding
+from mintjax.adapters import expert_lora
 from mintjax.adapters.bank import AdapterBank, activation_axes
 from mintjax.adapters.lora_op import lora_project
 from mintjax.config import ModelConfig
@@ -285,18 +286,23 @@ def _dense_ffn(h_btd, weights, proj_over):
   return proj("down", gated)
 
 
-def _experts_fn():
+def _experts_fn(adapter_rows=None):
   """Grouped experts: expert-parallel under mesh rules whose mesh has an
-  `expert` axis (`sharding.make_mesh(expert=n)`), else `moe.experts_ffn`."""
+  `expert` axis (`sharding.make_mesh(expert=n)`), else `moe.experts_ffn`.
+  `adapter_rows` ([T] slots) travel with the tokens there, for the expert
+  LoRA hook."""
   active = sharding.active_mesh_rules()
   if active is not None and active[0].shape.get("expert", 1) > 1:
     return functools.partial(expert_parallel.experts_ffn_sharded,
-                             mesh=active[0])
+                             mesh=active[0], adapter_rows=adapter_rows)
   return moe.experts_ffn
 
 
-def _mlp_fn(params, layer_idx, *, config: ModelConfig):
+def _mlp_fn(params, layer_idx, *, config: ModelConfig, lb=None, slot_t=None):
   """The feed-forward of layer `layer_idx` of an MoE model, or None (dense).
+
+  With a layer bank `lb` holding routed-expert targets, each routed row gets
+  its (slot, expert) LoRA (`expert_lora.expert_hook`; slot_t [B*T] slots).
 
   Returns `mlp(h_btd, proj_over) -> (y_btd, stats)`. The layer's weights are
   read from the `moe`/`dense_mlp` stacks at its index within its kind; with
@@ -318,8 +324,10 @@ def _mlp_fn(params, layer_idx, *, config: ModelConfig):
 
   def run_moe(h, proj_over):
     mp = at(params["moe"], jnp.asarray(moe_index, jnp.int32)[layer_idx])
-    return moe.moe_block(h, mp, config=c, proj=proj_over(mp),
-                         experts_fn=_experts_fn())
+    hook = expert_lora.expert_hook(lb, slot_t)
+    return moe.moe_block(
+        h, mp, config=c, proj=proj_over(mp), adapter=hook,
+        experts_fn=_experts_fn(slot_t if hook is not None else None))
 
   def run_dense(h, proj_over):
     mp = at(params["dense_mlp"], jnp.asarray(dense_index,
@@ -438,6 +446,7 @@ def forward(params: dict, bank: AdapterBank | None, adapter_idx_b,
     segments = (segment_ids_bt, segment_ids_bt)
   step = _StepInputs(adapter_idx_b, cos, sin, positions_bt, k_pos_bs,
                      positions_bt[:, 0], segments)
+  slot_t = None if bank is None else jnp.repeat(adapter_idx_b, t)
 
   def body(carry, xs):
     x, kv = carry
@@ -449,7 +458,8 @@ def forward(params: dict, bank: AdapterBank | None, adapter_idx_b,
       layer_kv = (kv[0][layer_idx], kv[1][layer_idx])
     x, new_kv, stats = _layer(x, lp, lb, layer_kv, step, config=c,
                               lora_impl=lora_impl,
-                              mlp=_mlp_fn(params, layer_idx, config=c))
+                              mlp=_mlp_fn(params, layer_idx, config=c, lb=lb,
+                                          slot_t=slot_t))
     if kv is not None:
       kv = tuple(jax.lax.dynamic_update_index_in_dim(buf, new, layer_idx, 0)
                  for buf, new in zip(kv, new_kv))
