@@ -38,7 +38,7 @@ def svc(tmp_path_factory):
   c = tinker_service.get_config("tiny")
   c.registry, c.state_dir = str(d / "registry"), str(d / "state")
   c.engine.num_slots, c.engine.max_batch, c.engine.max_len = 6, 16, 64
-  c.trainer.num_slots, c.trainer.batch_window_s = 24, 0.05
+  c.trainer.num_slots, c.trainer.batch_window_s = 24, 1.0
   c.server.long_poll_s = 2.0
   service = build_service(c)
   server = ServerThread(service.app).start()

@@ -69,18 +69,20 @@ def test_only_active_slots_move_with_their_own_learning_rate(setup):
   bank = jax.tree.map(jax.numpy.array, bank0)
   opt = opt_lib.init_opt_state(bank)
   acc = split_step.zero_grads(bank)
-  # Slots 1 and 2 have rows; slot 3 has none.
+  # Slots 1, 2 and 3 have rows (slot 0 is padding).
   acc, logp, loss = steps.forward_backward(base.params, bank, acc,
-                                           _batch([1, 2, 1, 0], kind=1))
+                                           _batch([1, 2, 3, 0], kind=1))
   assert np.isfinite(np.asarray(loss)).all() and np.asarray(logp).max() <= 0
   acc_host = _copy(acc)
-  for t in ALL_TARGETS:  # slot 3 and slot 0 got no gradient
-    assert not np.asarray(acc_host["lora_a"][t][3]).any()
+  assert np.asarray(acc_host["lora_b"]["q"][3]).any()  # slot 3: a gradient
+  for t in ALL_TARGETS:  # slot 0 (the null adapter) gets none
     assert not np.asarray(acc_host["lora_a"][t][0]).any()
+    assert not np.asarray(acc_host["lora_b"][t][0]).any()
   before = _copy((bank, opt))
   mask = {t: np.array([0, 1, 1, float(t in ("q", "v"))], np.float32)
           for t in ALL_TARGETS}
-  # Slot 1 steps with lr 1e-2, slot 2 is active with lr 0; 3 is inactive.
+  # Slot 1 steps with lr 1e-2, slot 2 is active with lr 0; slot 3 has a
+  # gradient and a learning rate but is not stepped now: it must not move.
   bank, opt, acc, metrics = steps.optim_step(
       bank, opt, acc, _hp([0, 1e-2, 0, 1e-2]),
       np.array([False, True, True, False]), mask)
@@ -89,8 +91,11 @@ def test_only_active_slots_move_with_their_own_learning_rate(setup):
     assert not np.array_equal(b1.lora_a[t][1], b0.lora_a[t][1])
     np.testing.assert_array_equal(b1.lora_a[t][2], b0.lora_a[t][2])  # lr 0
     np.testing.assert_array_equal(b1.lora_a[t][3], b0.lora_a[t][3])
-    np.testing.assert_array_equal(o1.mu["lora_a"][t][3],
-                                  o0.mu["lora_a"][t][3])
+    np.testing.assert_array_equal(b1.lora_b[t][3], b0.lora_b[t][3])
+    np.testing.assert_array_equal(o1.mu["lora_b"][t][3],
+                                  o0.mu["lora_b"][t][3])
+    np.testing.assert_array_equal(np.asarray(acc["lora_b"][t][3]),
+                                  acc_host["lora_b"][t][3])
     np.testing.assert_array_equal(b1.lora_b[t][0], b0.lora_b[t][0])
     # The stepped slots' accumulators are cleared, the others kept.
     assert not np.asarray(acc["lora_b"][t][1]).any()

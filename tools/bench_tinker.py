@@ -37,7 +37,8 @@ def parse_args(argv=None):
   p.add_argument("--rows", type=int, default=4, help="datums per request")
   p.add_argument("--tokens", type=int, default=32, help="tokens per datum")
   p.add_argument("--rank", type=int, default=8)
-  p.add_argument("--window_s", type=float, default=0.02)
+  p.add_argument("--window_s", type=float, default=1.0,
+                 help="trainer.batch_window_s (the longest wait for peers)")
   p.add_argument("--json_out", default="")
   return p.parse_args(argv)
 

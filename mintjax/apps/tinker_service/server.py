@@ -72,7 +72,8 @@ class Service:
 def trainer_config(t) -> TrainerConfig:
   return TrainerConfig(num_slots=t.num_slots, max_rank=t.max_rank,
                        alpha=t.alpha, max_len=t.max_len, max_rows=t.max_rows,
-                       batch_window_s=t.batch_window_s, lora_impl=t.lora_impl,
+                       batch_window_s=t.batch_window_s,
+                       active_window_s=t.active_window_s, lora_impl=t.lora_impl,
                        seed=t.seed)
 
 

@@ -6,8 +6,9 @@ id, bank slot, rank and targets) and `Trainer`, which holds the device state
 gradient accumulator) and a worker thread that runs every device call.
 
 Batching across clients: each tenant has a FIFO of operations (its requests
-run in the order it sent them). The worker waits for work, then for
-`batch_window_s` more so that other clients' requests can arrive, then takes
+run in the order it sent them). The worker waits for work, then until every
+client that submitted in the last `active_window_s` has a request queued (at
+most `batch_window_s`: a client that stopped costs one window), then takes
 the head operation of every tenant's queue: all forward-backward heads run as
 ONE call of the compiled multi-tenant forward-backward (rows of every tenant
 in one batch), all optim heads as ONE call of the per-slot Adam step.
@@ -65,8 +66,10 @@ class TrainerConfig:
     alpha: LoRA alpha (scale alpha / rank), as Tinker uses.
     max_len: longest datum in tokens.
     max_rows: rows per forward-backward call (more rows: several calls).
-    batch_window_s: how long the worker waits for more clients' requests
-      once one has arrived.
+    batch_window_s: the longest the worker waits, once a request has
+      arrived, for the other recently active clients' requests.
+    active_window_s: a client that submitted within this long is expected
+      in the next round (the worker waits for it, up to the window).
     lora_impl: gather-LoRA implementation.
     seed: adapter initialisation seed (a client's LoraConfig.seed wins).
   """
@@ -76,7 +79,8 @@ class TrainerConfig:
   alpha: float = 32.0
   max_len: int = 256
   max_rows: int = 64
-  batch_window_s: float = 0.02
+  batch_window_s: float = 1.0
+  active_window_s: float = 2.0
   lora_impl: str = "auto"
   seed: int = 0
 
@@ -187,6 +191,7 @@ class Trainer:
     self.tenants: dict[str, Tenant] = {}
     self._free = list(range(1, self.spec.num_slots))
     self._queues: dict[str, collections.deque] = {}
+    self._last_seen: dict[str, float] = {}  # model id -> last submit time
     self._cv = threading.Condition()
     self._closed = False
     self._stats = collections.Counter()
@@ -245,6 +250,7 @@ class Trainer:
         raise UserError("the service is shutting down")
       self._queues[model_id].append(_Op(kind, self.tenant(model_id), payload,
                                         fut))
+      self._last_seen[model_id] = time.monotonic()
       self._cv.notify()
     return fut
 
@@ -274,12 +280,26 @@ class Trainer:
             for op in q:
               op.future.set_exception(UserError("the service shut down"))
           return
-        waiting = sum(1 for q in self._queues.values() if q)
-      # Let the other clients' requests of this round arrive.
-      if waiting < len(self._queues) and self.config.batch_window_s > 0:
-        time.sleep(self.config.batch_window_s)
-      with self._cv:
+        # Let the other clients' requests of this round arrive: wait until
+        # every recently active client has one queued, at most the window.
+        deadline = time.monotonic() + self.config.batch_window_s
+        while not self._closed:
+          now = time.monotonic()
+          expected = [m for m, t in self._last_seen.items()
+                      if now - t < self.config.active_window_s]
+          if now >= deadline or all(self._queues[m] for m in expected):
+            break
+          self._cv.wait(deadline - now)
         heads = [q.popleft() for q in self._queues.values() if q]
+        # Clients one phase behind (an optim step still queued) go first and
+        # the others' forward-backwards wait a round: so the clients fall
+        # back into step and share the next calls instead of splitting
+        # into two groups that alternate for ever.
+        if any(op.kind == "optim" for op in heads):
+          for op in heads:
+            if op.kind == "fwdbwd":
+              self._queues[op.tenant.model_id].appendleft(op)
+          heads = [op for op in heads if op.kind != "fwdbwd"]
       by_kind = collections.defaultdict(list)
       for op in heads:
         by_kind[op.kind].append(op)
