@@ -63,9 +63,12 @@ def fleet(postgres_server, s3_server):
         replica.ReplicaConfig(url, base_fn, ENGINE, max_adapters=8),
         num_replicas=2,
         ray_actor_options={"num_cpus": 0.5})
-    handle = serve.run(app, name="fleet_test", route_prefix=None)
+    from tools import local_services
+    port = local_services.free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    handle = serve.run(app, name="fleet_test", route_prefix="/")
     yield dict(client=deployment.FleetClient(handle), registry=reg,
-               url=url, base=base_fn)
+               url=url, base=base_fn, http=f"http://127.0.0.1:{port}")
   finally:
     serve.shutdown()
     ray.shutdown()
@@ -122,3 +125,19 @@ def test_adapter_published_while_running_is_served_at_once(fleet):
   got = fleet["client"].generate(dict(prompt=PROMPTS[0], model="late",
                                       max_tokens=6, temperature=0.0)).result()
   assert got["revision"] == rev2.ref == "late@2"  # One resolve per request.
+
+
+def test_openai_api_through_serves_http_proxy(fleet):
+  openai = pytest.importorskip("openai")
+  client = openai.OpenAI(base_url=fleet["http"] + "/v1", api_key="unused",
+                         max_retries=0, timeout=120)
+  engine = Engine(fleet["base"](), Registry.open(fleet["url"]), ENGINE,
+                  refs=())
+  for u in USERS[:2]:
+    raw = client.completions.with_raw_response.create(
+        model=u, prompt=PROMPTS[1], max_tokens=6, temperature=0.0,
+        extra_headers={"serve_multiplexed_model_id": u})
+    (want,) = engine.generate([dict(prompt=tuple(PROMPTS[1]), adapter=u,
+                                    max_new_tokens=6, temperature=0.0)])
+    assert raw.headers["x-adapter-revision"] == f"{u}@1"
+    assert raw.parse().choices[0].text == want.text

@@ -9,9 +9,11 @@ replica that already holds the ref, and a replica loads a new ref through
 first out. Requests without an adapter (the base) carry no model id and go
 to any replica.
 
-HTTP: POST / with a `GenerationRequest` JSON body and the header
-`serve_multiplexed_model_id: <adapter ref>` (Serve's proxy routes on it);
-the body's 'model' (or 'adapter') must name the same ref.
+HTTP (Serve's proxy routes on the header `serve_multiplexed_model_id:
+<adapter ref>`): the OpenAI-compatible API under /v1/ (the replica's
+`mintjax.apps.openai_server` app: completions, chat completions, models),
+or POST / with a `GenerationRequest` JSON body whose 'model' (or
+'adapter') names the same ref as the header.
 
 `ray` is imported when a deployment is built (`pip install
 'mintjax[fleet]'`), never by `import mintjax`.
@@ -86,11 +88,41 @@ def fleet_deployment(config: ReplicaConfig, *, num_replicas: int = 2,
     async def stats(self) -> dict:
       return await asyncio.to_thread(self.replica.stats)
 
-    async def __call__(self, request) -> dict:
-      """HTTP entry point (Serve's proxy passes a starlette Request)."""
-      return await self._run(await request.json())
+    async def __call__(self, request):
+      """HTTP entry point (Serve's proxy passes a starlette Request).
+
+      /v1/... goes to the OpenAI-compatible server's app of this replica
+      (completions, chat completions, models, metrics); any other path
+      takes a `GenerationRequest` JSON body.
+      """
+      if not request.url.path.startswith("/v1/"):
+        return await self._run(await request.json())
+      ref = serve.get_multiplexed_model_id()
+      if ref:
+        await self.get_model(ref)
+      return await _forward(self.replica.openai_app(), request)
 
   return FleetDeployment.bind(config)
+
+
+async def _forward(app, request):
+  """Runs a starlette request through an ASGI app in this process and
+  returns its (buffered) response: the replica's OpenAI server answers
+  behind Serve's proxy. Streamed responses arrive whole."""
+  import httpx  # pylint: disable=import-outside-toplevel
+  from starlette.responses import Response  # pylint: disable=import-outside-toplevel
+  headers = {k: v for k, v in request.headers.items()
+             if k.lower() not in ("host", "content-length")}
+  async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                               base_url="http://replica") as client:
+    got = await client.request(request.method, request.url.path,
+                               params=request.query_params,
+                               content=await request.body(), headers=headers,
+                               timeout=None)
+  keep = {k: v for k, v in got.headers.items()
+          if k.lower() not in ("content-length", "transfer-encoding",
+                               "content-encoding")}
+  return Response(got.content, status_code=got.status_code, headers=keep)
 
 
 class FleetClient:

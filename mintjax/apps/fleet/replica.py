@@ -121,6 +121,17 @@ class FleetReplica:
                 tokens=list(result.tokens), text=result.text,
                 finish_reason=result.finish_reason, replica=self.name)
 
+  def openai_app(self, model_name: str = "base"):
+    """The OpenAI-compatible server's ASGI app over this replica's service
+    (`mintjax.apps.openai_server.app.create_app`; built once, on first
+    use, so replicas that serve only the handle API never import
+    FastAPI). `model_name` is the base's name in 'model'."""
+    if getattr(self, "_openai_app", None) is None:
+      from mintjax.apps.openai_server.app import create_app  # pylint: disable=import-outside-toplevel
+      self._openai_app = create_app(self.service, model_name=model_name,
+                                    close_service=False)
+    return self._openai_app
+
   def stats(self) -> dict:
     """Engine and residency counters, with this replica's name."""
     stats = self.service.call(self.engine.stats).result()
