@@ -43,7 +43,6 @@ e.g. a PostgreSQL catalog with weights on S3:
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import os
@@ -62,6 +61,7 @@ from mintjax.adapters.spec import AdapterWeights
 from mintjax.config import ModelConfig
 from mintjax.store.errors import RegistryError, UnknownRefError
 from mintjax.store.registry import Registry
+from tools import local_services
 
 CONFIG = ModelConfig("llama", vocab_size=300, hidden_size=64,
                      intermediate_size=128, num_layers=2, num_heads=4,
@@ -592,28 +592,6 @@ def run_concurrent(path: str, workers: int = 4, count: int = 8) -> None:
       raise RuntimeError(f"concurrent worker failed: {err[-2000:]}")
 
 
-@contextlib.contextmanager
-def _services(names: list[str], registry: str | None):
-  """Starts the requested local servers; yields the registry template."""
-  from tools import local_services  # pylint: disable=import-outside-toplevel
-  unknown = set(names) - {"pg", "s3"}
-  if unknown:
-    raise app.UsageError(f"--local_services takes pg and s3, got {unknown}")
-  with contextlib.ExitStack() as stack:
-    work = stack.enter_context(tempfile.TemporaryDirectory(
-        prefix="mint_crash_store_"))
-    store = os.path.join(work, "{name}")
-    if "s3" in names:
-      s3 = stack.enter_context(local_services.S3Server())
-      store = s3.store_url(s3.bucket(), "{name}")
-    if "pg" in names:
-      pg = stack.enter_context(local_services.PostgresServer())
-      registry = pg.url + "?schema={name}&store=" + store
-    elif "s3" in names:
-      registry = f"sqlite://{work}/{{name}}.sqlite?store={store}"
-    yield registry
-
-
 TABLE_KEYS = ("trials", "kills", "max_writers", "acked", "revisions", "lost",
               "unreadable", "wrong", "bad", "gaps", "verify_bad",
               "reclaimed", "reservations_left", "orphan_shards")
@@ -638,7 +616,8 @@ def main(argv):
   elif mode == "scenario":
     path = tempfile.mkdtemp(prefix="mint_scenario_")
     try:
-      with _services(_SERVICES.value, _REGISTRY.value) as registry:
+      with local_services.registry_template(_SERVICES.value,
+                                          _REGISTRY.value) as registry:
         print(json.dumps(run_scenario(
             path, _DURATION.value or 20.0, taggers=2,
             registry=registry and registry.replace("{name}", "scenario")),
@@ -647,7 +626,8 @@ def main(argv):
       shutil.rmtree(path, ignore_errors=True)
   else:
     start = time.perf_counter()
-    with _services(_SERVICES.value, _REGISTRY.value) as registry:
+    with local_services.registry_template(_SERVICES.value,
+                                          _REGISTRY.value) as registry:
       tally = run_trials(_TRIALS.value, _PER_REG.value, _MAX_DELAY.value,
                          registry=registry)
     print("| " + " | ".join(TABLE_KEYS) + " | seconds |")

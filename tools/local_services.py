@@ -13,6 +13,7 @@ runs as the `postgres` (or `nobody`) user, which owns the data directory.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -193,3 +194,27 @@ class S3Server:
 
   def __exit__(self, *exc) -> None:
     self.stop()
+
+
+@contextlib.contextmanager
+def registry_template(names, registry: str | None = None):
+  """Starts the named local servers ('pg': PostgreSQL catalog, 's3': moto
+  store) and yields a registry location template whose '{name}' is
+  replaced per registry (`registry` itself when no server is asked for).
+  """
+  unknown = set(names) - {"pg", "s3"}
+  if unknown:
+    raise ValueError(f"local services are 'pg' and 's3', got {unknown}")
+  with contextlib.ExitStack() as stack:
+    work = stack.enter_context(tempfile.TemporaryDirectory(
+        prefix="mint_local_store_"))
+    store = os.path.join(work, "{name}")
+    if "s3" in names:
+      s3 = stack.enter_context(S3Server())
+      store = s3.store_url(s3.bucket(), "{name}")
+    if "pg" in names:
+      pg = stack.enter_context(PostgresServer())
+      registry = pg.url + "?schema={name}&store=" + store
+    elif "s3" in names:
+      registry = f"sqlite://{work}/{{name}}.sqlite?store={store}"
+    yield registry
