@@ -4,9 +4,10 @@ weights on a local S3 server (moto), a tiny model.
 Checks: every adapter's output equals a single local Engine's for the same
 request (correct and isolated: each request gets its own adapter), requests
 for one adapter stick to the replica that loaded it (multiplexed routing),
-and an adapter published while the fleet runs is served on its first
-request. Marked `fleet` (`make test-fleet`): Ray's start-up alone takes
-tens of seconds on 2 shared cores.
+an adapter published while the fleet runs is served on its first request,
+and the official `openai` client gets the same text through Serve's HTTP
+proxy (127.0.0.1). Marked `fleet` (`make test-fleet`): Ray's start-up
+alone takes tens of seconds on 2 shared cores.
 """
 
 import functools
