@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 from mintjax import progress
 from mintjax import sharding
 from mintjax.adapters import bank as bank_lib
-from mintjax.adapters.spec import ALL_TARGETS, BankSpec
+from mintjax.adapters.spec import ALL_TARGETS, KNOWN_TARGETS, BankSpec
 from mintjax.model import fused, llama
 from mintjax.model.base import BaseModel
 from mintjax.model.kv_cache import init_cache
@@ -143,7 +143,8 @@ class EngineConfig:
     rank = self.max_rank or max((k for k, _ in shapes.values()),
                                 default=DEFAULT_MAX_RANK)
     used = {t for _, ts in shapes.values() for t in ts}
-    targets = self.targets or (tuple(t for t in ALL_TARGETS if t in used)
+    # KNOWN_TARGETS: MoE/MLA adapters' targets count too (canonical order).
+    targets = self.targets or (tuple(t for t in KNOWN_TARGETS if t in used)
                                or ALL_TARGETS)
     residency_lib.check_fits(shapes, rank, targets)
     return dataclasses.replace(self, max_rank=rank, targets=tuple(targets))
