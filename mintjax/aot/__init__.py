@@ -290,6 +290,23 @@ def _serve_args(req: AotRequest, cfg: ModelConfig, spec: BankSpec | None,
 
 # --- analytic cost ------------------------------------------------------------
 
+def _token_macs_per_layer(c: ModelConfig) -> float:
+  """Base matmul MACs per token per layer: the attention projections plus
+  the feed-forward, which on an MoE model counts the *active* experts (k
+  routed + shared + the router), averaged over dense and MoE layers."""
+  attn = sum(a * b for a, b in (c.projection_shape(t) for t in
+                                c.projection_names()
+                                if t not in ("gate", "up", "down")))
+  dense = 3 * c.hidden_size * c.intermediate_size
+  if not c.num_moe_layers:
+    return attn + dense
+  moe = (c.num_experts_per_tok * 3 * c.hidden_size * c.moe_intermediate_size
+         + 3 * c.hidden_size * c.shared_expert_size
+         + c.hidden_size * c.num_experts)
+  return attn + (c.num_dense_layers * dense + c.num_moe_layers * moe
+                 ) / c.num_layers
+
+
 def step_cost(req: AotRequest, cfg: ModelConfig, spec: BankSpec | None,
               n_devices: int, bytes_per_device: Mapping[str, int]) -> dict:
   """Analytic FLOPs and HBM bytes per device for one step (module doc).
@@ -303,7 +320,7 @@ def step_cost(req: AotRequest, cfg: ModelConfig, spec: BankSpec | None,
       'optimizer', 'kv_cache').
   """
   c = cfg
-  base_mm = sum(a * b for a, b in (c.projection_shape(t) for t in ALL_TARGETS))
+  base_mm = _token_macs_per_layer(c)
   head = c.hidden_size * c.vocab_size
   lora_mm = 0
   if spec is not None:
