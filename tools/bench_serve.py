@@ -162,25 +162,44 @@ def _agree(a, b) -> str:
   return f"{same}/{len(a)} rows equal{note}"
 
 
+def _progress(name, res, batch, new_tokens):
+  """One stderr line a finished engine (a cut-short run still says this)."""
+  runs = {k: f"{_tps(res, k, batch, new_tokens):.1f}" for k in res["runs"]}
+  print(f"[{time.strftime('%H:%M:%S')}] {name}: tok/s {runs} "
+        f"(load {_load()})", file=sys.stderr, flush=True)
+
+
 def run_peers(base, adapters, prompts, *, new_tokens: int, repeats: int,
-              which: tuple[str, ...], workdir: str) -> dict:
-  """Peer results keyed 'peft', 'vllm_<dtype>' and 'vllm_<dtype>_nolora'."""
+              which: tuple[str, ...], workdir: str,
+              peft_threads: int) -> dict:
+  """Peer results keyed 'peft', 'vllm_<dtype>' and 'vllm_<dtype>_nolora'.
+
+  vLLM runs first: transformers + PEFT is the slowest peer by far, and
+  under CPU contention its torch thread pool collapses.
+  """
   model_dir, folders = peer_env.export_workload(base, adapters, workdir)
   mixed = [folders[n] for n in adapters]
   batch = len(prompts)
   job = dict(model=model_dir, prompts=prompts, new_tokens=new_tokens,
-             repeats=repeats, threads=os.cpu_count() or 1)
+             repeats=repeats, threads=peft_threads)
   out = {}
+  if "vllm" in which and peer_env.peer_python() is not None:
+    out.update(_run_vllm(job, mixed, batch))
   py = peer_env.peer_python() or parity_python()
   if "peft" in which and py:
     try:
       out["peft"] = peer_env.run_peer("peer_hf.py", dict(
           job, runs={"mixed": mixed, "base": [None] * batch}), python=py,
                                       preload=False)
+      _progress("peft", out["peft"], batch, new_tokens)
     except peer_env.PeerError as e:
       print(f"transformers + PEFT failed: {e}", file=sys.stderr)
-  if "vllm" not in which or peer_env.peer_python() is None:
-    return out
+  return out
+
+
+def _run_vllm(job, mixed, batch) -> dict:
+  """vLLM f32 and bf16, LoRA enabled (mixed, base) and disabled (base)."""
+  out = {}
   for dtype in ("float32", "bfloat16"):
     runs = {"mixed": mixed, "base": [None] * batch}
     if dtype == "float32":
@@ -195,6 +214,7 @@ def run_peers(base, adapters, prompts, *, new_tokens: int, repeats: int,
             job, dtype=dtype, enable_lora=lora, max_loras=batch,
             max_rank=RANK, max_num_seqs=2 * batch,  # one scheduler for all
             runs=runs if lora else {"base": [None] * batch}))
+        _progress(key, out[key], batch, job["new_tokens"])
       except peer_env.PeerError as e:
         print(f"vLLM {key} failed: {e}", file=sys.stderr)
   return out
@@ -368,6 +388,8 @@ def main():
                   help="mintjax serving dtypes (bf16 needs EngineConfig.dtype)")
   ap.add_argument("--no_churn", action="store_true")
   ap.add_argument("--repeats", type=int, default=2)
+  ap.add_argument("--peft_threads", type=int, default=os.cpu_count() or 1,
+                  help="torch threads of the PEFT run (default: every core)")
   ap.add_argument("--workdir", default="",
                   help="where the HF and PEFT folders go (default: a temp dir)")
   args = ap.parse_args()
@@ -405,6 +427,9 @@ def main():
     mj[dtype], engine = bench_mintjax(base, src, prompts, list(adapters),
                                       new_tokens=new_tokens, dtype=dtype,
                                       repeats=args.repeats)
+    print(f"[{time.strftime('%H:%M:%S')}] mintjax {dtype}: tok/s "
+          f"{ {k: round(mj[dtype][k]['tok_s'], 1) for k in ('mixed', 'base')} }"
+          f" (load {_load()})", file=sys.stderr, flush=True)
     if dtype == "float32" and not args.no_churn:
       churn = bench_churn(engine, rng, prompt_len=prompt_len,
                           new_tokens=new_tokens // 2,
@@ -419,7 +444,7 @@ def main():
   with tempfile.TemporaryDirectory() as tmp:
     pr = run_peers(base, adapters, prompts, new_tokens=new_tokens,
                    repeats=args.repeats, which=peers,
-                   workdir=args.workdir or tmp)
+                   workdir=args.workdir or tmp, peft_threads=args.peft_threads)
   print_report(mj, pr, floor=floor, cfg=cfg, batch=batch,
                prompt_len=prompt_len, new_tokens=new_tokens,
                loads=(load_at_start, _load()), quick=args.quick)
