@@ -26,8 +26,8 @@ HELP = dict(serve.ENGINE_HELP, **{
     "trainer.max_rows": "rows per compiled forward-backward call",
     "trainer.batch_window_s": "the longest a step waits for other "
                               "recently active clients' requests to join it",
-    "trainer.active_window_s": "clients that sent a request within this "
-                               "many seconds are waited for",
+    "trainer.active_window_s": "the longest a client is waited for after "
+                               "its last request finished",
     "trainer.lora_impl": "gather-LoRA implementation for training",
     "trainer.seed": "adapter initialisation seed",
     "server.host": "listen address",
@@ -49,7 +49,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.model_name = "mintjax/tiny"
   c.trainer = ml_collections.ConfigDict(dict(
       num_slots=16, max_rank=16, alpha=32.0, max_len=128, max_rows=64,
-      batch_window_s=1.0, active_window_s=2.0, lora_impl="auto", seed=0))
+      batch_window_s=1.0, active_window_s=1.0, lora_impl="auto", seed=0))
   c.server = ml_collections.ConfigDict(dict(
       host="127.0.0.1", port=8001, max_queue=1024, admission_wait_s=0.01,
       long_poll_s=10.0, log_level="warning"))

@@ -7,8 +7,8 @@ gradient accumulator) and a worker thread that runs every device call.
 
 Batching across clients: each tenant has a FIFO of operations (its requests
 run in the order it sent them). The worker waits for work, then until every
-client that submitted in the last `active_window_s` has a request queued (at
-most `batch_window_s`: a client that stopped costs one window), then takes
+client whose next request is due (its last one finished less than three of
+its usual turnarounds ago) has one queued, at most `batch_window_s`, then takes
 the head operation of every tenant's queue: all forward-backward heads run as
 ONE call of the compiled multi-tenant forward-backward (rows of every tenant
 in one batch), all optim heads as ONE call of the per-slot Adam step.
@@ -68,8 +68,8 @@ class TrainerConfig:
     max_rows: rows per forward-backward call (more rows: several calls).
     batch_window_s: the longest the worker waits, once a request has
       arrived, for the other recently active clients' requests.
-    active_window_s: a client that submitted within this long is expected
-      in the next round (the worker waits for it, up to the window).
+    active_window_s: the longest a client is waited for after its last
+      request finished (3 of its usual turnarounds, at most this).
     lora_impl: gather-LoRA implementation.
     seed: adapter initialisation seed (a client's LoraConfig.seed wins).
   """
@@ -80,7 +80,7 @@ class TrainerConfig:
   max_len: int = 256
   max_rows: int = 64
   batch_window_s: float = 1.0
-  active_window_s: float = 2.0
+  active_window_s: float = 1.0
   lora_impl: str = "auto"
   seed: int = 0
 
@@ -191,7 +191,10 @@ class Trainer:
     self.tenants: dict[str, Tenant] = {}
     self._free = list(range(1, self.spec.num_slots))
     self._queues: dict[str, collections.deque] = {}
-    self._last_seen: dict[str, float] = {}  # model id -> last submit time
+    # Turnaround tracking: when each client's last request finished, and how
+    # long it usually takes to send the next one.
+    self._done_at: dict[str, float] = {}
+    self._turnaround: dict[str, float] = {}
     self._cv = threading.Condition()
     self._closed = False
     self._stats = collections.Counter()
@@ -250,7 +253,13 @@ class Trainer:
         raise UserError("the service is shutting down")
       self._queues[model_id].append(_Op(kind, self.tenant(model_id), payload,
                                         fut))
-      self._last_seen[model_id] = time.monotonic()
+      now = time.monotonic()
+      done = self._done_at.pop(model_id, None)
+      if done is not None:
+        # One long gap (the client paused, or waited for others) may only
+        # double the estimate: idle time must not read as a slow loop.
+        old = self._turnaround.get(model_id, 0.1)
+        self._turnaround[model_id] = min(now - done, 2 * old)
       self._cv.notify()
     return fut
 
@@ -285,9 +294,8 @@ class Trainer:
         deadline = time.monotonic() + self.config.batch_window_s
         while not self._closed:
           now = time.monotonic()
-          expected = [m for m, t in self._last_seen.items()
-                      if now - t < self.config.active_window_s]
-          if now >= deadline or all(self._queues[m] for m in expected):
+          if now >= deadline or all(
+              self._queues[m] for m in self._expected(now)):
             break
           self._cv.wait(deadline - now)
         heads = [q.popleft() for q in self._queues.values() if q]
@@ -313,6 +321,18 @@ class Trainer:
         for op in ops:
           op.future.set_exception(UserError(f"unknown operation {op.kind}"))
 
+  def _expected(self, now: float) -> list[str]:
+    """Clients whose next request is due: their last one finished less than
+    3 typical turnarounds (+50 ms, at most `active_window_s`) ago. A client
+    that stopped, or went off to sample, stops being waited for quickly."""
+    out = []
+    for m, done in self._done_at.items():
+      allowance = min(self.config.active_window_s,
+                      3 * self._turnaround.get(m, 0.1) + 0.05)
+      if now - done < allowance:
+        out.append(m)
+    return out
+
   def _guarded(self, fn: Callable, ops: list[_Op]) -> None:
     try:
       results = fn(ops)
@@ -324,6 +344,15 @@ class Trainer:
       for op in ops:  # the worker must outlive any one bad batch
         op.future.set_exception(RuntimeError(f"{type(e).__name__}: {e}"))
       return
+    now = time.monotonic()
+    with self._cv:
+      for op in ops:
+        # Training loops alternate forward-backward and optim steps; a
+        # client is due again only after one of those (not after creation
+        # or a save, which a loop does not answer at once).
+        if op.kind in ("fwdbwd", "optim") and not self._queues[
+            op.tenant.model_id]:
+          self._done_at[op.tenant.model_id] = now
     for op, r in zip(ops, results):
       op.future.set_result(r)
 
