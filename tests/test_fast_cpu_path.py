@@ -174,7 +174,7 @@ def _requests(adapters, n=12):
 @pytest.fixture(scope="module")
 def bf16_engine(base, source):
   return Engine(base, source, EngineConfig(
-      num_slots=3, max_batch=6, max_len=48, steps_per_call=4,
+      num_slots=3, max_batch=6, max_len=32, steps_per_call=4,
       prefill_batch=3, min_bucket=16, max_rank=8, dtype="bfloat16"))
 
 

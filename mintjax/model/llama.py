@@ -343,6 +343,22 @@ def _mlp_fn(params, layer_idx, *, config: ModelConfig, lb=None, slot_t=None):
   return mlp
 
 
+def _write_new_rows(buf_lbs, layer_bs, layer_idx, start_b, *, t_new: int):
+  """Writes this call's t_new new cache rows of one layer into the stack.
+
+  buf_lbs: [L, B, S, ...] the cache stack (a loop carry, updated in place);
+  layer_bs: [B, S, ...] the layer's cache with the new rows written at
+  start_b. Writing back the whole layer instead copied its [B, S, ...]
+  cache once more per layer and step (the decode HLO showed three full
+  layer copies per k and v); only the [B, t_new, ...] rows are new.
+  """
+  b = layer_bs.shape[0]
+  rows_b = jnp.arange(b)[:, None]
+  pos_bt = start_b[:, None] + jnp.arange(t_new)[None, :]
+  new_bt = layer_bs[rows_b, pos_bt]  # [B, t_new, ...]
+  return buf_lbs.at[layer_idx, rows_b, pos_bt].set(new_bt.astype(buf_lbs.dtype))
+
+
 def check_inputs(bank: AdapterBank | None, adapter_idx_b, tokens_bt, *,
                  config: ModelConfig) -> None:
   """Refuses out-of-range token ids and adapter slots (concrete arrays only).
@@ -461,8 +477,8 @@ def forward(params: dict, bank: AdapterBank | None, adapter_idx_b,
                               mlp=_mlp_fn(params, layer_idx, config=c, lb=lb,
                                           slot_t=slot_t))
     if kv is not None:
-      kv = tuple(jax.lax.dynamic_update_index_in_dim(buf, new, layer_idx, 0)
-                 for buf, new in zip(kv, new_kv))
+      kv = tuple(_write_new_rows(buf, new, layer_idx, step.write_start_b,
+                                 t_new=t) for buf, new in zip(kv, new_kv))
     return (x, kv), stats
 
   if remat:
