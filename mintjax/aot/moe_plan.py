@@ -299,11 +299,22 @@ COMPILED_CHECKS = {
     ("qwen3-30b-a3b", "train"): dict(
         total=55.10, params=10.33, bank=6.85, optimizer=13.69,
         temporaries=24.23, compile_s=1409),
+    ("deepseek-v3-671b", "decode"): dict(
+        total=36.27, params=30.54, bank=3.10, kv_cache=0.58, temporaries=2.05,
+        compile_s=302),
 }
-COMPILE_COMMAND = (
-    ".venv-tpu/bin/python -m tools.aot --model=qwen3-30b-a3b "
-    "--topology=v5p:2x2x2 --mesh=1,1,8,1 --step={step} --slots=1024 "
-    "--targets=q,k,v,o --batch=64 --lora_impl=gather --rule_set=slot_sharded")
+
+
+def compile_command(preset: str, step: str) -> str:
+  """The `tools/aot.py` command line of a `COMPILED_CHECKS` row."""
+  pl = PLAN[preset]
+  cfg = presets.get_config(preset)
+  m = pl.mesh_dict()
+  return (f".venv-tpu/bin/python -m tools.aot --model={preset} "
+          f"--topology={pl.topology} --mesh={m['data']},{m['fsdp']},"
+          f"{m['expert']},{m['tensor']} --step={step} --slots={SLOTS} "
+          f"--rank={RANK} --targets={','.join(attention_targets(cfg))} "
+          f"--batch=64 --lora_impl=gather --rule_set=slot_sharded")
 
 
 def render_compiled_checks(rows: list[dict]) -> list[str]:
@@ -347,24 +358,25 @@ def render_section(rows: list[dict] | None = None) -> list[str]:
       "non-expert weight plus the experts the batch touches, plus the "
       "expert-parallel token exchange over ICI (v5p 4,800 Gbps per chip), "
       "not overlapped with compute. `tools/aot.py` compiles these steps "
-      "with an expert mesh axis (cross-check below); the DeepSeek-V3 and "
-      "Kimi-K2 rows additionally need MLA target names (q_a, q_b, kv_a, "
-      "kv_b) in the adapter spec, and each large compile takes 6-25 "
-      "minutes on this 2-core host, so only the Qwen3-30B-A3B steps were "
-      "compiled. The grouped-matmul kernel and the expert-parallel FFN "
+      "with an expert mesh axis (cross-check below; the MLA models' bank "
+      "sits on q_a, q_b, kv_a, kv_b, o); each large compile takes 5-25 "
+      "minutes on this 2-core host, so only the steps in the cross-check "
+      "table were compiled. The grouped-matmul kernel and the "
+      "expert-parallel FFN "
       "compile for v5p on their own (tests/test_gmm_tpu.py).", "",
       render_rows(rows), "",
-      "Cross-check: the Qwen3-30B-A3B steps compiled deviceless for the "
-      "same v5p slice and mesh with the 1,024-slot bank on q, k, v, o (the "
-      "expert-parallel FFN inside; `" + COMPILE_COMMAND.format(
-          step="decode|train") + "`). Weights, bank, optimizer and cache "
-      "agree with the analytic bytes; training's XLA temporaries (24.2 GB: "
+      "Cross-check: steps compiled deviceless for the same v5p slices and "
+      "meshes with the 1,024-slot bank on the attention projections (the "
+      "expert-parallel FFN inside; commands below the table). Weights, bank,"
+      " optimizer and cache agree with the analytic bytes; training's XLA "
+      "temporaries (24.2 GB: "
       "the bank gradient, the optimizer's gathered slots, remat "
       "checkpoints, the gathered tokens' expert activations) are larger "
       "than the analytic activation estimate, so read the other train rows' "
       "totals as lower bounds (with the same ~17 GB of extra temporaries "
       "per chip they still fit v5p's 95 GiB).", "",
       *render_compiled_checks(rows), "",
+      *[f"- `{compile_command(p, st)}`" for p, st in COMPILED_CHECKS], "",
       "Regenerate: `python -m tools.scale_up --render_only` (these rows "
       "need no compile; `python -c 'from mintjax.aot import moe_plan; "
       "print(moe_plan.render_rows(moe_plan.all_rows()))'` prints them "
