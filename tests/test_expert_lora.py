@@ -21,8 +21,8 @@ import pytest
 from mintjax.adapters import bank as bank_lib
 from mintjax.adapters import expert_lora
 from mintjax.adapters.family import get_family
-from mintjax.adapters.spec import (AdapterError, AdapterWeights, BankSpec,
-                                   target_shape)
+from mintjax.adapters.spec import (ALL_TARGETS, AdapterError,
+                                   AdapterWeights, BankSpec, target_shape)
 from mintjax.config import ModelConfig
 from mintjax.model import llama
 
@@ -39,10 +39,11 @@ DEEPSEEK = ModelConfig(
     moe_layers=(1, 2), q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
     qk_rope_head_dim=8, v_head_dim=8, rope_interleave=True, **_COMMON)
 TARGETS = {
-    "qwen3_moe": ("q", "o", "gate", "experts_gate_up", "experts_down"),
+    "qwen3_moe": ("q", "o", "gate", "experts_gate_up", "experts_down",
+                  "router"),
     "deepseek_v3": ("q_a", "q_b", "kv_a", "kv_b", "o", "down", "shared_gate",
                     "shared_up", "shared_down", "experts_gate_up",
-                    "experts_down"),
+                    "experts_down", "router"),
 }
 
 
@@ -122,8 +123,8 @@ def test_expert_targets_through_spec_bank_and_rank_mask():
 
 
 def test_bad_targets_are_refused_with_the_reason():
-  with pytest.raises(AdapterError, match="router is never adapted"):
-    BankSpec(targets=("q", "router"))
+  with pytest.raises(AdapterError, match="unknown target projections"):
+    BankSpec(targets=("q", "gate_up_proj"))
   with pytest.raises(AdapterError, match="has none"):
     target_shape(QWEN3_MOE, "shared_gate")  # Qwen3-MoE: no shared experts
   with pytest.raises(AdapterError, match="not a projection"):
@@ -133,6 +134,11 @@ def test_bad_targets_are_refused_with_the_reason():
                       num_kv_heads=2, head_dim=8)
   with pytest.raises(AdapterError, match="needs routed experts"):
     bank_lib.bank_shapes(dense, BankSpec(targets=("q", "experts_down")))
+  with pytest.raises(AdapterError, match="'router' needs routed experts"):
+    bank_lib.bank_shapes(dense, BankSpec(targets=("q", "router")))
+  # The router is adapted only when asked: no default target set has it.
+  assert "router" not in ALL_TARGETS
+  assert target_shape(QWEN3_MOE, "router") == (3, 32, 8)
 
 
 # --------------------------------------------------- the model, end to end
@@ -157,6 +163,9 @@ def _merged(params, cfg, w: AdapterWeights):
           f = cfg.moe_intermediate_size
           p["moe"]["gate"][j] += delta[layer][..., :f]
           p["moe"]["up"][j] += delta[layer][..., f:]
+      elif t == "router":
+        if cfg.is_moe_layer(layer):
+          p["moe"]["router"][j] += delta[layer]
       elif t.startswith("shared_"):
         if cfg.is_moe_layer(layer):
           p["moe"][t][j] += delta[layer]

@@ -34,13 +34,13 @@ _IN_AXIS = {"q": "embed", "k": "embed", "v": "embed", "o": "q_heads",
             "q_a": "embed", "q_b": "latent", "kv_a": "embed",
             "kv_b": "latent", "shared_gate": "embed", "shared_up": "embed",
             "shared_down": "mlp", "experts_gate_up": "embed",
-            "experts_down": "mlp"}
+            "experts_down": "mlp", "router": "embed"}
 _OUT_AXIS = {"q": "q_heads", "k": "kv_heads", "v": "kv_heads", "o": "embed",
              "gate": "mlp", "up": "mlp", "down": "embed",
              "q_a": "latent", "q_b": "q_heads", "kv_a": "latent",
              "kv_b": "q_heads", "shared_gate": "mlp", "shared_up": "mlp",
              "shared_down": "embed", "experts_gate_up": "mlp",
-             "experts_down": "embed"}
+             "experts_down": "embed", "router": None}
 # Routed-expert targets carry an expert axis after the layer axis.
 _EXPERT_AXIS = {"experts_gate_up": ("experts",), "experts_down": ("experts",)}
 

@@ -39,12 +39,14 @@ ATTENTION_TARGETS = ("q", "k", "v", "o")
 # rows gain an expert axis, [L, E, d_in, r] / [L, E, r, d_out]; gate and up
 # are one fused target, like transformers 5's `mlp.experts.gate_up_proj`
 # (d_out = 2 * Fe, gate columns first), so PEFT's `target_parameters` maps
-# onto them one to one. The router is never a target.
+# onto them one to one. The router ([L, D, E] logits projection) is adapted
+# only when a spec names 'router'; no default target set includes it.
 MLA_TARGETS = ("q_a", "q_b", "kv_a", "kv_b")
 SHARED_EXPERT_TARGETS = ("shared_gate", "shared_up", "shared_down")
 EXPERT_TARGETS = ("experts_gate_up", "experts_down")
+ROUTER_TARGET = "router"
 KNOWN_TARGETS = (ALL_TARGETS[:1] + MLA_TARGETS + ALL_TARGETS[1:] +
-                 SHARED_EXPERT_TARGETS + EXPERT_TARGETS)
+                 SHARED_EXPERT_TARGETS + EXPERT_TARGETS + (ROUTER_TARGET,))
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -65,9 +67,8 @@ def _check_targets(targets) -> tuple[str, ...]:
     raise AdapterError("an adapter needs at least one target projection")
   bad = [t for t in targets if t not in KNOWN_TARGETS]
   if bad:
-    hint = (" (the router is never adapted)" if "router" in bad else "")
     raise AdapterError(
-        f"unknown target projections {bad}{hint}; expected a subset of "
+        f"unknown target projections {bad}; expected a subset of "
         f"{KNOWN_TARGETS}")
   if len(set(targets)) != len(targets):
     raise AdapterError(f"duplicate target projections in {targets}")
@@ -83,6 +84,12 @@ def target_shape(config: ModelConfig, target: str) -> tuple[int, ...]:
     AdapterError: the target does not exist in this architecture.
   """
   c = config
+  if target == ROUTER_TARGET:
+    if not c.num_moe_layers:
+      raise AdapterError(
+          f"target 'router' needs routed experts, but {c.architecture} has "
+          "none; drop it from the targets")
+    return (c.num_layers, c.hidden_size, c.num_experts)
   if target in EXPERT_TARGETS:
     if not c.num_moe_layers:
       raise AdapterError(

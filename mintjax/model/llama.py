@@ -326,8 +326,12 @@ def _mlp_fn(params, layer_idx, *, config: ModelConfig, lb=None, slot_t=None):
     mp = at(params["moe"], jnp.asarray(moe_index, jnp.int32)[layer_idx])
     hook = expert_lora.expert_hook(lb, slot_t)
     return moe.moe_block(
-        h, mp, config=c, proj=proj_over(mp), adapter=hook,
-        experts_fn=_experts_fn(slot_t if hook is not None else None))
+        # router_bias steers the choice in `moe.route`; it is no bias of
+        # the router's projection, so `proj` must not see it.
+        h, mp, config=c, adapter=hook,
+        proj=proj_over({k: v for k, v in mp.items() if k != "router_bias"}),
+        experts_fn=_experts_fn(slot_t if hook is not None else None),
+        adapt_router=lb is not None and "router" in lb.lora_a)
 
   def run_dense(h, proj_over):
     mp = at(params["dense_mlp"], jnp.asarray(dense_index,

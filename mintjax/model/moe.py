@@ -247,7 +247,7 @@ def experts_ffn_reference(x_td, expert_params: dict, expert_ids_tk,
 
 def moe_block(x_btd, mp: dict, *, config: ModelConfig, proj=None,
               adapter: ExpertAdapter | None = None,
-              experts_fn=experts_ffn):
+              experts_fn=experts_ffn, adapt_router: bool = False):
   """One MoE feed-forward: router, routed experts, shared experts.
 
   Args:
@@ -263,6 +263,8 @@ def moe_block(x_btd, mp: dict, *, config: ModelConfig, proj=None,
     adapter: optional per-tenant expert adapter (see `experts_ffn`).
     experts_fn: `experts_ffn` or a drop-in with its signature (the
       expert-parallel version).
+    adapt_router: run the router through `proj('router', x)` in float32
+      (a per-tenant router LoRA, only when a bank targets 'router').
 
   Returns:
     (y [B, T, D] in x's dtype, router stats of `route`).
@@ -270,7 +272,11 @@ def moe_block(x_btd, mp: dict, *, config: ModelConfig, proj=None,
   b, t, d = x_btd.shape
   x_td = x_btd.reshape(b * t, d)
   # The router runs in float32 (DeepSeek casts; for f32 models a no-op).
-  logits = jnp.dot(x_td.astype(jnp.float32), mp["router"].astype(jnp.float32))
+  if adapt_router:
+    logits = proj("router", x_btd.astype(jnp.float32)).reshape(b * t, -1)
+  else:
+    logits = jnp.dot(x_td.astype(jnp.float32),
+                     mp["router"].astype(jnp.float32))
   weights, ids, stats = route(logits, mp.get("router_bias"), config=config)
   experts = {n: mp[n] for n in ("gate", "up", "down")}
   y_td = experts_fn(x_td, experts, ids, weights, adapter=adapter)

@@ -670,6 +670,11 @@ def _check_peft_expressible(targets) -> None:
   LoRA (and dense-layer MLP LoRA next to expert LoRA) would be silently
   re-applied to the routed experts.
   """
+  if "router" in targets:
+    raise InvalidAdapterError(
+        "target 'router' cannot be exported as a PEFT folder (mintjax-only: "
+        "PEFT on transformers 5 maps router targets to 'gate.weight'); "
+        "export an adapter without it")
   shared = [t for t in targets if t in SHARED_EXPERT_TARGETS]
   dense_mlp = [t for t in targets if t in ("gate", "up", "down")]
   if shared or (dense_mlp and any(t in EXPERT_TARGETS for t in targets)):
