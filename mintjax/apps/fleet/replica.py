@@ -23,6 +23,7 @@ import os
 import socket
 from typing import Any, Callable, Mapping
 
+from mintjax.apps.openai_server.app import create_app
 from mintjax.model.base import BaseModel
 from mintjax.serve.engine import Engine, EngineConfig
 from mintjax.serve.requests import GenerationRequest, RequestError
@@ -124,10 +125,8 @@ class FleetReplica:
   def openai_app(self, model_name: str = "base"):
     """The OpenAI-compatible server's ASGI app over this replica's service
     (`mintjax.apps.openai_server.app.create_app`; built once, on first
-    use, so replicas that serve only the handle API never import
-    FastAPI). `model_name` is the base's name in 'model'."""
+    use). `model_name` is the base's name in 'model'."""
     if getattr(self, "_openai_app", None) is None:
-      from mintjax.apps.openai_server.app import create_app  # pylint: disable=import-outside-toplevel
       self._openai_app = create_app(self.service, model_name=model_name,
                                     close_service=False)
     return self._openai_app
