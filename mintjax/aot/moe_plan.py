@@ -302,6 +302,9 @@ COMPILED_CHECKS = {
     ("deepseek-v3-671b", "decode"): dict(
         total=36.27, params=30.54, bank=3.10, kv_cache=0.58, temporaries=2.05,
         compile_s=302),
+    ("kimi-k2-1t", "decode"): dict(
+        total=25.49, params=23.35, bank=0.98, kv_cache=0.29, temporaries=0.88,
+        compile_s=155),
 }
 
 
