@@ -8,12 +8,14 @@ entropy) + `optim_step`:
 
   concurrent  all N clients at once, one thread each;
   sequential  the same N clients one after another (each alone on the
-              service).
+              service, which then does not wait for peers: batch_window_s
+              is set to 0 for this part).
 
 Reports client-steps/s and trained tokens/s of both, their ratio, and the
 batching ratio: how many clients shared each compiled forward-backward and
-optim call on average (the service's counters). Each pattern runs once
-untimed first, so every (rows, length) bucket is compiled before timing.
+optim call on average (the service's counters). Every row bucket is
+compiled before timing (`Trainer.precompile`), and each pattern runs once
+untimed first.
 
   python -m tools.bench_tinker --clients 1,4,16 --steps 3
   python -m tools.bench_tinker --base smollm2 --clients 1,4,16 --steps 2
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import json
 import os
 import tempfile
@@ -56,6 +59,7 @@ def start_service(args, workdir: str, max_clients: int):
   c.trainer.max_len = max(c.trainer.max_len, args.tokens)
   c.trainer.batch_window_s = args.window_s
   svc = build_service(c)
+  svc.trainer.precompile(args.tokens)  # every row bucket, before timing
   server = ServerThread(svc.app).start()
   os.environ["TINKER_BASE_URL"] = f"http://127.0.0.1:{server.port}"
   os.environ.setdefault("TINKER_API_KEY", "tml-bench")
@@ -73,13 +77,21 @@ def run_steps(tc, data, steps: int) -> None:
 
 def measure(svc, clients, data, steps: int, concurrent_: bool) -> dict:
   before = svc.trainer.stats()
+  config = svc.trainer.config
+  if not concurrent_:
+    # The baseline is a service that never waits for other clients (else
+    # each client switch would pay the wait for the client that stopped).
+    svc.trainer.config = dataclasses.replace(config, batch_window_s=0.0)
   t0 = time.perf_counter()
-  if concurrent_:
-    with concurrent.futures.ThreadPoolExecutor(len(clients)) as pool:
-      list(pool.map(lambda tc: run_steps(tc, data, steps), clients))
-  else:
-    for tc in clients:
-      run_steps(tc, data, steps)
+  try:
+    if concurrent_:
+      with concurrent.futures.ThreadPoolExecutor(len(clients)) as pool:
+        list(pool.map(lambda tc: run_steps(tc, data, steps), clients))
+    else:
+      for tc in clients:
+        run_steps(tc, data, steps)
+  finally:
+    svc.trainer.config = config
   wall = time.perf_counter() - t0
   after = svc.trainer.stats()
   d = lambda k: after.get(k, 0) - before.get(k, 0)

@@ -263,6 +263,25 @@ class Trainer:
       self._cv.notify()
     return fut
 
+  def precompile(self, length: int) -> None:
+    """Compiles the forward-backward for every row bucket at `length`.
+
+    Call before any client is served (it uses the device state directly):
+    padding rows of slot 0 leave the accumulator and every slot unchanged.
+    """
+    row = dict(tokens=np.zeros(length, np.int32),
+               targets=np.zeros(length, np.int32), weights=0.0,
+               advantages=0.0, sampling_logprobs=0.0, clip_low=0.0,
+               clip_high=0.0, kind=0, forward_only=True)
+    b = min(8, self.config.max_rows)
+    while True:
+      self.grads, _, loss = self.steps.forward_backward(
+          self.params, self.bank, self.grads, self._pack([(0, row)] * b))
+      jax.block_until_ready(loss)
+      if b >= self.config.max_rows:
+        return
+      b = min(2 * b, self.config.max_rows)
+
   def stats(self) -> dict:
     s = dict(self._stats)
     for kind in ("fwdbwd", "optim"):
