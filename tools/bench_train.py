@@ -124,7 +124,7 @@ import json, sys, time, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from peft import LoraConfig, get_peft_model
 a = json.loads(sys.argv[1])
-torch.manual_seed(0); torch.set_num_threads(2)
+torch.manual_seed(0); torch.set_num_threads(a["threads"])
 c = a["cfg"]
 hf = LlamaConfig(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
     intermediate_size=c["intermediate_size"], num_hidden_layers=c["num_layers"],
@@ -149,12 +149,13 @@ print(json.dumps({"peft_s": time.perf_counter() - t0}))
 """
 
 
-def bench_peft(variant, rank, tokens):
+def bench_peft(variant, rank, tokens, threads):
   parity_py = peer_python() or parity_python()
   if parity_py is None:
     return None
   cfg = RANDOM_VARIANTS[variant].to_dict()
-  arg = json.dumps(dict(cfg=cfg, rank=rank, tokens=tokens.tolist()))
+  arg = json.dumps(dict(cfg=cfg, rank=rank, tokens=tokens.tolist(),
+                        threads=threads))
   with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
     f.write(_PEFT_SCRIPT)
   try:
@@ -187,6 +188,9 @@ def main():
   p.add_argument("--compute_dtypes", default="float32",
                  help="comma list of step compute dtypes to measure side by "
                       "side: float32, bfloat16")
+  p.add_argument("--peft_threads", type=int, default=2,
+                 help="torch threads of the PEFT run (1 suffers less when "
+                      "other processes share the cores)")
   args = p.parse_args()
   sweeps = args.slot_sweep.split(",")
   dtypes = args.compute_dtypes.split(",")
@@ -210,8 +214,8 @@ def main():
                       num_slots=args.slots, slot_sweep=sweep,
                       compute_dtype=dtype)
         if peft_s == "not run":  # once per model and U: same rows each time
-          peft_s = None if args.no_peft else bench_peft(variant, rank,
-                                                        r["tokens"])
+          peft_s = None if args.no_peft else bench_peft(
+              variant, rank, r["tokens"], args.peft_threads)
         r["peft_s"] = peft_s
         rows.append(r)
         print(f"done {variant} U={users} {sweep} {dtype}", file=sys.stderr)
