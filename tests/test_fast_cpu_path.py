@@ -221,6 +221,9 @@ def test_rank_buckets():
   assert bank_lib.rank_bucket((8, 16, 32), []) == 8
 
 
+# Two engines and four decode programs: kept out of the default run's
+# 30 s budget (`make test-slow`).
+@pytest.mark.slow
 def test_decode_narrowed_to_the_rows_true_rank_is_exact(base):
   """A rank-32 bank decodes rank-3 rows in the 8-wide program and a rank-12
   row in the 16-wide one; tokens equal a bank exactly as wide as rank 12."""
@@ -243,6 +246,7 @@ def test_decode_narrowed_to_the_rows_true_rank_is_exact(base):
 
 # --- bf16 training, f32 master weights ----------------------------------------
 
+@pytest.mark.slow  # two train-step compiles (`make test-slow`)
 def test_bf16_train_step_keeps_f32_master_weights_and_tracks_f32(base):
   """compute_dtype='bfloat16': the bank, its optimizer moments and the loss
   stay f32, the loss tracks the f32 step's within bf16 rounding, and a slot
