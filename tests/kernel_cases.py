@@ -88,7 +88,7 @@ def preset_widths() -> dict[tuple[int, int], str]:
   widths: dict[tuple[int, int], str] = {}
   for name in presets.names():
     config = presets.get_config(name)
-    for t in TARGETS:
+    for t in config.projection_names():  # MLA bases have q_a/kv_b, no k/v
       widths.setdefault(config.projection_shape(t), f"{name}.{t}")
   return widths
 
