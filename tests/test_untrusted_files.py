@@ -21,7 +21,7 @@ import safetensors.numpy
 
 from mintjax.model import tokenizer as tok_lib
 from mintjax.model.hf import load_hf
-from mintjax.store import peft_io
+from mintjax.store import peft_io, peft_patterns
 from mintjax.store.errors import InvalidAdapterError
 from mintjax.store.registry import Registry
 
@@ -156,20 +156,20 @@ NAMES = [f"model.layers.{i}.{m}" for i in range(30)
     r"layers.1\d.mlp.*", "[qk]_proj", ".*_proj", "mlp", "3.mlp.down_proj"])
 def test_allowed_keys_match_exactly_as_peft_does(key):
   # PEFT's rule: re.match(rf"(.*\.)?({key})$", name), first key wins.
-  peft_io.check_pattern(key, "test")
+  peft_patterns.check_pattern(key, "test")
   compiled = {key: (re.compile(key), 1)}
   for name in NAMES:
     want = re.match(rf"(.*\.)?({key})$", name) is not None
-    assert (peft_io._pattern_key(compiled, name) == key) == want, name
+    assert (peft_patterns.pattern_key(compiled, name) == key) == want, name
 
 
 def test_worst_allowed_key_stays_fast():
   key = ".*.*.*[^a-z]"  # three quantifiers, never matches a suffix
-  peft_io.check_pattern(key, "test")
+  peft_patterns.check_pattern(key, "test")
   compiled = {key: (re.compile(key), 1)}
   t0 = time.perf_counter()
   for name in NAMES:
-    assert peft_io._pattern_key(compiled, name) is None
+    assert peft_patterns.pattern_key(compiled, name) is None
   assert time.perf_counter() - t0 < 1.0
 
 
