@@ -37,7 +37,7 @@ test-slow: $(STAMP)
 test-tinker: $(STAMP)
 	$(VPY) -m pip install -q -e '.[tinker]'
 	$(VPY) -m pytest -q -m tinker tests/test_tinker.py tests/test_tinker_steps.py \
-	  $(PYTEST_ARGS)
+	  tests/test_tinker_slots.py $(PYTEST_ARGS)
 
 # The first hour of a new user, end to end through the installed console
 # scripts on the embedded SmolLM2 (tests/test_first_hour.py), and every

@@ -19,7 +19,9 @@ HELP = dict(serve.ENGINE_HELP, **{
     "model_name": "the base's name in the API (create_lora_training_client"
                   "(base_model=...))",
     "state_dir": "directory for optimizer states and the tokenizer folder",
-    "trainer.num_slots": "training clients held at once",
+    "trainer.num_slots": "training clients held in the bank at once (more "
+                         "take turns: the least recently used is evicted "
+                         "to the registry and reloaded bit for bit)",
     "trainer.max_rank": "largest LoRA rank a client may ask for",
     "trainer.alpha": "LoRA alpha (scale = alpha / rank)",
     "trainer.max_len": "longest training datum in tokens",
@@ -38,6 +40,11 @@ HELP = dict(serve.ENGINE_HELP, **{
     "server.long_poll_s": "retrieve_future waits this long before "
                           "'try_again'",
     "server.log_level": "uvicorn log level",
+    "server.future_retain_s": "a finished request's result is kept this "
+                              "long after it was first retrieved",
+    "server.future_ttl_s": "a finished result nobody retrieves is dropped "
+                           "after this long",
+    "server.max_futures": "finished results kept at most (oldest dropped)",
 })
 
 
@@ -52,7 +59,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
       batch_window_s=1.0, active_window_s=1.0, lora_impl="auto", seed=0))
   c.server = ml_collections.ConfigDict(dict(
       host="127.0.0.1", port=8001, max_queue=1024, admission_wait_s=0.01,
-      long_poll_s=10.0, log_level="warning"))
+      long_poll_s=10.0, log_level="warning", future_retain_s=300.0,
+      future_ttl_s=3600.0, max_futures=10_000))
   c.engine.max_len = 128
   c.engine.max_batch = 32
   # The engine serves whatever the trainer saves: every target, its rank.

@@ -227,3 +227,34 @@ def test_resubmitted_requests_get_the_same_future(svc):
   assert got[0] == got[1]
   # One forward-backward ran, not two.
   assert svc.trainer.stats()["fwdbwd_ops"] - ops_before == 1
+
+
+def test_an_expired_future_is_refused_by_name(svc):
+  """A retrieved result is dropped after `future_retain_s`; polling it again
+  fails with an error naming the request (not a silent 404 or a hang)."""
+  import httpx  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  base = os.environ["TINKER_BASE_URL"]
+  s = httpx.post(f"{base}/api/v1/create_session", json={
+      "tags": [], "user_metadata": None, "sdk_version": "x"}).json()
+  rid = httpx.post(f"{base}/api/v1/create_model", json={
+      "session_id": s["session_id"], "model_seq_id": 0,
+      "base_model": "mintjax/tiny", "lora_config": {"rank": 2}}
+                   ).json()["request_id"]
+  poll = lambda: httpx.post(f"{base}/api/v1/retrieve_future", timeout=60,
+                            json={"request_id": rid}).json()
+  first = poll()
+  while first.get("type") == "try_again":
+    first = poll()
+  assert "model_id" in first
+  futures = svc.app.state.futures
+  old = futures.retain_s
+  futures.retain_s = 0.0
+  try:
+    time.sleep(1.1)  # the sweep runs at most once a second
+    again = poll()
+  finally:
+    futures.retain_s = old
+  assert again["category"] == "user"
+  assert f"request '{rid}' expired" in again["error"]
+  assert "resubmit" in again["error"]

@@ -1,6 +1,6 @@
 """The Tinker HTTP API (FastAPI): what the official `tinker` SDK calls.
 
-Owns `create_app` and `Futures`. Routes, all under /api/v1/:
+Owns `create_app`. Routes, all under /api/v1/:
 
   service   healthz, client/config, client/dynamic_config, create_session,
             session_heartbeat, telemetry, get_server_capabilities
@@ -12,11 +12,9 @@ Owns `create_app` and `Futures`. Routes, all under /api/v1/:
 
 Long-running calls answer at once with a future id ({'request_id'}); the
 client polls `retrieve_future`, which waits up to `long_poll_s` for the
-result and otherwise answers 'try_again'. Results stay retrievable (a
-client that retries a poll gets the same answer), and a submission that
-repeats one already seen (same model or sampling session and seq_id, e.g. a
-client retrying after a dropped connection) gets the original future instead
-of running twice. forward_backward and asample results are protobuf
+result and otherwise answers 'try_again'. `futures.py` keeps the results
+(a retried poll gets the same answer for a while, then the result expires)
+and de-duplicates a submission that repeats one already seen. forward_backward and asample results are protobuf
 (`wire.py`), the rest JSON. A refused request fails its future with category
 'user' and a message saying what to change; the SDK raises it as
 `RequestFailedError`.
@@ -26,8 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import itertools
-import threading
 import uuid
 from typing import Any, Callable
 
@@ -35,49 +31,14 @@ import fastapi
 from fastapi import responses
 
 from mintjax.apps.tinker_service import wire
+from mintjax.apps.tinker_service.futures import ExpiredError, Futures
 from mintjax.apps.tinker_service.sampler import Sampler
-from mintjax.apps.tinker_service.trainer import (ATTN, MLP, Trainer,
-                                                 UserError, adam_payload,
-                                                 datum_rows,
-                                                 registry_ref)
+from mintjax.apps.tinker_service.inputs import (UserError, adam_payload,
+                                                datum_rows, registry_ref)
+from mintjax.apps.tinker_service.trainer import ATTN, MLP, Trainer
 from mintjax.store.identity import check_name
 
 PROTO = "application/x-protobuf"
-
-
-class Futures:
-  """Request id -> concurrent future and how to encode its result."""
-
-  def __init__(self):
-    self._lock = threading.Lock()
-    self._items: dict[str, tuple[concurrent.futures.Future, Callable]] = {}
-    self._by_key: dict[tuple, str] = {}
-    self._ids = itertools.count(1)
-
-  def add(self, key: tuple | None, start: Callable[[], Any],
-          encode: Callable[[Any], Any] = lambda r: r) -> dict:
-    """Starts `start()` (a future, or a value / exception now) once per key."""
-    with self._lock:
-      if key is not None and key in self._by_key:
-        return {"request_id": self._by_key[key]}
-      rid = f"req-{next(self._ids)}"
-      if key is not None:
-        self._by_key[key] = rid
-      try:
-        fut = start()
-      except (UserError, LookupError, ValueError) as e:
-        fut = concurrent.futures.Future()
-        fut.set_exception(e)
-      if not isinstance(fut, concurrent.futures.Future):
-        done = concurrent.futures.Future()
-        done.set_result(fut)
-        fut = done
-      self._items[rid] = (fut, encode)
-    return {"request_id": rid}
-
-  def get(self, rid: str):
-    with self._lock:
-      return self._items.get(rid)
 
 
 def _error(e: BaseException) -> dict:
@@ -88,10 +49,12 @@ def _error(e: BaseException) -> dict:
 
 def create_app(trainer: Trainer, sampler: Sampler, *, base_name: str,
                tokenizer_dir: str | None = None, long_poll_s: float = 10.0,
-               executor_threads: int = 64) -> fastapi.FastAPI:
-  """The API over a running trainer and sampler (module docstring)."""
+               executor_threads: int = 64,
+               futures: Futures | None = None) -> fastapi.FastAPI:
+  """The API over a running trainer and sampler (module docstring);
+  `futures` sets the result expiry policy (default: `Futures()`)."""
   app = fastapi.FastAPI(title="mintjax Tinker-compatible service")
-  futures = Futures()
+  futures = futures if futures is not None else Futures()
   pool = concurrent.futures.ThreadPoolExecutor(executor_threads,
                                                thread_name_prefix="tinker")
   sessions: dict[str, dict] = {}
@@ -352,10 +315,12 @@ def create_app(trainer: Trainer, sampler: Sampler, *, base_name: str,
   async def retrieve_future(request: fastapi.Request):
     d = await body(request)
     rid = need(d, "request_id")
-    item = futures.get(rid)
-    if item is None:
-      raise fastapi.HTTPException(404, f"unknown request_id {rid!r}")
-    fut, encode = item
+    try:
+      fut, encode = futures.get(rid)
+    except ExpiredError as e:
+      return _error(e)
+    except LookupError as e:
+      raise fastapi.HTTPException(404, str(e)) from None
     if not fut.done():
       try:
         await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)),
@@ -364,6 +329,7 @@ def create_app(trainer: Trainer, sampler: Sampler, *, base_name: str,
         pass
     if not fut.done():
       return {"type": "try_again", "request_id": rid, "queue_state": "active"}
+    futures.retrieved(rid)
     if fut.exception() is not None:
       return _error(fut.exception())
     try:

@@ -20,8 +20,8 @@ import jax
 import numpy as np
 
 from mintjax.adapters import bank as bank_lib
-from mintjax.apps.tinker_service.trainer import (Trainer, UserError,
-                                                 registry_ref)
+from mintjax.apps.tinker_service.inputs import UserError, registry_ref
+from mintjax.apps.tinker_service.trainer import Trainer
 from mintjax.serve.requests import GenerationRequest
 from mintjax.serve.sampling import SamplingParams
 from mintjax.serve.service import EngineService

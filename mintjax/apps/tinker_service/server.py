@@ -26,6 +26,7 @@ from absl import logging
 from mintjax.apps.jsonl_serving import engine_from_config
 from mintjax.apps.openai_server.app import create_app as create_openai_app
 from mintjax.apps.tinker_service.app import create_app
+from mintjax.apps.tinker_service.futures import Futures
 from mintjax.apps.tinker_service.sampler import Sampler
 from mintjax.apps.tinker_service.trainer import Trainer, TrainerConfig
 from mintjax.model.base import BaseModel
@@ -103,7 +104,10 @@ def build_service(config) -> Service:
                                                    "tokenizer"))
   app = create_app(trainer, sampler, base_name=config.model_name,
                    tokenizer_dir=tok_dir,
-                   long_poll_s=config.server.long_poll_s)
+                   long_poll_s=config.server.long_poll_s,
+                   futures=Futures(retain_s=config.server.future_retain_s,
+                                   ttl_s=config.server.future_ttl_s,
+                                   max_done=config.server.max_futures))
   app.mount("/", create_openai_app(service, model_name=config.model_name,
                                    close_service=False))
   return Service(app, trainer, sampler, service, registry)

@@ -14,11 +14,19 @@ ONE call of the compiled multi-tenant forward-backward (rows of every tenant
 in one batch), all optim heads as ONE call of the per-slot Adam step.
 `stats()` reports how many tenants shared each call (the batching ratio).
 
+Slots: there may be more tenants than bank slots. A round takes at most
+`num_slots` tenants (those waiting longest first); a tenant that is not
+resident gets a free slot, or the least recently used tenant outside the
+round (idle ones first) is evicted: its weights are published as a registry
+revision (provenance tinker_kind='evicted') and its Adam moments, step
+counter and pending gradient go to a state file (`slots.py`), all read back
+bit for bit into whichever slot it gets on its next request.
+
 Saving: `save_state` and `save_weights_for_sampler` publish a registry
 revision of the tenant's adapter (provenance: kind, name, session, optimizer
 steps) and point a tag at it ('state-<name>' / 'sampler-<name>'). A state
 also writes the slot's Adam moments and step counter beside the registry
-(`<state_dir>/optimizer/<id>@<rev>.npz`, its sha256 in the provenance), so
+(`<state_dir>/optimizer/<id>_at_<rev>.npz`, its sha256 beside it), so
 `load_state_with_optimizer` resumes bit for bit. Tinker paths name them:
 'tinker://<model_id>/weights/<name>' and '.../sampler_weights/<name>'.
 """
@@ -29,7 +37,6 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
-import hashlib
 import os
 import threading
 import time
@@ -41,9 +48,11 @@ import numpy as np
 
 from mintjax.adapters import bank as bank_lib
 from mintjax.adapters.spec import ALL_TARGETS, AdapterInfo, AdapterWeights, BankSpec
+from mintjax.apps.tinker_service import slots as slots_lib
+from mintjax.apps.tinker_service.inputs import (UserError, adapter_id_of,
+                                                registry_ref, tag_of)
 from mintjax.model.base import BaseModel
 from mintjax.store.registry import Registry
-from mintjax.train import losses
 from mintjax.train import optimizer as opt_lib
 from mintjax.train import split_step
 from mintjax.train.cohort import init_adapter
@@ -52,16 +61,13 @@ ATTN = ("q", "k", "v", "o")
 MLP = ("gate", "up", "down")
 
 
-class UserError(ValueError):
-  """A request the service refuses; the message says what to change."""
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainerConfig:
   """Shapes and policies of the trainer.
 
   Attributes:
-    num_slots: training adapters held at once (the bank adds slot 0).
+    num_slots: training adapters held in the bank at once (the bank adds
+      slot 0); more clients than this take turns (LRU eviction).
     max_rank: bank rank; clients may ask for any rank up to it.
     alpha: LoRA alpha (scale alpha / rank), as Tinker uses.
     max_len: longest datum in tokens.
@@ -87,14 +93,16 @@ class TrainerConfig:
 
 @dataclasses.dataclass
 class Tenant:
-  """One training client: its Tinker model id, registry id and bank slot."""
+  """One training client: its Tinker model id, registry id and bank slot
+  (None while evicted; `saved_ref` then names the revision holding it)."""
 
   model_id: str
   adapter_id: str
-  slot: int
   rank: int
   targets: tuple[str, ...]
   session_id: str
+  slot: int | None = None
+  saved_ref: str | None = None
   optim_steps: int = 0
 
 
@@ -104,35 +112,7 @@ class _Op:
   tenant: Tenant
   payload: Any
   future: concurrent.futures.Future
-
-
-def parse_tinker_path(path: str) -> tuple[str, str, str]:
-  """'tinker://<id>/weights/<name>' -> (id, 'state' | 'sampler', name)."""
-  if not isinstance(path, str) or not path.startswith("tinker://"):
-    raise UserError(f"checkpoint path {path!r} must look like "
-                    "'tinker://<model_id>/weights/<name>'")
-  parts = path[len("tinker://"):].split("/")
-  kinds = {"weights": "state", "sampler_weights": "sampler"}
-  if len(parts) != 3 or parts[1] not in kinds or not parts[2]:
-    raise UserError(f"checkpoint path {path!r} must look like "
-                    "'tinker://<model_id>/weights/<name>' or "
-                    "'tinker://<model_id>/sampler_weights/<name>'")
-  return parts[0], kinds[parts[1]], parts[2]
-
-
-def tag_of(kind: str, name: str) -> str:
-  return f"{kind}-{name}"
-
-
-def adapter_id_of(model_id: str) -> str:
-  """Tinker model id ('<session>:train:<n>') -> registry adapter id."""
-  return model_id.replace(":", ".")
-
-
-def registry_ref(path: str) -> str:
-  """A tinker:// checkpoint path -> the registry ref of its revision."""
-  model_id, kind, name = parse_tinker_path(path)
-  return f"{adapter_id_of(model_id)}:{tag_of(kind, name)}"
+  queued_at: float = dataclasses.field(default_factory=time.monotonic)
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
@@ -189,7 +169,7 @@ class Trainer:
     self.target_mask = {t: np.zeros(self.spec.num_slots, np.float32)
                         for t in ALL_TARGETS}
     self.tenants: dict[str, Tenant] = {}
-    self._free = list(range(1, self.spec.num_slots))
+    self.slots = slots_lib.SlotTable(config.num_slots)
     self._queues: dict[str, collections.deque] = {}
     # Turnaround tracking: when each client's last request finished, and how
     # long it usually takes to send the next one.
@@ -218,18 +198,13 @@ class Trainer:
                       "train; enable at least one")
     info = AdapterInfo(tuple(targets), rank, self.config.alpha)
     with self._cv:
-      if not self._free:
-        raise UserError(
-            f"all {self.config.num_slots} training slots are taken; unload a "
-            "model or restart the service with a larger "
-            "--config.trainer.num_slots")
       if model_id in self.tenants:
         raise UserError(f"model {model_id!r} already exists")
       self.registry.create_adapter(adapter_id_of(model_id), spec=info,
                                    base_fingerprint=self.base.fingerprint,
                                    owner=owner, config=self.base.config)
-      t = Tenant(model_id, adapter_id_of(model_id), self._free.pop(0), rank,
-                 tuple(targets), session_id)
+      t = Tenant(model_id, adapter_id_of(model_id), rank, tuple(targets),
+                 session_id)
       self.tenants[model_id] = t
       self._queues[model_id] = collections.deque()
     weights = init_adapter(self.base.config, t.targets, rank,
@@ -327,6 +302,20 @@ class Trainer:
             if op.kind == "fwdbwd":
               self._queues[op.tenant.model_id].appendleft(op)
           heads = [op for op in heads if op.kind != "fwdbwd"]
+        # At most num_slots tenants a round, those waiting longest first.
+        heads.sort(key=lambda op: op.queued_at)
+        for op in heads[self.config.num_slots:]:
+          self._queues[op.tenant.model_id].appendleft(op)
+        heads = heads[:self.config.num_slots]
+        queued = {m for m, q in self._queues.items() if q}
+      try:
+        self._make_resident([op.tenant for op in heads], queued)
+      except Exception as e:  # pylint: disable=broad-except
+        for op in heads:  # the worker must outlive a failed eviction
+          op.future.set_exception(RuntimeError(
+              f"could not give {op.tenant.model_id} a slot: "
+              f"{type(e).__name__}: {e}"))
+        continue
       by_kind = collections.defaultdict(list)
       for op in heads:
         by_kind[op.kind].append(op)
@@ -375,24 +364,85 @@ class Trainer:
     for op, r in zip(ops, results):
       op.future.set_result(r)
 
-  # --- operations (worker thread only) --------------------------------------
+  # --- slots (worker thread only) -------------------------------------------
+
+  def _make_resident(self, tenants: list[Tenant], queued: set[str]) -> None:
+    """Gives every tenant of a round a slot, evicting LRU tenants outside
+    the round (idle first) when no slot is free; reloads evicted ones."""
+    keep = {t.model_id for t in tenants}
+    for t in tenants:
+      if t.slot is None:
+        slot = self.slots.take_free()
+        if slot is None:
+          victim = self.tenants[self.slots.victim(keep=keep, queued=queued)]
+          slot = self._evict(victim)
+        self.slots.assign(slot, t.model_id)
+        t.slot = slot
+        if t.saved_ref is not None:  # back from eviction
+          loaded = self.registry.load(t.saved_ref,
+                                      expect_base=self.base.fingerprint)
+          state = slots_lib.read_state_file(
+              slots_lib.state_file(self.state_dir, t.saved_ref), t.saved_ref)
+          self._write_tenant(t, loaded.weights, state)
+          t.saved_ref = None
+          self._stats["reloads"] += 1
+      self.slots.touch(t.model_id)
+
+  def _evict(self, t: Tenant) -> int:
+    """Saves a tenant's slot (weights, Adam state, pending gradient) and
+    frees it; returns the slot."""
+    prov = dict(tinker_kind="evicted", session_id=t.session_id,
+                steps=t.optim_steps, model_id=t.model_id,
+                data_fingerprint=f"tinker:{t.model_id}:{t.optim_steps}")
+    state = self._slot_state(t.slot, with_grads=True)
+    rev = self.registry.publish(t.adapter_id, self._slot_weights(t),
+                                provenance=prov)
+    slots_lib.write_state_file(
+        slots_lib.state_file(self.state_dir, rev.ref), state)
+    slot, t.slot, t.saved_ref = t.slot, None, rev.ref
+    self.slots.release(slot)
+    self._stats["evictions"] += 1
+    return self.slots.take_free()
+
+  def _slot_weights(self, t: Tenant) -> AdapterWeights:
+    w = bank_lib.read_slot(jax.device_get(self.bank), t.slot,
+                           alpha=self.config.alpha)
+    return AdapterWeights({k: w.lora_a[k] for k in t.targets},
+                          {k: w.lora_b[k] for k in t.targets}, rank=w.rank,
+                          alpha=w.alpha)
+
+  def _slot_state(self, slot: int, *, with_grads: bool) -> dict:
+    """A slot's Adam moments and counter (+ its gradient accumulator)."""
+    host = jax.device_get((self.opt.mu, self.opt.nu, self.opt.count,
+                           self.grads if with_grads else None))
+    pick = lambda tree: jax.tree.map(lambda x: np.asarray(x[slot]), tree)
+    out = {"mu": pick(host[0]), "nu": pick(host[1]),
+           "count": int(host[2][slot])}
+    if with_grads:
+      out["grads"] = pick(host[3])
+    return out
 
   def _write_tenant(self, t: Tenant, weights: AdapterWeights,
-                    opt_slot: dict | None) -> None:
-    """Puts weights (and optimizer state, or zeros) into the tenant's slot."""
+                    state: dict | None) -> None:
+    """Rewrites the tenant's slot in full: weights, Adam moments, counter,
+    gradient accumulator and target mask (the saved `state`, else zeros),
+    so nothing of the slot's previous holder survives."""
     self.bank = bank_lib.write_slot(self.bank, t.slot, weights,
                                     self.base.config, self.spec)
     zeros = jax.tree.map(lambda x: np.zeros(x.shape[1:], x.dtype),
                          (self.opt.mu, self.opt.nu))
-    mu, nu = (opt_slot["mu"], opt_slot["nu"]) if opt_slot else zeros
-    count = np.int32(opt_slot["count"] if opt_slot else 0)
+    mu, nu = (state["mu"], state["nu"]) if state else zeros
+    grads = (state or {}).get("grads") or zeros[0]
+    count = np.int32(state["count"] if state else 0)
     self.opt = opt_lib.SlotOptState(
         mu=_put_slot(self.opt.mu, jnp.int32(t.slot), mu),
         nu=_put_slot(self.opt.nu, jnp.int32(t.slot), nu),
         count=self.opt.count.at[t.slot].set(count))
-    self.grads = _put_slot(self.grads, jnp.int32(t.slot), zeros[0])
+    self.grads = _put_slot(self.grads, jnp.int32(t.slot), grads)
     for tgt in ALL_TARGETS:
       self.target_mask[tgt][t.slot] = float(tgt in weights.targets)
+
+  # --- operations (worker thread only) --------------------------------------
 
   def _do_init(self, ops: list[_Op]) -> list:
     for op in ops:
@@ -414,7 +464,13 @@ class Trainer:
             "client created with create_training_client_from_state")
       opt_slot = None
       if with_optimizer:
-        opt_slot = self._read_optimizer(loaded.revision)
+        ref = loaded.revision.ref
+        opt_slot = slots_lib.read_state_file(
+            slots_lib.state_file(self.state_dir, ref), ref)
+        if opt_slot is None:
+          raise UserError(f"checkpoint {ref} has no optimizer state (it was "
+                          "saved for sampling); use load_state without "
+                          "optimizer")
       self._write_tenant(t, w, opt_slot)
       if opt_slot is not None:
         t.optim_steps = int(opt_slot["count"])
@@ -505,161 +561,20 @@ class Trainer:
     for op in ops:
       t = op.tenant
       kind, name, provenance = op.payload
-      w = bank_lib.read_slot(jax.device_get(self.bank), t.slot,
-                             alpha=self.config.alpha)
-      w = AdapterWeights({k: w.lora_a[k] for k in t.targets},
-                         {k: w.lora_b[k] for k in t.targets}, rank=w.rank,
-                         alpha=w.alpha)
+      w = self._slot_weights(t)
       prov = dict(provenance, tinker_kind=kind, tinker_name=name,
                   session_id=t.session_id, steps=t.optim_steps,
                   model_id=t.model_id,
                   data_fingerprint=f"tinker:{t.model_id}:{t.optim_steps}")
       extra = None
       if kind == "state":
-        extra = self._optimizer_slot(t.slot)
+        extra = self._slot_state(t.slot, with_grads=False)
       rev = self.registry.publish(t.adapter_id, w, provenance=prov)
       if extra is not None:
-        self._write_optimizer(rev, extra)
+        slots_lib.write_state_file(
+            slots_lib.state_file(self.state_dir, rev.ref), extra)
       self.registry.tag(rev.ref, tag_of(kind, name), reason=f"tinker {kind}")
       folder = "weights" if kind == "state" else "sampler_weights"
       out.append({"path": f"tinker://{t.model_id}/{folder}/{name}",
                   "revision": rev.ref})
     return out
-
-  # --- optimizer state files ------------------------------------------------
-
-  def _optimizer_slot(self, slot: int) -> dict:
-    host = jax.device_get((self.opt.mu, self.opt.nu, self.opt.count))
-    pick = lambda tree: jax.tree.map(lambda x: np.asarray(x[slot]), tree)
-    return {"mu": pick(host[0]), "nu": pick(host[1]),
-            "count": int(host[2][slot])}
-
-  def _optimizer_file(self, ref: str) -> str:
-    return os.path.join(self.state_dir, "optimizer",
-                        ref.replace("@", "_at_") + ".npz")
-
-  def _write_optimizer(self, rev, slot_state: dict) -> None:
-    flat = {"count": np.int64(slot_state["count"])}
-    for which in ("mu", "nu"):
-      for side, tree in slot_state[which].items():
-        for tgt, x in tree.items():
-          flat[f"{which}/{side}/{tgt}"] = x
-    path = self._optimizer_file(rev.ref)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-      np.savez(f, **flat)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-    with open(path, "rb") as f:
-      digest = hashlib.sha256(f.read()).hexdigest()
-    with open(path + ".sha256", "w", encoding="utf-8") as f:
-      f.write(digest)
-
-  def _read_optimizer(self, rev) -> dict:
-    path = self._optimizer_file(rev.ref)
-    if not os.path.exists(path):
-      raise UserError(f"checkpoint {rev.ref} has no optimizer state (it was "
-                      "saved for sampling); use load_state without optimizer")
-    with open(path, "rb") as f:
-      data = f.read()
-    with open(path + ".sha256", encoding="utf-8") as f:
-      want = f.read().strip()
-    if hashlib.sha256(data).hexdigest() != want:
-      raise RuntimeError(f"optimizer state of {rev.ref} fails its checksum "
-                         f"({path}); it was modified after saving")
-    with np.load(path) as z:
-      out = {"mu": {}, "nu": {}, "count": int(z["count"])}
-      for key in z.files:
-        if key == "count":
-          continue
-        which, side, tgt = key.split("/")
-        out[which].setdefault(side, {})[tgt] = z[key]
-    return out
-
-
-def adam_payload(params: dict) -> dict:
-  """The SDK's AdamParams JSON -> the per-slot fields `_do_optim` sets."""
-  names = {"learning_rate": "learning_rate", "beta1": "beta1",
-           "beta2": "beta2", "eps": "eps", "weight_decay": "weight_decay",
-           "grad_clip_norm": "grad_clip_norm"}
-  out = {}
-  for k, v in params.items():
-    if k == "type":
-      if v not in ("adam", "adamw"):
-        raise UserError(f"optimizer {v!r} is not supported; use AdamParams")
-      continue
-    if k not in names:
-      raise UserError(f"unknown Adam parameter {k!r}; known: {sorted(names)}")
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
-      raise UserError(f"Adam parameter {k} must be a finite number, got {v!r}")
-    out[names[k]] = float(v)
-  if out.get("learning_rate", 0.0) < 0:
-    raise UserError("learning_rate must be >= 0")
-  for k in ("beta1", "beta2"):
-    if k in out and not 0 <= out[k] < 1:
-      raise UserError(f"{k} must be in [0, 1), got {out[k]}")
-  return out
-
-
-def datum_rows(data, loss_fn: str, config: dict, *, vocab: int, max_len: int,
-               forward_only: bool) -> list[dict]:
-  """Decoded datums -> per-row host arrays; refuses bad input (UserError)."""
-  try:
-    kind = losses.loss_code(loss_fn)
-  except ValueError as e:
-    raise UserError(f"{e} (custom losses run client-side through "
-                    "forward_backward_custom)") from None
-  lo_default = config.get("clip_low_threshold", losses.PPO_CLIP_DEFAULT[0])
-  hi_default = config.get("clip_high_threshold", losses.PPO_CLIP_DEFAULT[1])
-  unknown = set(config) - {"clip_low_threshold", "clip_high_threshold"}
-  if unknown:
-    raise UserError(f"unknown loss_fn_config keys {sorted(unknown)}; known: "
-                    "clip_low_threshold, clip_high_threshold")
-  if not data:
-    raise UserError("forward_backward got no data; send at least one Datum")
-  rows = []
-  for i, d in enumerate(data):
-    tokens = np.asarray(d.tokens).astype(np.int64)
-    m = len(tokens)
-    if not 0 < m <= max_len:
-      raise UserError(f"datum {i} has {m} input tokens; this service takes "
-                      f"1..{max_len} (--config.trainer.max_len)")
-    if tokens.min() < 0 or tokens.max() >= vocab:
-      raise UserError(f"datum {i} has token ids outside [0, {vocab})")
-    inp = d.inputs
-
-    def get(name, default=None, _i=i, _inp=inp, _m=m):
-      x = _inp.get(name)
-      if x is None:
-        if default is None:
-          raise UserError(f"datum {_i}: loss_fn {loss_fn!r} needs "
-                          f"loss_fn_inputs[{name!r}]")
-        return np.full(_m, default, np.float32)
-      x = np.asarray(x).reshape(-1)
-      if len(x) != _m:
-        raise UserError(f"datum {_i}: loss_fn_inputs[{name!r}] has {len(x)} "
-                        f"entries but model_input has {_m} tokens; give one "
-                        "per input token")
-      return x
-    targets = get("target_tokens")
-    if targets.min() < 0 or targets.max() >= vocab:
-      raise UserError(f"datum {i}: target_tokens outside [0, {vocab})")
-    known = {"target_tokens", "weights", "advantages", "logprobs",
-             "clip_low_threshold", "clip_high_threshold", "mask"}
-    extra = set(inp) - known
-    if extra:
-      raise UserError(f"datum {i}: unknown loss_fn_inputs {sorted(extra)}; "
-                      f"known: {sorted(known)}")
-    rl = kind != 0
-    rows.append(dict(
-        tokens=tokens.astype(np.int32), targets=targets.astype(np.int32),
-        weights=get("weights", 1.0).astype(np.float32),
-        advantages=(get("advantages") if rl else get("advantages", 0.0)
-                    ).astype(np.float32),
-        sampling_logprobs=(get("logprobs") if rl else get("logprobs", 0.0)
-                           ).astype(np.float32),
-        clip_low=get("clip_low_threshold", lo_default).astype(np.float32),
-        clip_high=get("clip_high_threshold", hi_default).astype(np.float32),
-        kind=kind, forward_only=forward_only))
-  return rows
