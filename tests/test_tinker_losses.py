@@ -68,3 +68,28 @@ def jax_log_softmax(x):
   x = np.asarray(x, np.float64)
   m = x.max(-1, keepdims=True)
   return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("kind", ("importance_sampling", "ppo"))
+def test_policy_gradient_matches_its_numpy_derivative(kind):
+  """d loss / d logp: -r A for importance sampling; PPO the same inside
+  the clip range and 0 where the clipped term is the smaller (no push
+  past the range)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(2)
+  shape = (4, 6)
+  logp = -rng.random(shape).astype(np.float32) * 3
+  q = logp + rng.normal(0, 0.4, shape).astype(np.float32)
+  adv = rng.normal(0, 1, shape).astype(np.float32)
+  lo, hi = np.full(shape, 0.8, np.float32), np.full(shape, 1.2, np.float32)
+  f = lambda lp: losses.token_losses(
+      lp, kind_b=jnp.full((4,), losses.loss_code(kind)), weights_bt=0 * lp,
+      advantages_bt=adv, sampling_logprobs_bt=q, clip_low_bt=lo,
+      clip_high_bt=hi).sum()
+  got = np.asarray(jax.grad(f)(jnp.asarray(logp)))
+  r = np.exp(logp.astype(np.float64) - q)
+  want = -r * adv
+  if kind == "ppo":
+    clipped_smaller = np.clip(r, 0.8, 1.2) * adv < r * adv
+    want = np.where(clipped_smaller, 0.0, want)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
