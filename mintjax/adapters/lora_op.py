@@ -306,7 +306,7 @@ def lora_delta(x_btd, a_sdr, b_sro, scale_s, adapter_idx_b,
 
 
 def lora_project(x_btd, w_do, bias_o=None, lora=None, adapter_idx_b=None,
-                 impl: str = "auto", *, axes=(None, None)):
+                 impl: str = "auto", *, axes=(None, None), delta=None):
   """x @ W (+ bias) (+ the gather-LoRA delta when `lora` is given).
 
   Args:
@@ -318,6 +318,8 @@ def lora_project(x_btd, w_do, bias_o=None, lora=None, adapter_idx_b=None,
     adapter_idx_b: [B] int32, required with `lora`.
     impl: gather-LoRA implementation.
     axes: logical activation axes of d_in and d_out (see `lora_delta`).
+    delta: a LoRA delta [B, T, d_out] computed elsewhere (the slot-dense
+      view, `mintjax.adapters.slot_dense`), added like the op's own.
   """
   # bf16 operands accumulate in f32 (the fast XLA:CPU and TPU/GPU path);
   # the base output, bias and delta are summed in f32, then cast once.
@@ -329,6 +331,8 @@ def lora_project(x_btd, w_do, bias_o=None, lora=None, adapter_idx_b=None,
     a_sdr, b_sro, scale_s, *rank = lora
     y = y + lora_delta(x_btd, a_sdr, b_sro, scale_s, adapter_idx_b, impl,
                        rank_s=rank[0] if rank else None, axes=axes)
+  if delta is not None:
+    y = y + delta
   return y.astype(x_btd.dtype)
 
 

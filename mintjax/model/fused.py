@@ -42,6 +42,7 @@ import numpy as np
 
 from mintjax.adapters.bank import activation_axes
 from mintjax.adapters.lora_op import lora_deltas
+from mintjax.adapters.slot_dense import SlotDenseLayer
 from mintjax.config import ModelConfig
 
 QKV = ("q", "k", "v")
@@ -151,8 +152,24 @@ def fused_logical_axes(axes: dict, params: dict) -> dict:
   return {**axes, "layers": layers}
 
 
+def unstack_layers(params: dict, axes: dict) -> tuple[dict, dict]:
+  """The per-layer layout: `layers` as a tuple of L per-layer trees, each
+  weight in its own buffer (`llama.forward` then unrolls the layer loop;
+  see `llama._unrolled` for why). Returns (params, logical axes)."""
+  stacked = params["layers"]
+  n = next(iter(jax.tree.leaves(stacked))).shape[0]
+  # Split on the host, one layer at a time, so the stack is not held twice
+  # on device while the slices are made.
+  layers = tuple(jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n))
+  layer_axes = jax.tree.map(lambda a: tuple(a[1:]), axes["layers"],
+                            is_leaf=lambda a: isinstance(a, tuple))
+  return ({**params, "layers": layers},
+          {**axes, "layers": tuple(layer_axes for _ in range(n))})
+
+
 def serving_layout(params: dict, config: ModelConfig, axes: dict, *,
-                   dtype: str, fuse: bool = True, tensor_shards: int = 1):
+                   dtype: str, fuse: bool = True, tensor_shards: int = 1,
+                   per_layer: bool = False):
   """A loaded base tree prepared for serving: cast, then fused.
 
   Args:
@@ -164,6 +181,8 @@ def serving_layout(params: dict, config: ModelConfig, axes: dict, *,
       matmul still accumulates in f32).
     fuse: fuse q/k/v and gate/up (`fuse_projections`).
     tensor_shards: size of the mesh's tensor axis (1 without a mesh).
+    per_layer: split the layer stack into per-layer weights
+      (`unstack_layers`; the Engine's choice on CPU).
 
   Returns:
     (params, config with `dtype`, logical axes of the returned tree).
@@ -175,7 +194,10 @@ def serving_layout(params: dict, config: ModelConfig, axes: dict, *,
       params)
   if fuse:
     params = fuse_projections(params, config, tensor_shards=tensor_shards)
-  return params, config, fused_logical_axes(axes, params)
+  axes = fused_logical_axes(axes, params)
+  if per_layer:
+    params, axes = unstack_layers(params, axes)
+  return params, config, axes
 
 
 def _base(h_btd, w, bias):
@@ -190,6 +212,8 @@ def _base(h_btd, w, bias):
 def _deltas(h_btd, lb, names, adapter_idx_b, lora_impl):
   if lb is None:
     return [None] * len(names)
+  if isinstance(lb, SlotDenseLayer):  # one shrink GEMM per target group
+    return lb.deltas(h_btd, names, adapter_idx_b)
   loras = [lb.lora(n) if n in lb.lora_a else None for n in names]
   return lora_deltas(h_btd, loras, adapter_idx_b, lora_impl,
                      axes=[activation_axes(n) for n in names])

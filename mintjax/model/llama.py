@@ -50,6 +50,7 @@ from mintjax import sharding
 from mintjax.adapters import expert_lora
 from mintjax.adapters.bank import AdapterBank, activation_axes
 from mintjax.adapters.lora_op import lora_project
+from mintjax.adapters.slot_dense import SlotDenseLayer
 from mintjax.config import ModelConfig
 from mintjax.model import expert_parallel, fused, mla, moe, quant
 from mintjax.model.kv_cache import KVCache
@@ -204,6 +205,9 @@ def _layer(x_btd, lp, lb, cache_kv, step: _StepInputs, *,
 
   def proj_over(weights):
     def proj(name, h):
+      if isinstance(lb, SlotDenseLayer):  # the slot-dense view (engine, CPU)
+        return lora_project(h, weights[name], weights.get(name + "_bias"),
+                            delta=lb.deltas(h, (name,), adapter_idx_b)[0])
       if lb is None or name not in lb.lora_a:
         return lora_project(h, weights[name], weights.get(name + "_bias"))
       # The true rank rides along so kernels skip padded rank; the axes
@@ -488,8 +492,11 @@ def forward(params: dict, bank: AdapterBank | None, adapter_idx_b,
   if remat:
     body = jax.checkpoint(body, prevent_cse=False)
   kv0 = (cache.k, cache.v) if cache is not None else None
-  (x, kv), stats = jax.lax.scan(
-      body, (x, kv0), (params["layers"], jnp.arange(c.num_layers)))
+  if isinstance(params["layers"], (tuple, list)):
+    (x, kv), stats = _unrolled(body, (x, kv0), params["layers"])
+  else:
+    (x, kv), stats = jax.lax.scan(
+        body, (x, kv0), (params["layers"], jnp.arange(c.num_layers)))
   hidden = rms_norm(x, params["final_norm"], c.rms_norm_eps)
   logits = lm_head(params, hidden, config=c)
   new_cache = KVCache(*kv) if cache is not None else None
@@ -499,6 +506,24 @@ def forward(params: dict, bank: AdapterBank | None, adapter_idx_b,
   if return_router_stats:
     out += (stats,)
   return out
+
+
+def _unrolled(body, carry, layers):
+  """`lax.scan(body, carry, (layers, arange(L)))` for per-layer weights.
+
+  The per-layer serving layout (`fused.serving_layout(per_layer=True)`)
+  keeps each layer's weights in their own buffers, and the layer loop runs
+  unrolled with Python-int layer indices: on XLA:CPU a scan slices every
+  weight out of its [L, ...] stack into a fresh buffer each layer and step
+  before the matmul reads it, which cost as much as the matmuls at decode.
+  """
+  stats = []
+  for layer_idx, lp in enumerate(layers):
+    carry, st = body(carry, (lp, layer_idx))
+    stats.append(st)
+  if stats[0] is None:
+    return carry, None
+  return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
 
 
 def lm_head(params: dict, hidden_btd, *, config: ModelConfig):

@@ -31,6 +31,7 @@ from jax.sharding import Mesh
 from mintjax import progress
 from mintjax import sharding
 from mintjax.adapters import bank as bank_lib
+from mintjax.adapters import slot_dense
 from mintjax.adapters.spec import ALL_TARGETS, KNOWN_TARGETS, BankSpec
 from mintjax.model import fused, llama
 from mintjax.model.base import BaseModel
@@ -75,6 +76,12 @@ class EngineConfig:
       that make bf16 dots fast on AMX/avx512_bf16 CPUs.
     fuse_projections: serve q/k/v and gate/up as one matmul each
       (`mintjax.model.fused`; exact in f32).
+    layer_layout: 'stacked' (weights stacked [L, ...], a scanned layer loop,
+      LoRA gathered per row: compile time independent of depth; the TPU/GPU
+      and mesh layout), 'per_layer' (per-layer weight buffers, an unrolled
+      layer loop, and the slot-dense LoRA view when the bank allows it: the
+      fast XLA:CPU decode, docs/BENCHMARKS.md) or 'auto' (per_layer on CPU
+      without a mesh, else stacked).
   """
 
   num_slots: int = 16
@@ -91,6 +98,7 @@ class EngineConfig:
   lookahead: int = 64
   dtype: str = "float32"
   fuse_projections: bool = True
+  layer_layout: str = "auto"
 
   def __post_init__(self):
     for name in ("num_slots", "max_batch", "max_len", "steps_per_call",
@@ -104,6 +112,10 @@ class EngineConfig:
       raise ValueError(
           f"EngineConfig.dtype must be 'float32' or 'bfloat16', got "
           f"{self.dtype!r}")
+    if self.layer_layout not in ("auto", "stacked", "per_layer"):
+      raise ValueError(
+          f"EngineConfig.layer_layout must be 'auto', 'stacked' or "
+          f"'per_layer', got {self.layer_layout!r}")
     if self.prefill_batch > self.max_batch:
       raise ValueError(
           f"prefill_batch ({self.prefill_batch}) must not exceed max_batch "
@@ -117,6 +129,12 @@ class EngineConfig:
       out.append(b)
       b *= 2
     return tuple(out) + (self.max_len,)
+
+  def per_layer(self, mesh: Mesh | None) -> bool:
+    """Whether an engine on `mesh` runs the per-layer layout."""
+    if self.layer_layout == "auto":
+      return mesh is None and jax.default_backend() == "cpu"
+    return self.layer_layout == "per_layer"
 
   def spec(self) -> BankSpec:
     """The serving bank's spec: `num_slots` adapters plus the null slot."""
@@ -185,8 +203,10 @@ class Engine:
     params, mc, axes = fused.serving_layout(
         base.params, base.config, llama.param_logical_axes(base.config),
         dtype=config.dtype, fuse=config.fuse_projections,
-        tensor_shards=mesh.shape.get("tensor", 1) if mesh is not None else 1)
+        tensor_shards=mesh.shape.get("tensor", 1) if mesh is not None else 1,
+        per_layer=config.per_layer(mesh))
     self.model_config = mc
+    self._slot_dense = _slot_dense_cache(config, spec, mc, params)
     bank_sh = None
     if mesh is not None:
       params = sharding.shard_tree(params, axes, mesh)
@@ -241,6 +261,13 @@ class Engine:
   def bank(self) -> bank_lib.AdapterBank:
     return self.residency.bank if self.residency is not None else self._bank
 
+  def _step_bank(self, rank: int | None = None):
+    """The bank a step reads: the slot-dense view at rank width `rank`
+    (default the bank's max rank) when this engine uses it, else the bank."""
+    if self._slot_dense is None:
+      return self.bank
+    return self._slot_dense.get(self.bank, rank or self.spec.max_rank)
+
   # --- compilation ---------------------------------------------------------
 
   def warmup(self) -> None:
@@ -255,12 +282,13 @@ class Engine:
                        desc="warm-up compiles", leave=False)
     for t in c.buckets:
       self.cache, tok, *_ = self.fns.prefill(
-          self.params, self.bank, self.cache, np.zeros((p, t), np.int32),
+          self.params, self._step_bank(), self.cache,
+          np.zeros((p, t), np.int32),
           np.ones(p, np.int32), drop, np.zeros(p, np.int32), prow)
       bar.update(1)
     for r in self._rank_buckets:  # one decode program per LoRA rank width
       self.cache, *_ = self.fns.decode(
-          self.params, self.bank, self.cache,
+          self.params, self._step_bank(r), self.cache,
           steps_lib.DecodeState(**{k: v.copy()
                                    for k, v in self._state.items()}),
           self._rows, lora_rank=r)
@@ -550,7 +578,8 @@ class Engine:
     prow = _take_rows(self._rows, np.where(rows < c.max_batch, rows, 0))
     t0 = time.perf_counter()
     self.cache, tok_p, lp_p, tid_pk, tlp_pk = self.fns.prefill(
-        self.params, self.bank, self.cache, tokens, lengths, rows, slots, prow)
+        self.params, self._step_bank(), self.cache, tokens, lengths, rows,
+        slots, prow)
     tok_p, lp_p = np.asarray(tok_p), np.asarray(lp_p)
     tid_pk, tlp_pk = np.asarray(tid_pk), np.asarray(tlp_pk)
     self._counters["prefill_seconds"] += time.perf_counter() - t0
@@ -579,7 +608,7 @@ class Engine:
     requests with `prompt_logprobs` run it.
     """
     lp_1t, ids_1tk, tlp_1tk = (np.asarray(x) for x in self.fns.score(
-        self.params, self.bank, tokens_1t, slot_1))
+        self.params, self._step_bank(), tokens_1t, slot_1))
     n, k = len(seq.prompt_ids), seq.params.prompt_logprobs
     # Position 0 has no context; token t is scored at position t - 1.
     seq.extra["prompt_logprobs"] = [None] + [float(lp_1t[0, t])
@@ -606,9 +635,10 @@ class Engine:
   def _decode(self) -> Iterator[TokenEvent]:
     t0 = time.perf_counter()
     state = steps_lib.DecodeState(**self._state)
+    rank = self._lora_rank()
     self.cache, state, toks, lps, valid, tid, tlp = self.fns.decode(
-        self.params, self.bank, self.cache, state, self._rows,
-        lora_rank=self._lora_rank())
+        self.params, self._step_bank(rank), self.cache, state, self._rows,
+        lora_rank=rank)
     toks, lps, valid = np.asarray(toks), np.asarray(lps), np.asarray(valid)
     # Top-k rows come to the host only when some row asked for them.
     want_top = bool(self._rows.top_logprobs_b.any())
@@ -649,6 +679,22 @@ class Engine:
     if self.residency is not None:
       c["residency"] = self.residency.stats()
     return c
+
+
+def _slot_dense_cache(config: EngineConfig, spec: BankSpec, model_config,
+                      params) -> slot_dense.SlotDenseCache | None:
+  """The slot-dense LoRA view cache when this engine uses it: the
+  per-layer layout, a bank of dense targets only, a model without MLA or
+  experts, and a bank of at most 4 x max_batch slots (the view reads every
+  slot each step, the gather only the rows' own)."""
+  layers = params["layers"]
+  if (not isinstance(layers, tuple) or not slot_dense.supports(spec.targets)
+      or model_config.uses_mla or model_config.num_moe_layers
+      or spec.num_slots > 4 * config.max_batch):
+    return None
+  groups = slot_dense.groups_for(spec.targets, qkv="qkv" in layers[0],
+                                 gate_up="gate_up" in layers[0])
+  return slot_dense.SlotDenseCache(groups, config.dtype)
 
 
 def _take_rows(rows: sampling_lib.RowSampling, idx) -> sampling_lib.RowSampling:
