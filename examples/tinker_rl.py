@@ -14,9 +14,23 @@ The service batches the users' concurrent forward_backward and optim_step
 requests into shared compiled steps, and their samples into shared decode
 batches.
 
+Prompts: three questions about colour, each put through the base's chat
+template (when it has one) with the start of the assistant's answer
+appended ("My favourite colour is"), so an instruct model answers with a
+colour within a few tokens.
+
 Reward of a completion for a user whose colour is c: 1.0 when c appears in
-it, else 0.5 x the fraction of its letters that are letters of c (a dense
-term, so that even a random model gets a learning signal).
+it as a word, else 0.2 x the longest start of c that one of its words starts
+with, as a fraction of c (a dense term, so that even a random model gets a
+learning signal, and one that leads towards the word itself; kept small, or
+the policy settles on a start such as 'grey' for green). Every
+user rewards only its own colour: the summary's `cross_reward` scores each
+user's last samples under every user's colour (the diagonal should lead).
+
+Checks reported per step: `ratio_dev`, the largest |log p_train - log q|
+over the sampled tokens, from the forward-backward's own log-probabilities
+(the sampler's and the trainer's log-probabilities of the same tokens must
+agree before the update, else the importance weights are wrong).
 
 Isolation: a bystander training client, created first and never trained,
 is saved before and after everyone else's training; its two revisions'
@@ -31,6 +45,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import re
 import time
 
 import numpy as np
@@ -38,9 +53,12 @@ import tinker
 from tinker import types
 
 COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "pink",
-           "black", "white", "brown", "grey", "teal")
-PROMPTS = ("My favourite colour is", "The colour I like best is",
-           "I always paint my room")
+           "black", "white")
+# (user message, start of the assistant's answer)
+DENSE = 0.2  # the dense term's weight: well below a hit (1.0)
+PROMPTS = (("What is your favourite colour?", "My favourite colour is"),
+           ("What colour should I paint my room?", "I would paint it"),
+           ("Which colour should my new car be?", "Your new car should be"))
 
 
 def parse_args(argv=None):
@@ -58,30 +76,48 @@ def parse_args(argv=None):
 
 
 def reward(text: str, colour: str) -> float:
-  low = text.lower()
-  if colour in low:
+  words = re.findall(r"[a-z]+", text.lower())
+  if colour in words:
     return 1.0
-  letters = [ch for ch in low if ch.isalpha()]
-  if not letters:
-    return 0.0
-  return 0.5 * sum(ch in colour for ch in letters) / len(letters)
+  # Dense term: the longest start of the colour that some word starts with
+  # ('gre' in 'great' for green), so partial answers point at the colour.
+  # (A first version scored the share of letters that are letters of the
+  # colour; the policy learned to repeat 'never' for green.)
+  best = 0
+  for w in words:
+    n = 0
+    while n < min(len(w), len(colour)) and w[n] == colour[n]:
+      n += 1
+    best = max(best, n)
+  return DENSE * best / len(colour)
 
 
-def rl_step(tc, tok, colour: str, args, step: int) -> float:
-  """One GRPO step for one user; returns the mean reward of its samples."""
+def prompt_tokens(tok, question: str, answer_start: str) -> list[int]:
+  """The chat-formatted question + the answer's first words (token ids)."""
+  if getattr(tok, "chat_template", None):
+    text = tok.apply_chat_template([{"role": "user", "content": question}],
+                                   add_generation_prompt=True, tokenize=False)
+    return tok.encode(text + answer_start, add_special_tokens=False)
+  return tok.encode(answer_start, add_special_tokens=False)
+
+
+def rl_step(tc, tok, colour: str, args, *, user: int, step: int) -> dict:
+  """One GRPO step for one user: its mean reward, its texts, ratio check."""
   sampler = tc.save_weights_and_get_sampling_client().result()
-  prompts = [tok.encode(p, add_special_tokens=False) for p in PROMPTS]
+  prompts = [prompt_tokens(tok, q, a) for q, a in PROMPTS]
   futs = [sampler.sample(types.ModelInput.from_ints(p),
                          num_samples=args.group,
                          sampling_params=types.SamplingParams(
                              max_tokens=args.max_tokens, temperature=1.0,
-                             seed=args.seed * 100003 + step * 101 + i))
+                             seed=(args.seed * 100003 + user * 7919 + step * 101
+                                   + i)))
           for i, p in enumerate(prompts)]
-  data, rewards = [], []
+  data, rewards, texts, sampled_q = [], [], [], []
   for p, f in zip(prompts, futs):
     seqs = f.result().sequences
-    r = np.array([reward(tok.decode(s.tokens, skip_special_tokens=True),
-                         colour) for s in seqs], np.float32)
+    txt = [tok.decode(s.tokens, skip_special_tokens=True) for s in seqs]
+    texts += txt
+    r = np.array([reward(t, colour) for t in txt], np.float32)
     rewards += list(r)
     adv = r - r.mean()
     for s, a in zip(seqs, adv):
@@ -95,12 +131,18 @@ def rl_step(tc, tok, colour: str, args, step: int) -> float:
               "target_tokens": ids[1:],
               "logprobs": [0.0] * n_p + list(s.logprobs),
               "advantages": [0.0] * n_p + [float(a)] * len(s.tokens)}))
+      sampled_q.append((n_p, np.asarray(s.logprobs, np.float32)))
+  ratio_dev = 0.0
   if data:
     fb = tc.forward_backward(data, "importance_sampling")
     opt = tc.optim_step(types.AdamParams(learning_rate=args.lr))
-    fb.result()
+    out = fb.result()
     opt.result()
-  return float(np.mean(rewards))
+    for o, (n_p, q) in zip(out.loss_fn_outputs, sampled_q):
+      logp = np.asarray(o["logprobs"].data, np.float32)[n_p:]
+      ratio_dev = max(ratio_dev, float(np.abs(logp - q).max()))
+  return {"reward": float(np.mean(rewards)), "texts": texts,
+          "ratio_dev": ratio_dev}
 
 
 def run_user(user: int, colour: str, args, base: str) -> dict:
@@ -108,12 +150,17 @@ def run_user(user: int, colour: str, args, base: str) -> dict:
   tc = sc.create_lora_training_client(base_model=base, rank=args.rank,
                                       seed=args.seed + user).result()
   tok = tc.get_tokenizer()
-  curve = [rl_step(tc, tok, colour, args, s) for s in range(args.steps)]
+  steps = [rl_step(tc, tok, colour, args, user=user, step=s)
+           for s in range(args.steps)]
+  curve = [s["reward"] for s in steps]
   k = max(1, args.steps // 4)
   return {"user": f"user{user}", "colour": colour, "model_id": tc.model_id,
           "reward_curve": [round(x, 3) for x in curve],
           "reward_first": float(np.mean(curve[:k])),
-          "reward_last": float(np.mean(curve[-k:]))}
+          "reward_last": float(np.mean(curve[-k:])),
+          "ratio_dev_max": round(max(s["ratio_dev"] for s in steps), 5),
+          "last_texts": steps[-1]["texts"],
+          "last_samples": steps[-1]["texts"][:args.group]}
 
 
 def probe_logprobs(tc, tok) -> list[float]:
@@ -140,10 +187,21 @@ def main(argv=None) -> dict:
     per_user = [f.result() for f in [
         pool.submit(run_user, u, c, args, base) for u, c in enumerate(colours)]]
   after = probe_logprobs(bystander, btok)
+  # Each user's last samples scored under every user's colour.
+  for u in per_user:
+    u["cross_reward"] = {v["colour"]: round(float(np.mean(
+        [reward(t, v["colour"]) for t in u["last_texts"]])), 3)
+                         for v in per_user}
+    del u["last_texts"]
   out = {"base_model": base, "users": args.users, "steps": args.steps,
          "group": args.group, "wall_s": round(time.perf_counter() - t0, 1),
          "rose_for_users": sum(u["reward_last"] > u["reward_first"]
                                for u in per_user),
+         "own_colour_leads_for_users": sum(
+             u["cross_reward"][u["colour"]] > max(
+                 (v for c, v in u["cross_reward"].items()
+                  if c != u["colour"]), default=-1.0)
+             for u in per_user),
          "bystander_unchanged": before == after, "per_user": per_user}
   print(json.dumps(out, indent=1))
   if args.json_out:
