@@ -235,7 +235,7 @@ def test_decode_narrowed_to_the_rows_true_rank_is_exact(base):
   cfg = EngineConfig(num_slots=2, max_batch=4, max_len=32, steps_per_call=4,
                      prefill_batch=2, min_bucket=16, max_rank=32)
   wide = Engine(base, src, cfg)
-  assert wide._rank_buckets == (8, 16, 32)  # pylint: disable=protected-access
+  assert wide._rank_buckets == (0, 8, 16, 32)  # pylint: disable=protected-access
   exact = Engine(base, src, dataclasses.replace(cfg, max_rank=12))
   for adapters in (["lo", None, "lo"], ["lo", "hi", None, "hi"]):
     reqs = _requests(adapters, n=8)

@@ -78,7 +78,7 @@ def bench_mintjax(base, src, prompts, names, *, new_tokens: int,
   kw = {"dtype": dtype} if dtype != "float32" else {}
   ecfg = EngineConfig(num_slots=16, max_batch=batch,
                       max_len=len(prompts[0]) + new_tokens, steps_per_call=8,
-                      prefill_batch=min(4, batch), min_bucket=len(prompts[0]),
+                      prefill_batch=batch, min_bucket=len(prompts[0]),
                       max_rank=RANK, host_cache_bytes=64 << 20, **kw)
   t0 = time.perf_counter()
   engine = Engine(base, src, ecfg)

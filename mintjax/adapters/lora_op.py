@@ -1,7 +1,8 @@
 """The gather-LoRA op: one interface, several implementations, one dispatcher.
 
 Owns `lora_delta`, `lora_deltas` (targets sharing one input, e.g. q/k/v,
-with one fused shrink) and `lora_project`:
+with one fused shrink), `lora_project` and its base matmul (`base_matmul`,
+`OutInKernel`):
 
   y[b, t] = x[b, t] @ W (+ bias) + scale[s_b] * (x[b, t] @ A[s_b]) @ B[s_b]
 
@@ -37,6 +38,7 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -305,6 +307,32 @@ def lora_delta(x_btd, a_sdr, b_sro, scale_s, adapter_idx_b,
   return fn(x_btd, a_sdr, b_sro, scale_s, adapter_idx_b, rank_s)
 
 
+@flax.struct.dataclass
+class OutInKernel:
+  """A base kernel stored transposed, [d_out, d_in] (Hugging Face's order).
+
+  The per-layer serving layout on CPU (`mintjax.model.fused.unstack_layers`)
+  keeps its projections this way: XLA:CPU's M = 16 decode GEMMs read a
+  [d_out, d_in] bf16 kernel 1.3-1.9x faster than the [d_in, d_out] one
+  (docs/BENCHMARKS.md). `base_matmul` reads either.
+  """
+
+  w_od: jax.Array
+
+  @property
+  def dtype(self):
+    return self.w_od.dtype
+
+
+def base_matmul(x_btd, w):
+  """x @ W [B, T, d_out] in f32, for W [d_in, d_out] or an `OutInKernel`."""
+  if isinstance(w, OutInKernel):
+    return jnp.einsum("btd,od->bto", x_btd, w.w_od.astype(x_btd.dtype),
+                      preferred_element_type=jnp.float32)
+  return jnp.einsum("btd,do->bto", x_btd, w.astype(x_btd.dtype),
+                    preferred_element_type=jnp.float32)
+
+
 def lora_project(x_btd, w_do, bias_o=None, lora=None, adapter_idx_b=None,
                  impl: str = "auto", *, axes=(None, None), delta=None):
   """x @ W (+ bias) (+ the gather-LoRA delta when `lora` is given).
@@ -323,8 +351,7 @@ def lora_project(x_btd, w_do, bias_o=None, lora=None, adapter_idx_b=None,
   """
   # bf16 operands accumulate in f32 (the fast XLA:CPU and TPU/GPU path);
   # the base output, bias and delta are summed in f32, then cast once.
-  y = jnp.einsum("btd,do->bto", x_btd, w_do.astype(x_btd.dtype),
-                 preferred_element_type=jnp.float32)
+  y = base_matmul(x_btd, w_do)
   if bias_o is not None:
     y = y + bias_o.astype(y.dtype)
   if lora is not None:

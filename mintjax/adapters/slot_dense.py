@@ -7,14 +7,15 @@ and `SlotDenseCache` (one view per bank version and rank width).
 Layout per layer l (S slots, R the view's rank width, n targets of a group
 that read one input, e.g. q/k/v or gate/up):
 
-  shrink[group]: [d_in, n * S * R]   target i's slot s at columns
+  shrink[group]: [n * S * R, d_in]   target i's slot s at rows
                                      (i * S + s) * R ... + R
-  expand[t]:     [S * R, d_out]      slot s's B at rows s * R ... + R
+  expand[t]:     [d_out, S * R]      slot s's B at columns s * R ... + R
 
-so a layer's LoRA is two plain GEMMs per group, and a row picks its slot's
-columns with a mask:
+(both [out, in], the order XLA:CPU's small-M GEMMs read fastest), so a
+layer's LoRA is two plain GEMMs per group, and a row picks its slot's
+columns of h with a mask:
 
-  h = x @ shrink        y_t = where(row's slot, h_t * scale, 0) @ expand[t]
+  h = x @ shrink.T      y_t = where(row's slot, h_t * scale, 0) @ expand[t].T
 
 Why: the per-row gather (`lora_op.gather`) copies each row's A and B out of
 the [S, L, ...] bank every layer and step (three passes over B adapters'
@@ -55,8 +56,8 @@ class SlotDenseLayer:
   """One layer of the view (see the module docstring).
 
   Attributes:
-    shrink: {group key 'q+k+v': [d_in, n * S * R]}.
-    expand: {target: [S * R, d_out]}.
+    shrink: {group key 'q+k+v': [n * S * R, d_in]}.
+    expand: {target: [d_out, S * R]}.
     scale: [S] float32 per-slot scale.
     groups: the target groups, each sharing one input (static).
   """
@@ -86,9 +87,9 @@ class SlotDenseLayer:
       if not any(n in names for n in group):
         continue
       w = self.shrink[_key(group)]
-      width = w.shape[1] // len(group)  # S * R
+      width = w.shape[0] // len(group)  # S * R
       rank = width // num_slots
-      h_btk = jnp.einsum("btd,dk->btk", x_btd, w.astype(x_btd.dtype),
+      h_btk = jnp.einsum("btd,kd->btk", x_btd, w.astype(x_btd.dtype),
                          preferred_element_type=jnp.float32)
       own_bk, scale_bk = _row_mask(adapter_idx_b, self.scale, rank)
       for i, name in enumerate(group):
@@ -96,7 +97,7 @@ class SlotDenseLayer:
           continue
         h_i = h_btk[..., i * width:(i + 1) * width] * scale_bk[:, None, :]
         h_i = jnp.where(own_bk[:, None, :], h_i, 0.0)
-        y = jnp.einsum("btk,ko->bto", h_i.astype(x_btd.dtype),
+        y = jnp.einsum("btk,ok->bto", h_i.astype(x_btd.dtype),
                        self.expand[name].astype(x_btd.dtype),
                        preferred_element_type=jnp.float32)
         out[name] = y.astype(x_btd.dtype)
@@ -138,7 +139,7 @@ class SlotDenseBank:
     """The view's rank width R."""
     first = self.layers[0]
     w = first.shrink[_key(first.groups[0])]
-    return w.shape[1] // (len(first.groups[0]) * self.num_slots)
+    return w.shape[0] // (len(first.groups[0]) * self.num_slots)
 
   def layer(self, layer_idx: int, rank: int | None = None) -> SlotDenseLayer:
     """Layer `layer_idx` (a Python int: the view is unrolled per layer).
@@ -187,13 +188,13 @@ def slot_dense_view(bank: AdapterBank, *, rank: int,
   for l in range(num_layers):
     shrink, expand = {}, {}
     for group in groups:
-      cols = []
+      rows = []
       for t in group:
         a_sdr = bank.lora_a[t][:, l, :, :rank]
-        cols.append(a_sdr.transpose(1, 0, 2).reshape(a_sdr.shape[1], -1))
+        rows.append(a_sdr.transpose(0, 2, 1).reshape(-1, a_sdr.shape[1]))
         b_sro = bank.lora_b[t][:, l, :rank, :]
-        expand[t] = b_sro.reshape(num_slots * rank, -1).astype(dt)
-      shrink[_key(group)] = jnp.concatenate(cols, axis=1).astype(dt)
+        expand[t] = b_sro.reshape(num_slots * rank, -1).T.astype(dt)
+      shrink[_key(group)] = jnp.concatenate(rows, axis=0).astype(dt)
     layers.append(SlotDenseLayer(shrink, expand, bank.scale, groups))
   return SlotDenseBank(tuple(layers), bank.scale, bank.rank)
 

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mintjax.adapters.bank import activation_axes
-from mintjax.adapters.lora_op import lora_deltas
+from mintjax.adapters.lora_op import OutInKernel, base_matmul, lora_deltas
 from mintjax.adapters.slot_dense import SlotDenseLayer
 from mintjax.config import ModelConfig
 
@@ -152,19 +152,30 @@ def fused_logical_axes(axes: dict, params: dict) -> dict:
   return {**axes, "layers": layers}
 
 
-def unstack_layers(params: dict, axes: dict) -> tuple[dict, dict]:
+# Kernels the per-layer layout stores transposed (`OutInKernel`): those read
+# only through `lora_op.base_matmul` (MLA's own projections are not).
+_OUT_IN = ("q", "k", "v", "o", "gate", "up", "down", "qkv", "gate_up")
+
+
+def unstack_layers(params: dict, config: ModelConfig) -> dict:
   """The per-layer layout: `layers` as a tuple of L per-layer trees, each
-  weight in its own buffer (`llama.forward` then unrolls the layer loop;
-  see `llama._unrolled` for why). Returns (params, logical axes)."""
+  weight in its own buffer, projection kernels as `OutInKernel`
+  ([d_out, d_in]). `llama.forward` then unrolls the layer loop (see
+  `llama._unrolled` for why). For one device: the layout has no logical
+  axes (the Engine refuses it with a mesh)."""
   stacked = params["layers"]
   n = next(iter(jax.tree.leaves(stacked))).shape[0]
-  # Split on the host, one layer at a time, so the stack is not held twice
-  # on device while the slices are made.
-  layers = tuple(jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n))
-  layer_axes = jax.tree.map(lambda a: tuple(a[1:]), axes["layers"],
-                            is_leaf=lambda a: isinstance(a, tuple))
-  return ({**params, "layers": layers},
-          {**axes, "layers": tuple(layer_axes for _ in range(n))})
+  transpose = () if config.uses_mla else _OUT_IN
+
+  def layer(i):
+    out = {}
+    for name, x in stacked.items():
+      if name in transpose and isinstance(x, (jax.Array, np.ndarray)):
+        out[name] = OutInKernel(jnp.asarray(x[i]).T)
+      else:
+        out[name] = jax.tree.map(lambda a: a[i], x)
+    return out
+  return {**params, "layers": tuple(layer(i) for i in range(n))}
 
 
 def serving_layout(params: dict, config: ModelConfig, axes: dict, *,
@@ -182,10 +193,11 @@ def serving_layout(params: dict, config: ModelConfig, axes: dict, *,
     fuse: fuse q/k/v and gate/up (`fuse_projections`).
     tensor_shards: size of the mesh's tensor axis (1 without a mesh).
     per_layer: split the layer stack into per-layer weights
-      (`unstack_layers`; the Engine's choice on CPU).
+      (`unstack_layers`; the Engine's choice on CPU, one device only).
 
   Returns:
-    (params, config with `dtype`, logical axes of the returned tree).
+    (params, config with `dtype`, logical axes of the returned tree; None
+    for the per-layer layout).
   """
   config = dataclasses.replace(config, dtype=dtype)
   dt = jnp.dtype(dtype)
@@ -196,14 +208,13 @@ def serving_layout(params: dict, config: ModelConfig, axes: dict, *,
     params = fuse_projections(params, config, tensor_shards=tensor_shards)
   axes = fused_logical_axes(axes, params)
   if per_layer:
-    params, axes = unstack_layers(params, axes)
+    params, axes = unstack_layers(params, config), None
   return params, config, axes
 
 
 def _base(h_btd, w, bias):
   """h @ W (+ bias) with f32 accumulation, as `lora_op.lora_project`."""
-  y = jnp.einsum("btd,do->bto", h_btd, w.astype(h_btd.dtype),
-                 preferred_element_type=jnp.float32)
+  y = base_matmul(h_btd, w)
   if bias is not None:
     y = y + bias.astype(y.dtype)
   return y

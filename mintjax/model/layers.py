@@ -137,6 +137,9 @@ def attention(q_bthd, k_bskd, v_bskd, q_pos_bt, k_pos_bs, *,
   """
   b, t, h, hd = q_bthd.shape
   k_heads = k_bskd.shape[2]
+  if t == 1 and q_segment_bt is None:
+    return _one_query_attention(q_bthd, k_bskd, v_bskd, q_pos_bt, k_pos_bs,
+                                scale)
   q = q_bthd.reshape(b, t, k_heads, h // k_heads, hd)
   scores = jnp.einsum("btkgd,bskd->bkgts", q, k_bskd,
                       preferred_element_type=jnp.float32)
@@ -150,3 +153,27 @@ def attention(q_bthd, k_bskd, v_bskd, q_pos_bt, k_pos_bs, *,
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v_bskd,
                    preferred_element_type=jnp.float32)
   return out.reshape(b, t, h * v_bskd.shape[-1]).astype(q_bthd.dtype)
+
+
+def _one_query_attention(q_b1hd, k_bskd, v_bskd, q_pos_b1, k_pos_bs, scale):
+  """`attention` for one query per row (a decode step), as multiply-reduce
+  loops in f32 rather than dots: at decode the dots are [G, hd] x [hd, S]
+  per row and kv head, far too small for a GEMM, and XLA:CPU spent more
+  time transposing the cache into the dots' layout than computing them
+  (docs/BENCHMARKS.md). Same math as the dot path; sums in another order.
+  """
+  b, _, h, hd = q_b1hd.shape
+  k_heads = k_bskd.shape[2]
+  q_bkgd = q_b1hd.reshape(b, k_heads, h // k_heads, hd).astype(jnp.float32)
+  scores_bskg = jnp.sum(q_bkgd[:, None] *
+                        k_bskd.astype(jnp.float32)[:, :, :, None, :], axis=-1)
+  scores_bskg = (scores_bskg / math.sqrt(hd) if scale is None
+                 else scores_bskg * scale)
+  visible_bs = (k_pos_bs <= q_pos_b1) & (k_pos_bs >= 0)
+  scores_bskg = jnp.where(visible_bs[:, :, None, None], scores_bskg, _NEG_INF)
+  probs_bskg = jax.nn.softmax(scores_bskg, axis=1)
+  # The dot path rounds probabilities to v's dtype first; so does this.
+  probs_bskg = probs_bskg.astype(v_bskd.dtype).astype(jnp.float32)
+  out_bkgd = jnp.sum(probs_bskg[..., None] *
+                     v_bskd.astype(jnp.float32)[:, :, :, None, :], axis=1)
+  return out_bkgd.reshape(b, 1, h * v_bskd.shape[-1]).astype(q_b1hd.dtype)

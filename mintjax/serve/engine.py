@@ -193,6 +193,10 @@ class Engine:
     if isinstance(source, Mapping):
       source = InMemoryAdapters.from_peft_folders(source, base)
     config = config.sized_for(source, refs)
+    if mesh is not None and config.layer_layout == "per_layer":
+      raise ValueError(
+          "EngineConfig.layer_layout='per_layer' is a one-device layout; "
+          "with a mesh use 'stacked' (or 'auto')")
     self.base = base
     self.config = config
     self.mesh = mesh
@@ -243,8 +247,9 @@ class Engine:
                        adapter_idx_b=np.zeros(b, np.int32))
     self._rows = sampling_lib.empty_rows(b)
     # Decode compiles once per LoRA rank width; each call takes the
-    # narrowest that holds its rows' true ranks (padded rank is free).
-    self._rank_buckets = bank_lib.rank_buckets(spec.max_rank)
+    # narrowest that holds its rows' true ranks (padded rank is free), and
+    # width 0, a program with no LoRA at all, when every row is a base row.
+    self._rank_buckets = (0,) + bank_lib.rank_buckets(spec.max_rank)
     self._host_ranks = (None, None)  # (bank it was read from, ranks [S])
     # Finish events of requests refused at submit, returned by the next step.
     self._pending: list[TokenEvent] = []
@@ -262,8 +267,11 @@ class Engine:
     return self.residency.bank if self.residency is not None else self._bank
 
   def _step_bank(self, rank: int | None = None):
-    """The bank a step reads: the slot-dense view at rank width `rank`
+    """The bank a step reads: None for rank width 0 (no row has an adapter:
+    the LoRA-free program), the slot-dense view at rank width `rank`
     (default the bank's max rank) when this engine uses it, else the bank."""
+    if rank == 0:
+      return None
     if self._slot_dense is None:
       return self.bank
     return self._slot_dense.get(self.bank, rank or self.spec.max_rank)
@@ -291,7 +299,7 @@ class Engine:
           self.params, self._step_bank(r), self.cache,
           steps_lib.DecodeState(**{k: v.copy()
                                    for k, v in self._state.items()}),
-          self._rows, lora_rank=r)
+          self._rows, lora_rank=r or None)
       bar.update(1)
     if self.residency is not None:
       # A slot write of zeros into an empty slot compiles the writer once.
@@ -620,8 +628,9 @@ class Engine:
 
   def _lora_rank(self) -> int:
     """The rank width of this decode call: the narrowest bucket holding
-    the true rank of every active row's slot (the bank's ranks are read
-    to the host once per bank version, not per call)."""
+    the true rank of every active row's slot, 0 when all are base rows (the
+    bank's ranks are read to the host once per bank version, not per
+    call)."""
     if len(self._rank_buckets) == 1:
       return self._rank_buckets[0]
     bank = self.bank
@@ -638,7 +647,7 @@ class Engine:
     rank = self._lora_rank()
     self.cache, state, toks, lps, valid, tid, tlp = self.fns.decode(
         self.params, self._step_bank(rank), self.cache, state, self._rows,
-        lora_rank=rank)
+        lora_rank=rank or None)
     toks, lps, valid = np.asarray(toks), np.asarray(lps), np.asarray(valid)
     # Top-k rows come to the host only when some row asked for them.
     want_top = bool(self._rows.top_logprobs_b.any())
