@@ -183,7 +183,7 @@ def test_bf16_greedy_output_is_stable_across_runs(bf16_engine):
   first = [r.tokens for r in bf16_engine.generate(reqs)]
   for _ in range(2):
     assert [r.tokens for r in bf16_engine.generate(reqs)] == first
-  assert bf16_engine.cache.k.dtype == jnp.bfloat16
+  assert bf16_engine.cache.dtype == jnp.bfloat16
   assert bf16_engine.compilations_since_warmup() == 0
 
 

@@ -4,11 +4,15 @@
   .venv/bin/python -m tools.bench_fast_path --quick    # fewer repeats
   XLA_FLAGS=... .venv/bin/python -m tools.bench_fast_path   # an XLA flag set
 
-Builds one engine per variant in one process (dtype x fused projections,
-and a rank-64 bank serving rank-8 adapters with and without the rank-width
-narrowing), then times every variant's decode step on the same mixed batch
+Builds one engine per variant in one process (dtype x fused projections x
+layer layout: 'stacked' = scanned [L, ...] weights and the per-row LoRA
+gather, 'per_layer' = the CPU default, per-layer [out, in] weights and the
+slot-dense LoRA view; and a rank-64 bank serving rank-8 adapters with and
+without the rank-width narrowing), then times every variant's decode step
+on the same mixed batch
 (B requests on B distinct rank-8 adapters on all seven projections) and on
-an all-base batch, interleaved round by round so machine drift hits all of
+an all-base batch (which runs the LoRA-free decode program, rank width 0),
+interleaved round by round so machine drift hits all of
 them alike; the best round of each is reported. Prints a markdown table of
 step times and the ratios to the f32 unfused engine.
 """
@@ -27,15 +31,22 @@ from mintjax.serve.engine import Engine, EngineConfig
 from mintjax.serve.residency import InMemoryAdapters
 
 # (label, EngineConfig overrides, narrow rank widths)
+_STACKED = dict(layer_layout="stacked")
 _VARIANTS = (
-    ("f32, unfused", dict(dtype="float32", fuse_projections=False), True),
-    ("f32, fused", dict(dtype="float32"), True),
-    ("bf16, unfused", dict(dtype="bfloat16", fuse_projections=False), True),
-    ("bf16, fused", dict(dtype="bfloat16"), True),
-    ("bf16, fused, rank-64 bank, narrowed to 8", dict(dtype="bfloat16",
-                                                      max_rank=64), True),
-    ("bf16, fused, rank-64 bank, full width", dict(dtype="bfloat16",
-                                                   max_rank=64), False),
+    ("f32, unfused, stacked", dict(dtype="float32", fuse_projections=False,
+                                   **_STACKED), True),
+    ("f32, fused, stacked", dict(dtype="float32", **_STACKED), True),
+    ("bf16, fused, stacked", dict(dtype="bfloat16", **_STACKED), True),
+    ("f32, fused, per-layer + slot-dense", dict(dtype="float32",
+                                                layer_layout="per_layer"),
+     True),
+    ("bf16, fused, per-layer + slot-dense", dict(dtype="bfloat16",
+                                                 layer_layout="per_layer"),
+     True),
+    ("bf16, per-layer, rank-64 bank, narrowed to 8", dict(
+        dtype="bfloat16", max_rank=64, layer_layout="per_layer"), True),
+    ("bf16, per-layer, rank-64 bank, full width", dict(
+        dtype="bfloat16", max_rank=64, layer_layout="per_layer"), False),
 )
 
 
@@ -76,13 +87,14 @@ def main():
   based = [dict(r, adapter=None) for r in mixed]
   ecfg = EngineConfig(num_slots=16, max_batch=batch,
                       max_len=prompt_len + new_tokens, steps_per_call=8,
-                      prefill_batch=4, min_bucket=prompt_len, max_rank=rank)
+                      prefill_batch=batch, min_bucket=prompt_len,
+                      max_rank=rank)
   engines = {}
   for label, kw, narrow in chosen:
     t0 = time.perf_counter()
     e = Engine(base, src, dataclasses.replace(ecfg, **kw))
     if not narrow:  # every call at the bank's full rank width
-      e._rank_buckets = (e.spec.max_rank,)  # pylint: disable=protected-access
+      e._rank_buckets = (0, e.spec.max_rank)  # pylint: disable=protected-access
     e.generate(mixed)  # loads the adapters into slots
     engines[label] = e
     print(f"built {label} in {time.perf_counter() - t0:.1f} s", flush=True)

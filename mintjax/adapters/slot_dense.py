@@ -4,12 +4,13 @@ Owns `SlotDenseBank` / `SlotDenseLayer` (a read-only serving view of an
 `AdapterBank`), `slot_dense_view` (the relayout, jitted once per rank width)
 and `SlotDenseCache` (one view per bank version and rank width).
 
-Layout per layer l (S slots, R the view's rank width, n targets of a group
-that read one input, e.g. q/k/v or gate/up):
+Layout per layer l (A = S - 1 adapter slots: the null slot 0 is all zeros
+and left out, so a base row selects no column; R the view's rank width; n
+targets of a group that read one input, e.g. q/k/v or gate/up):
 
-  shrink[group]: [n * S * R, d_in]   target i's slot s at rows
-                                     (i * S + s) * R ... + R
-  expand[t]:     [d_out, S * R]      slot s's B at columns s * R ... + R
+  shrink[group]: [n * A * R, d_in]   target i's slot s at rows
+                                     (i * A + s - 1) * R ... + R
+  expand[t]:     [d_out, A * R]      slot s's B at columns (s - 1) * R ... + R
 
 (both [out, in], the order XLA:CPU's small-M GEMMs read fastest), so a
 layer's LoRA is two plain GEMMs per group, and a row picks its slot's
@@ -28,7 +29,7 @@ adapter is loaded), never per step.
 
 Exactness and isolation: the mask is a `where`, not a product, so another
 slot's columns contribute exact zeros whatever their values; the null slot 0
-is all zeros, so base rows get a zero delta. Summation order differs from
+is left out, so base rows get a zero delta. Summation order differs from
 the gather's, so results agree to float rounding, not bit for bit.
 """
 
@@ -56,9 +57,9 @@ class SlotDenseLayer:
   """One layer of the view (see the module docstring).
 
   Attributes:
-    shrink: {group key 'q+k+v': [n * S * R, d_in]}.
-    expand: {target: [d_out, S * R]}.
-    scale: [S] float32 per-slot scale.
+    shrink: {group key 'q+k+v': [n * A * R, d_in]}.
+    expand: {target: [d_out, A * R]}.
+    scale: [A] float32 scale of slots 1 .. A.
     groups: the target groups, each sharing one input (static).
   """
 
@@ -81,14 +82,14 @@ class SlotDenseLayer:
     Matches `lora_op.gather` step for step: shrink in f32, scaled, cast to
     x's dtype, expand in f32, cast to x's dtype.
     """
-    num_slots = self.scale.shape[0]
+    num_adapters = self.scale.shape[0]
     out = {}
     for group in self.groups:
       if not any(n in names for n in group):
         continue
       w = self.shrink[_key(group)]
-      width = w.shape[0] // len(group)  # S * R
-      rank = width // num_slots
+      width = w.shape[0] // len(group)  # A * R
+      rank = width // num_adapters
       h_btk = jnp.einsum("btd,kd->btk", x_btd, w.astype(x_btd.dtype),
                          preferred_element_type=jnp.float32)
       own_bk, scale_bk = _row_mask(adapter_idx_b, self.scale, rank)
@@ -104,16 +105,16 @@ class SlotDenseLayer:
     return [out.get(n) for n in names]
 
 
-def _row_mask(adapter_idx_b, scale_s, rank: int):
-  """([B, S*R] bool: column belongs to the row's slot, [B, S*R] f32 scale).
+def _row_mask(adapter_idx_b, scale_a, rank: int):
+  """([B, A*R] bool: column belongs to the row's slot, [B, A*R] f32 scale).
 
-  An index outside [0, S) selects no column (a zero delta), unlike a
-  clamping gather, which would read another tenant's slot.
+  Slot 0 (base) and an index outside [1, A] select no column (a zero
+  delta), unlike a clamping gather, which would read another tenant's slot.
   """
-  num_slots = scale_s.shape[0]
-  own_bs = adapter_idx_b[:, None] == jnp.arange(num_slots)[None, :]
-  own_bk = jnp.repeat(own_bs, rank, axis=1)
-  scale_bk = jnp.broadcast_to(jnp.repeat(scale_s, rank)[None, :],
+  num_adapters = scale_a.shape[0]
+  own_ba = adapter_idx_b[:, None] == 1 + jnp.arange(num_adapters)[None, :]
+  own_bk = jnp.repeat(own_ba, rank, axis=1)
+  scale_bk = jnp.broadcast_to(jnp.repeat(scale_a, rank)[None, :],
                               own_bk.shape)
   return own_bk, scale_bk
 
@@ -139,7 +140,7 @@ class SlotDenseBank:
     """The view's rank width R."""
     first = self.layers[0]
     w = first.shrink[_key(first.groups[0])]
-    return w.shape[0] // (len(first.groups[0]) * self.num_slots)
+    return w.shape[0] // (len(first.groups[0]) * (self.num_slots - 1))
 
   def layer(self, layer_idx: int, rank: int | None = None) -> SlotDenseLayer:
     """Layer `layer_idx` (a Python int: the view is unrolled per layer).
@@ -183,19 +184,19 @@ def slot_dense_view(bank: AdapterBank, *, rank: int,
   for slots whose true rank is <= rank), factors cast to `dtype`."""
   dt = jnp.dtype(dtype)
   a0 = next(iter(bank.lora_a.values()))
-  num_slots, num_layers = a0.shape[0], a0.shape[1]
+  num_adapters, num_layers = a0.shape[0] - 1, a0.shape[1]
   layers = []
   for l in range(num_layers):
     shrink, expand = {}, {}
     for group in groups:
       rows = []
       for t in group:
-        a_sdr = bank.lora_a[t][:, l, :, :rank]
+        a_sdr = bank.lora_a[t][1:, l, :, :rank]
         rows.append(a_sdr.transpose(0, 2, 1).reshape(-1, a_sdr.shape[1]))
-        b_sro = bank.lora_b[t][:, l, :rank, :]
-        expand[t] = b_sro.reshape(num_slots * rank, -1).T.astype(dt)
+        b_sro = bank.lora_b[t][1:, l, :rank, :]
+        expand[t] = b_sro.reshape(num_adapters * rank, -1).T.astype(dt)
       shrink[_key(group)] = jnp.concatenate(rows, axis=0).astype(dt)
-    layers.append(SlotDenseLayer(shrink, expand, bank.scale, groups))
+    layers.append(SlotDenseLayer(shrink, expand, bank.scale[1:], groups))
   return SlotDenseBank(tuple(layers), bank.scale, bank.rank)
 
 

@@ -360,6 +360,8 @@ def _write_new_rows(buf_lbs, layer_bs, layer_idx, start_b, *, t_new: int):
   cache once more per layer and step (the decode HLO showed three full
   layer copies per k and v); only the [B, t_new, ...] rows are new.
   """
+  if isinstance(buf_lbs, tuple):  # per-layer buffers: the layer is the new one
+    return buf_lbs[:layer_idx] + (layer_bs,) + buf_lbs[layer_idx + 1:]
   b = layer_bs.shape[0]
   rows_b = jnp.arange(b)[:, None]
   pos_bt = start_b[:, None] + jnp.arange(t_new)[None, :]
@@ -462,6 +464,10 @@ def forward(params: dict, bank: AdapterBank | None, adapter_idx_b,
   if cache is not None:
     if segment_ids_bt is not None:
       raise ValueError("segment_ids are not supported together with a cache")
+    if cache.per_layer and not isinstance(params["layers"], (tuple, list)):
+      raise ValueError(
+          "a per-layer KV cache needs the per-layer weight layout "
+          "(fused.serving_layout(per_layer=True)); init the cache stacked")
     k_pos_bs = jnp.broadcast_to(
         jnp.arange(cache.max_len, dtype=jnp.int32), (b, cache.max_len))
     segments = (None, None)

@@ -80,8 +80,8 @@ class EngineConfig:
       LoRA gathered per row: compile time independent of depth; the TPU/GPU
       and mesh layout), 'per_layer' (per-layer weight buffers, an unrolled
       layer loop, and the slot-dense LoRA view when the bank allows it: the
-      fast XLA:CPU decode, docs/BENCHMARKS.md) or 'auto' (per_layer on CPU
-      without a mesh, else stacked).
+      fast XLA:CPU decode, docs/BENCHMARKS.md) or 'auto' (per_layer for
+      bf16 serving on CPU without a mesh, else stacked).
   """
 
   num_slots: int = 16
@@ -133,7 +133,10 @@ class EngineConfig:
   def per_layer(self, mesh: Mesh | None) -> bool:
     """Whether an engine on `mesh` runs the per-layer layout."""
     if self.layer_layout == "auto":
-      return mesh is None and jax.default_backend() == "cpu"
+      # In f32 the per-layer layout measured slower than the scan
+      # (docs/BENCHMARKS.md), and f32 is the exactness mode anyway.
+      return (mesh is None and jax.default_backend() == "cpu"
+              and self.dtype == "bfloat16")
     return self.layer_layout == "per_layer"
 
   def spec(self) -> BankSpec:
@@ -233,7 +236,8 @@ class Engine:
                       if source is not None else None)
     self._bank = bank
     self.cache = init_cache(mc, config.max_batch, config.max_len,
-                            sharding=cache_sh)
+                            sharding=cache_sh,
+                            per_layer=isinstance(params["layers"], tuple))
     self.fns = steps_lib.make_step_fns(
         mc, batch=config.max_batch, max_len=config.max_len,
         steps_per_call=config.steps_per_call, lora_impl=config.lora_impl,

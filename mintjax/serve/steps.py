@@ -103,14 +103,21 @@ def _prefill(params, bank, cache: KVCache, tokens_pt, lengths_p, rows_p,
   """
   p, t = tokens_pt.shape
   with _rules(mesh, rules):
-    scratch = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                           cache_shapes(config, p, t, cache.k.dtype.name))
+    scratch = jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype),
+        cache_shapes(config, p, t, cache.dtype.name,
+                     per_layer=cache.per_layer))
     pos_pt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (p, t))
     _, scratch, hidden_ptd = llama.forward(
         params, bank, adapter_idx_p, tokens_pt, pos_pt, config=config,
         cache=scratch, lora_impl=lora_impl, return_hidden=True)
   # mode='drop' turns padding rows (index B) into no-ops.
-  put = lambda buf, new: buf.at[:, rows_p, :t].set(new, mode="drop")
+  if cache.per_layer:
+    put = lambda bufs, news: tuple(
+        buf.at[rows_p, :t].set(new, mode="drop")
+        for buf, new in zip(bufs, news))
+  else:
+    put = lambda buf, new: buf.at[:, rows_p, :t].set(new, mode="drop")
   cache = KVCache(put(cache.k, scratch.k), put(cache.v, scratch.v))
   # The LM head runs on each prompt's last position only (not all T).
   last_p1d = jnp.take_along_axis(
