@@ -14,10 +14,11 @@ The service batches the users' concurrent forward_backward and optim_step
 requests into shared compiled steps, and their samples into shared decode
 batches.
 
-Prompts: three questions about colour, each put through the base's chat
-template (when it has one) with the start of the assistant's answer
-appended ("My favourite colour is"), so an instruct model answers with a
-colour within a few tokens.
+Prompts: three questions about colour that list the nine colours to choose
+from, each put through the base's chat template (when it has one) with the
+start of the assistant's answer appended ("My favourite colour is"), so an
+instruct model answers with one of the colours within a few tokens; each
+user must learn to pick its own.
 
 Reward of a completion for a user whose colour is c: 1.0 when c appears in
 it as a word, else 0.2 x the longest start of c that one of its words starts
@@ -54,11 +55,16 @@ from tinker import types
 
 COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "pink",
            "black", "white")
-# (user message, start of the assistant's answer)
 DENSE = 0.2  # the dense term's weight: well below a hit (1.0)
-PROMPTS = (("What is your favourite colour?", "My favourite colour is"),
-           ("What colour should I paint my room?", "I would paint it"),
-           ("Which colour should my new car be?", "Your new car should be"))
+OPTIONS = " Choose one of: " + ", ".join(COLOURS) + "."
+# (user message, start of the assistant's answer). The options make every
+# colour a likely answer of the base; which one a user rewards is its own.
+PROMPTS = (("What is your favourite colour?" + OPTIONS,
+            "My favourite colour is"),
+           ("What colour should I paint my room?" + OPTIONS,
+            "I would paint it"),
+           ("Which colour should my new car be?" + OPTIONS,
+            "Your new car should be"))
 
 
 def parse_args(argv=None):
