@@ -128,7 +128,8 @@ class Engine:
     # Decode compiles once per LoRA rank width; each call takes the
     # narrowest that holds its rows' true ranks (padded rank is free), and
     # width 0, a program with no LoRA at all, when every row is a base row.
-    self._rank_buckets = (0,) + bank_lib.rank_buckets(spec.max_rank)
+    self._rank_buckets = (0,) + (bank_lib.rank_buckets(spec.max_rank)
+                                 if source is not None else ())
     self._host_ranks = (None, None)  # (bank it was read from, ranks [S])
     # Finish events of requests refused at submit, returned by the next step.
     self._pending: list[TokenEvent] = []
@@ -147,9 +148,10 @@ class Engine:
 
   def _step_bank(self, rank: int | None = None):
     """The bank a step reads: None for rank width 0 (no row has an adapter:
-    the LoRA-free program), the slot-dense view at rank width `rank`
+    the LoRA-free program) or an engine without adapters, the slot-dense
+    view at rank width `rank`
     (default the bank's max rank) when this engine uses it, else the bank."""
-    if rank == 0:
+    if rank == 0 or self.residency is None:  # nothing to adapt: no LoRA
       return None
     if self._slot_dense is None:
       return self.bank
