@@ -1,9 +1,10 @@
 """The fused serving layout: q/k/v and gate/up as one projection each.
 
 Owns `fuse_projections` / `unfuse_projections` (the layout change of a base
-parameter tree), the fused tree's logical axes, and the two fused forward
-pieces `qkv` and `gate_up` that `mintjax.model.llama` calls when a layer's
-parameters carry `qkv` / `gate_up`.
+parameter tree), the fused tree's logical axes, `serving_layout` (cast,
+fuse and, on CPU, `unstack_layers`: per-layer [out, in] weights), and the
+two fused forward pieces `qkv` and `gate_up` that `mintjax.model.llama`
+calls when a layer's parameters carry `qkv` / `gate_up`.
 
 Why: projections that read the same input cost one matmul instead of three
 (q, k, v) or two (gate, up), and the LoRA shrinks of those targets become one
@@ -193,7 +194,8 @@ def serving_layout(params: dict, config: ModelConfig, axes: dict, *,
     fuse: fuse q/k/v and gate/up (`fuse_projections`).
     tensor_shards: size of the mesh's tensor axis (1 without a mesh).
     per_layer: split the layer stack into per-layer weights
-      (`unstack_layers`; the Engine's choice on CPU, one device only).
+      (`unstack_layers`; the Engine's choice for bf16 serving on CPU, one
+      device only).
 
   Returns:
     (params, config with `dtype`, logical axes of the returned tree; None
