@@ -81,14 +81,16 @@ class Engine:
     self.tokenizer = base.tokenizer
     spec = config.spec()
     self.spec = spec
+    per_layer = config.per_layer(mesh)
     # Serving layout: weights in config.dtype, q/k/v and gate/up fused.
     params, mc, axes = fused.serving_layout(
         base.params, base.config, llama.param_logical_axes(base.config),
         dtype=config.dtype, fuse=config.fuse_projections,
         tensor_shards=mesh.shape.get("tensor", 1) if mesh is not None else 1,
-        per_layer=config.per_layer(mesh))
+        per_layer=per_layer)
     self.model_config = mc
-    self._slot_dense = _slot_dense_cache(config, spec, mc, params)
+    self._slot_dense = (_slot_dense_cache(config, spec, mc, params)
+                        if per_layer else None)
     bank_sh = None
     if mesh is not None:
       params = sharding.shard_tree(params, axes, mesh)
@@ -112,7 +114,7 @@ class Engine:
     self._bank = bank
     self.cache = init_cache(mc, config.max_batch, config.max_len,
                             sharding=cache_sh,
-                            per_layer=isinstance(params["layers"], tuple))
+                            per_layer=per_layer)
     self.fns = steps_lib.make_step_fns(
         mc, batch=config.max_batch, max_len=config.max_len,
         steps_per_call=config.steps_per_call, lora_impl=config.lora_impl,
@@ -148,9 +150,9 @@ class Engine:
 
   def _step_bank(self, rank: int | None = None):
     """The bank a step reads: None for rank width 0 (no row has an adapter:
-    the LoRA-free program) or an engine without adapters, the slot-dense
-    view at rank width `rank`
-    (default the bank's max rank) when this engine uses it, else the bank."""
+    the LoRA-free program) or an engine without adapters; else the
+    slot-dense view at rank width `rank` (default the bank's max rank) when
+    this engine uses it, else the stacked bank."""
     if rank == 0 or self.residency is None:  # nothing to adapt: no LoRA
       return None
     if self._slot_dense is None:
@@ -573,12 +575,12 @@ class Engine:
 
 def _slot_dense_cache(config: EngineConfig, spec: BankSpec, model_config,
                       params) -> slot_dense.SlotDenseCache | None:
-  """The slot-dense LoRA view cache when this engine uses it: the
-  per-layer layout, a bank of dense targets only, a model without MLA or
+  """The slot-dense LoRA view cache of a per-layer engine when its bank
+  allows it: dense targets only, a model without MLA or
   experts, and a bank of at most 4 x max_batch slots (the view reads every
   slot each step, the gather only the rows' own)."""
   layers = params["layers"]
-  if (not isinstance(layers, tuple) or not slot_dense.supports(spec.targets)
+  if (not slot_dense.supports(spec.targets)
       or model_config.uses_mla or model_config.num_moe_layers
       or spec.num_slots > 4 * config.max_batch):
     return None

@@ -405,21 +405,20 @@ class Trainer:
     return self.slots.take_free()
 
   def _slot_weights(self, t: Tenant) -> AdapterWeights:
-    w = bank_lib.read_slot(jax.device_get(self.bank), t.slot,
-                           alpha=self.config.alpha)
+    # read_slot indexes the device arrays: only this slot comes to the host.
+    w = bank_lib.read_slot(self.bank, t.slot, alpha=self.config.alpha)
     return AdapterWeights({k: w.lora_a[k] for k in t.targets},
                           {k: w.lora_b[k] for k in t.targets}, rank=w.rank,
                           alpha=w.alpha)
 
   def _slot_state(self, slot: int, *, with_grads: bool) -> dict:
     """A slot's Adam moments and counter (+ its gradient accumulator)."""
-    host = jax.device_get((self.opt.mu, self.opt.nu, self.opt.count,
-                           self.grads if with_grads else None))
-    pick = lambda tree: jax.tree.map(lambda x: np.asarray(x[slot]), tree)
-    out = {"mu": pick(host[0]), "nu": pick(host[1]),
-           "count": int(host[2][slot])}
+    # Index on the device, so one slot's rows (not every slot's) come over.
+    pick = lambda tree: jax.device_get(jax.tree.map(lambda x: x[slot], tree))
+    out = {"mu": pick(self.opt.mu), "nu": pick(self.opt.nu),
+           "count": int(self.opt.count[slot])}
     if with_grads:
-      out["grads"] = pick(host[3])
+      out["grads"] = pick(self.grads)
     return out
 
   def _write_tenant(self, t: Tenant, weights: AdapterWeights,
