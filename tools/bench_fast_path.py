@@ -7,7 +7,8 @@
 Builds one engine per variant in one process (dtype x fused projections x
 layer layout: 'stacked' = scanned [L, ...] weights and the per-row LoRA
 gather, 'per_layer' = the CPU default, per-layer [out, in] weights and the
-slot-dense LoRA view; and a rank-64 bank serving rank-8 adapters with and
+slot-dense LoRA view, with XLA's dots or the AMX op `cpu_kernels.amx`;
+and a rank-64 bank serving rank-8 adapters with and
 without the rank-width narrowing), then times every variant's decode step
 on the same mixed batch
 (B requests on B distinct rank-8 adapters on all seven projections) and on
@@ -40,9 +41,10 @@ _VARIANTS = (
     ("f32, fused, per-layer + slot-dense", dict(dtype="float32",
                                                 layer_layout="per_layer"),
      True),
-    ("bf16, fused, per-layer + slot-dense", dict(dtype="bfloat16",
-                                                 layer_layout="per_layer"),
-     True),
+    ("bf16, fused, per-layer + slot-dense, XLA dots", dict(
+        dtype="bfloat16", layer_layout="per_layer", cpu_matmul="xla"), True),
+    ("bf16, fused, per-layer + slot-dense, AMX op", dict(
+        dtype="bfloat16", layer_layout="per_layer", cpu_matmul="amx"), True),
     ("bf16, per-layer, rank-64 bank, narrowed to 8", dict(
         dtype="bfloat16", max_rank=64, layer_layout="per_layer"), True),
     ("bf16, per-layer, rank-64 bank, full width", dict(
@@ -90,7 +92,11 @@ def main():
                       prefill_batch=batch, min_bucket=prompt_len,
                       max_rank=rank)
   engines = {}
+  from cpu_kernels import amx  # pylint: disable=g-import-not-at-top
   for label, kw, narrow in chosen:
+    if kw.get("cpu_matmul") == "amx" and not amx.available():
+      print(f"skipped {label}: {amx.why_unavailable()}", flush=True)
+      continue
     t0 = time.perf_counter()
     e = Engine(base, src, dataclasses.replace(ecfg, **kw))
     if not narrow:  # every call at the bank's full rank width

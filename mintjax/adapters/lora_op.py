@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from cpu_kernels import amx
 from mintjax import sharding
 from pallas_kernels import reference as kernel_reference
 
@@ -325,7 +326,10 @@ class OutInKernel:
 
 
 def base_matmul(x_btd, w):
-  """x @ W [B, T, d_out] in f32, for W [d_in, d_out] or an `OutInKernel`."""
+  """x @ W [B, T, d_out] in f32, for W [d_in, d_out], an `OutInKernel` or
+  an AMX `cpu_kernels.amx.PackedKernel`."""
+  if isinstance(w, amx.PackedKernel):
+    return amx.matmul(x_btd, w)
   if isinstance(w, OutInKernel):
     return jnp.einsum("btd,od->bto", x_btd, w.w_od.astype(x_btd.dtype),
                       preferred_element_type=jnp.float32)

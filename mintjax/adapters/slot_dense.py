@@ -31,6 +31,10 @@ Exactness and isolation: the mask is a `where`, not a product, so another
 slot's columns contribute exact zeros whatever their values; the null slot 0
 is left out, so base rows get a zero delta. Summation order differs from
 the gather's, so results agree to float rounding, not bit for bit.
+
+With `packed=True` (the Engine's AMX layout, `cpu_kernels.amx`) shrink and
+expand are stored as AMX `PackedKernel`s of the same [out, in] matrices and
+the two GEMMs run through `amx.matmul`.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from cpu_kernels import amx
 from mintjax.adapters.bank import AdapterBank
 
 # Targets the view holds: the dense projections (expert and MLA targets keep
@@ -90,19 +95,24 @@ class SlotDenseLayer:
       w = self.shrink[_key(group)]
       width = w.shape[0] // len(group)  # A * R
       rank = width // num_adapters
-      h_btk = jnp.einsum("btd,kd->btk", x_btd, w.astype(x_btd.dtype),
-                         preferred_element_type=jnp.float32)
+      h_btk = _matmul(x_btd, w)
       own_bk, scale_bk = _row_mask(adapter_idx_b, self.scale, rank)
       for i, name in enumerate(group):
         if name not in names:
           continue
         h_i = h_btk[..., i * width:(i + 1) * width] * scale_bk[:, None, :]
         h_i = jnp.where(own_bk[:, None, :], h_i, 0.0)
-        y = jnp.einsum("btk,ok->bto", h_i.astype(x_btd.dtype),
-                       self.expand[name].astype(x_btd.dtype),
-                       preferred_element_type=jnp.float32)
+        y = _matmul(h_i.astype(x_btd.dtype), self.expand[name])
         out[name] = y.astype(x_btd.dtype)
     return [out.get(n) for n in names]
+
+
+def _matmul(x_btk, w):
+  """x @ w.T in f32 for an [out, in] array or an AMX `PackedKernel`."""
+  if isinstance(w, amx.PackedKernel):
+    return amx.matmul(x_btk, w)
+  return jnp.einsum("btk,ok->bto", x_btk, w.astype(x_btk.dtype),
+                    preferred_element_type=jnp.float32)
 
 
 def _row_mask(adapter_idx_b, scale_a, rank: int):
@@ -176,13 +186,16 @@ def supports(bank_targets) -> bool:
   return set(bank_targets) <= set(DENSE_TARGETS)
 
 
-@functools.partial(jax.jit, static_argnames=("rank", "groups", "dtype"))
+@functools.partial(jax.jit,
+                   static_argnames=("rank", "groups", "dtype", "packed"))
 def slot_dense_view(bank: AdapterBank, *, rank: int,
                     groups: tuple[tuple[str, ...], ...],
-                    dtype: str) -> SlotDenseBank:
+                    dtype: str, packed: bool = False) -> SlotDenseBank:
   """The view of `bank` at rank width `rank` (<= the bank's max_rank; exact
-  for slots whose true rank is <= rank), factors cast to `dtype`."""
+  for slots whose true rank is <= rank), factors cast to `dtype`; packed
+  for `cpu_kernels.amx.matmul` when `packed` (bf16)."""
   dt = jnp.dtype(dtype)
+  store = amx.pack if packed else (lambda w: w)
   a0 = next(iter(bank.lora_a.values()))
   num_adapters, num_layers = a0.shape[0] - 1, a0.shape[1]
   layers = []
@@ -194,8 +207,8 @@ def slot_dense_view(bank: AdapterBank, *, rank: int,
         a_sdr = bank.lora_a[t][1:, l, :, :rank]
         rows.append(a_sdr.transpose(0, 2, 1).reshape(-1, a_sdr.shape[1]))
         b_sro = bank.lora_b[t][1:, l, :rank, :]
-        expand[t] = b_sro.reshape(num_adapters * rank, -1).T.astype(dt)
-      shrink[_key(group)] = jnp.concatenate(rows, axis=0).astype(dt)
+        expand[t] = store(b_sro.reshape(num_adapters * rank, -1).T.astype(dt))
+      shrink[_key(group)] = store(jnp.concatenate(rows, axis=0).astype(dt))
     layers.append(SlotDenseLayer(shrink, expand, bank.scale[1:], groups))
   return SlotDenseBank(tuple(layers), bank.scale, bank.rank)
 
@@ -208,9 +221,11 @@ class SlotDenseCache:
   outlives the adapters it was made of.
   """
 
-  def __init__(self, groups: tuple[tuple[str, ...], ...], dtype: str):
+  def __init__(self, groups: tuple[tuple[str, ...], ...], dtype: str,
+               packed: bool = False):
     self.groups = groups
     self.dtype = dtype
+    self.packed = packed
     self._bank = None
     self._views: dict[int, SlotDenseBank] = {}
 
@@ -219,5 +234,5 @@ class SlotDenseCache:
       self._bank, self._views = bank, {}
     if rank not in self._views:
       self._views[rank] = slot_dense_view(bank, rank=rank, groups=self.groups,
-                                          dtype=self.dtype)
+                                          dtype=self.dtype, packed=self.packed)
     return self._views[rank]

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cpu_kernels import amx
 from mintjax.adapters.bank import activation_axes
 from mintjax.adapters.lora_op import OutInKernel, base_matmul, lora_deltas
 from mintjax.adapters.slot_dense import SlotDenseLayer
@@ -158,30 +159,46 @@ def fused_logical_axes(axes: dict, params: dict) -> dict:
 _OUT_IN = ("q", "k", "v", "o", "gate", "up", "down", "qkv", "gate_up")
 
 
-def unstack_layers(params: dict, config: ModelConfig) -> dict:
+def unstack_layers(params: dict, config: ModelConfig, *,
+                   matmul: str = "xla") -> dict:
   """The per-layer layout: `layers` as a tuple of L per-layer trees, each
   weight in its own buffer, projection kernels as `OutInKernel`
   ([d_out, d_in]). `llama.forward` then unrolls the layer loop (see
   `llama._unrolled` for why). For one device: the layout has no logical
-  axes (the Engine refuses it with a mesh)."""
+  axes (the Engine refuses it with a mesh).
+
+  matmul='amx' stores the projection kernels, and the LM head as
+  `lm_head_packed`, pre-packed for `cpu_kernels.amx.matmul` instead (bf16
+  only; the caller checks `amx.available()`).
+  """
+  if matmul not in ("xla", "amx"):
+    raise ValueError(f"unstack_layers: matmul must be 'xla' or 'amx', got "
+                     f"{matmul!r}")
   stacked = params["layers"]
   n = next(iter(jax.tree.leaves(stacked))).shape[0]
   transpose = () if config.uses_mla else _OUT_IN
+  kernel = amx.pack if matmul == "amx" else OutInKernel
 
   def layer(i):
     out = {}
     for name, x in stacked.items():
       if name in transpose and isinstance(x, (jax.Array, np.ndarray)):
-        out[name] = OutInKernel(jnp.asarray(x[i]).T)
+        out[name] = kernel(jnp.asarray(x[i]).T)
       else:
         out[name] = jax.tree.map(lambda a: a[i], x)
     return out
-  return {**params, "layers": tuple(layer(i) for i in range(n))}
+  out = {**params, "layers": tuple(layer(i) for i in range(n))}
+  if matmul == "amx" and not config.uses_mla:
+    tied = config.tie_word_embeddings
+    head = params["embed"] if tied else params["lm_head"]
+    if isinstance(head, (jax.Array, np.ndarray)):  # not an int8 QTensor
+      out["lm_head_packed"] = amx.pack(head if tied else jnp.asarray(head).T)
+  return out
 
 
 def serving_layout(params: dict, config: ModelConfig, axes: dict, *,
                    dtype: str, fuse: bool = True, tensor_shards: int = 1,
-                   per_layer: bool = False):
+                   per_layer: bool = False, matmul: str = "xla"):
   """A loaded base tree prepared for serving: cast, then fused.
 
   Args:
@@ -196,6 +213,8 @@ def serving_layout(params: dict, config: ModelConfig, axes: dict, *,
     per_layer: split the layer stack into per-layer weights
       (`unstack_layers`; the Engine's choice for bf16 serving on CPU, one
       device only).
+    matmul: with per_layer, 'amx' pre-packs the projections and LM head for
+      `cpu_kernels.amx` (bf16 on AMX CPUs), 'xla' keeps XLA's dots.
 
   Returns:
     (params, config with `dtype`, logical axes of the returned tree; None
@@ -210,7 +229,7 @@ def serving_layout(params: dict, config: ModelConfig, axes: dict, *,
     params = fuse_projections(params, config, tensor_shards=tensor_shards)
   axes = fused_logical_axes(axes, params)
   if per_layer:
-    params, axes = unstack_layers(params, config), None
+    params, axes = unstack_layers(params, config, matmul=matmul), None
   return params, config, axes
 
 

@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cpu_kernels import amx
 from mintjax import sharding
 from mintjax.adapters import expert_lora
 from mintjax.adapters.bank import AdapterBank, activation_axes
@@ -539,6 +540,8 @@ def lm_head(params: dict, hidden_btd, *, config: ModelConfig):
   tokens in training) take `return_hidden=True`, select positions, and call
   this; XLA then drops the unused full-width head from `forward`.
   """
+  if "lm_head_packed" in params:  # the per-layer AMX layout (fused.py)
+    return amx.matmul(hidden_btd, params["lm_head_packed"])
   head = quant.dequantize(params["embed"] if config.tie_word_embeddings
                           else params["lm_head"], hidden_btd.dtype)
   head = head.T if config.tie_word_embeddings else head

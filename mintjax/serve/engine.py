@@ -82,14 +82,16 @@ class Engine:
     spec = config.spec()
     self.spec = spec
     per_layer = config.per_layer(mesh)
+    self.matmul = config.matmul(per_layer)
     # Serving layout: weights in config.dtype, q/k/v and gate/up fused.
     params, mc, axes = fused.serving_layout(
         base.params, base.config, llama.param_logical_axes(base.config),
         dtype=config.dtype, fuse=config.fuse_projections,
         tensor_shards=mesh.shape.get("tensor", 1) if mesh is not None else 1,
-        per_layer=per_layer)
+        per_layer=per_layer, matmul=self.matmul)
     self.model_config = mc
-    self._slot_dense = (_slot_dense_cache(config, spec, mc, params)
+    self._slot_dense = (_slot_dense_cache(config, spec, mc, params,
+                                          packed=self.matmul == "amx")
                         if per_layer else None)
     bank_sh = None
     if mesh is not None:
@@ -574,7 +576,8 @@ class Engine:
 
 
 def _slot_dense_cache(config: EngineConfig, spec: BankSpec, model_config,
-                      params) -> slot_dense.SlotDenseCache | None:
+                      params, packed: bool
+                      ) -> slot_dense.SlotDenseCache | None:
   """The slot-dense LoRA view cache of a per-layer engine when its bank
   allows it: dense targets only, a model without MLA or
   experts, and a bank of at most 4 x max_batch slots (the view reads every
@@ -586,7 +589,7 @@ def _slot_dense_cache(config: EngineConfig, spec: BankSpec, model_config,
     return None
   groups = slot_dense.groups_for(spec.targets, qkv="qkv" in layers[0],
                                  gate_up="gate_up" in layers[0])
-  return slot_dense.SlotDenseCache(groups, config.dtype)
+  return slot_dense.SlotDenseCache(groups, config.dtype, packed=packed)
 
 
 def _take_rows(rows: sampling_lib.RowSampling, idx) -> sampling_lib.RowSampling:

@@ -13,6 +13,7 @@ from typing import Iterable
 import jax
 from jax.sharding import Mesh
 
+from cpu_kernels import amx
 from mintjax.adapters.spec import ALL_TARGETS, KNOWN_TARGETS, BankSpec
 from mintjax.serve import residency as residency_lib
 
@@ -52,6 +53,11 @@ class EngineConfig:
       layer loop, and the slot-dense LoRA view when the bank allows it: the
       fast XLA:CPU decode, docs/BENCHMARKS.md) or 'auto' (per_layer for
       bf16 serving on CPU without a mesh, else stacked).
+    cpu_matmul: the per-layer layout's matmuls: 'amx' (bf16 weights
+      pre-packed for the AMX op `cpu_kernels.amx`, ~1.7x XLA:CPU's decode
+      GEMMs on AMX hosts; an error where the op is unavailable), 'xla'
+      (XLA's dots) or 'auto' (amx for the per-layer bf16 layout when
+      `cpu_kernels.amx.available()`, else xla).
   """
 
   num_slots: int = 16
@@ -69,6 +75,7 @@ class EngineConfig:
   dtype: str = "float32"
   fuse_projections: bool = True
   layer_layout: str = "auto"
+  cpu_matmul: str = "auto"
 
   def __post_init__(self):
     for name in ("num_slots", "max_batch", "max_len", "steps_per_call",
@@ -86,6 +93,10 @@ class EngineConfig:
       raise ValueError(
           f"EngineConfig.layer_layout must be 'auto', 'stacked' or "
           f"'per_layer', got {self.layer_layout!r}")
+    if self.cpu_matmul not in ("auto", "amx", "xla"):
+      raise ValueError(
+          f"EngineConfig.cpu_matmul must be 'auto', 'amx' or 'xla', got "
+          f"{self.cpu_matmul!r}")
     if self.prefill_batch > self.max_batch:
       raise ValueError(
           f"prefill_batch ({self.prefill_batch}) must not exceed max_batch "
@@ -108,6 +119,25 @@ class EngineConfig:
       return (mesh is None and jax.default_backend() == "cpu"
               and self.dtype == "bfloat16")
     return self.layer_layout == "per_layer"
+
+  def matmul(self, per_layer: bool) -> str:
+    """'amx' or 'xla': the matmul an engine with this layout runs."""
+    if self.cpu_matmul == "xla":
+      return "xla"
+    if self.cpu_matmul == "amx":
+      if not per_layer or self.dtype != "bfloat16":
+        raise ValueError(
+            "EngineConfig.cpu_matmul='amx' needs dtype='bfloat16' and the "
+            "per-layer layout (layer_layout='per_layer' or 'auto' on CPU "
+            "without a mesh); use cpu_matmul='auto' or 'xla'")
+      if not amx.available():
+        raise ValueError(
+            f"EngineConfig.cpu_matmul='amx' is unavailable here: "
+            f"{amx.why_unavailable()}; use cpu_matmul='auto' or 'xla'")
+      return "amx"
+    use = (per_layer and self.dtype == "bfloat16"
+           and jax.default_backend() == "cpu" and amx.available())
+    return "amx" if use else "xla"
 
   def spec(self) -> BankSpec:
     """The serving bank's spec: `num_slots` adapters plus the null slot."""
