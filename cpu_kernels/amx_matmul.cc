@@ -8,19 +8,16 @@
 // weights at ~7 GB/s inside a model on this 2-core AMX host; this loop reads
 // them at ~23 GB/s (docs/BENCHMARKS.md, issue 18).
 //
-// Work is split over 64-column blocks; the calling thread and tasks
-// scheduled on XLA's intra-op pool claim blocks from a shared counter, so a
-// busy pool never stalls the call (the caller simply does every block).
+// Work is split over 64-column blocks (parallel.h).
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -111,23 +108,6 @@ void RunBlocks(const Problem& p, int64_t nb0, int64_t nb1) {
   _tile_release();
 }
 
-struct Shared {
-  Problem problem;
-  int64_t chunk, num_chunks;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> finished{0};
-
-  void Work() {
-    for (;;) {
-      const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
-      if (c >= num_chunks) return;
-      const int64_t nb0 = c * chunk;
-      RunBlocks(problem, nb0, std::min(problem.num_blocks, nb0 + chunk));
-      finished.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 ffi::Error AmxMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x,
                      ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y) {
   if (x.element_type() != ffi::DataType::BF16 ||
@@ -152,18 +132,9 @@ ffi::Error AmxMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x,
         "mintjax_amx_matmul: shapes of x, packed w and y do not agree");
   if (p.m == 0 || p.n == 0) return ffi::Error::Success();
 
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  auto shared = std::make_shared<Shared>();
-  shared->problem = p;
-  // A few chunks per thread so a late-starting pool task still helps.
-  const int64_t target = threads == 1 ? 1 : threads * 4;
-  shared->chunk = std::max<int64_t>(1, (p.num_blocks + target - 1) / target);
-  shared->num_chunks = (p.num_blocks + shared->chunk - 1) / shared->chunk;
-  for (int64_t t = 1; t < std::min(threads, shared->num_chunks); ++t)
-    pool.Schedule([shared] { shared->Work(); });
-  shared->Work();
-  while (shared->finished.load(std::memory_order_acquire) < shared->num_chunks)
-    _mm_pause();
+  mintjax::ParallelFor(pool, p.num_blocks, [p](int64_t nb0, int64_t nb1) {
+    RunBlocks(p, nb0, nb1);
+  });
   return ffi::Error::Success();
 }
 

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cpu_kernels import amx
+from cpu_kernels import attention as cpu_attention
 from mintjax import sharding
 from mintjax.adapters import expert_lora
 from mintjax.adapters.bank import AdapterBank, activation_axes
@@ -252,8 +253,15 @@ def _layer(x_btd, lp, lb, cache_kv, step: _StepInputs, *,
     new_kv = (k_all, v_all)
     k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
   q_seg, k_seg = segments
-  attn = attention(q, k, v, q_pos_bt, k_pos_bs, q_segment_bt=q_seg,
-                   k_segment_bs=k_seg)
+  if (t == 1 and q_seg is None and q.dtype == jnp.bfloat16
+      and isinstance(lp.get("qkv", lp.get("q")), amx.PackedKernel)
+      and cpu_attention.supports(c.num_heads, c.num_kv_heads, c.head_dim)):
+    # The per-layer AMX layout (Engine, bf16 on CPU): the native decode
+    # attention, which XLA:CPU's multiply-reduce ran ~10x slower.
+    attn = cpu_attention.decode_attention(q, k, v, q_pos_bt, k_pos_bs)
+  else:
+    attn = attention(q, k, v, q_pos_bt, k_pos_bs, q_segment_bt=q_seg,
+                     k_segment_bs=k_seg)
   return _layer_tail(x_btd, attn, lp, proj, proj_over, config=c, mlp=mlp,
                      new_kv=new_kv)
 

@@ -1,7 +1,9 @@
-"""The AMX matmul op (`cpu_kernels.amx`) against a float64 numpy oracle, and
-the Engine's per-layer bf16 layout with the op against XLA's dots.
+"""The native CPU ops: the AMX matmul (`cpu_kernels.amx`) against a float64
+numpy oracle, the decode attention (`cpu_kernels.attention`) against the XLA
+one-query attention, and the Engine's per-layer bf16 layout with the ops
+against XLA's.
 
-The op's tests skip on hosts without AMX (the reason is printed); packing
+The ops' tests skip on hosts without AMX (the reason is printed); packing
 is pure JAX and always runs.
 """
 
@@ -13,15 +15,20 @@ import numpy as np
 import pytest
 
 from cpu_kernels import amx
+from cpu_kernels import attention as cpu_attention
+from cpu_kernels import native
 from mintjax.adapters.spec import ALL_TARGETS, AdapterWeights
 from mintjax.config import ModelConfig
+from mintjax.model import layers
 from mintjax.model.base import random_base
 from mintjax.serve.engine import Engine, EngineConfig
 from mintjax.serve.residency import InMemoryAdapters
 
-needs_amx = pytest.mark.skipif(not amx.available(),
-                               reason=f"AMX op unavailable: "
-                               f"{amx.why_unavailable()}")
+# Skipped only where the ops cannot exist (no AMX, no compiler, or turned
+# off); on an AMX host with g++ a failed build fails these tests.
+needs_amx = pytest.mark.skipif(
+    not native.host_can_build(),
+    reason="no AMX CPU, no C++ compiler, or MINTJAX_CPU_AMX=0")
 
 # (M, K, N): decode and prefill rows, widths that are not multiples of the
 # 32 x 64 tile (padding), and one M that is not a multiple of 16.
@@ -74,6 +81,45 @@ def test_matmul_batched_leading_dims_and_row_isolation():
   bad[1, 3] = True
   assert np.isnan(y[bad]).all()
   np.testing.assert_allclose(y[~bad], want[~bad], atol=1e-3, rtol=1e-5)
+
+
+@needs_amx
+@pytest.mark.parametrize("b,s,k,g,hd,hv", [(4, 64, 3, 3, 64, 64),
+                                          (3, 37, 2, 1, 32, 48),
+                                          (2, 16, 1, 16, 96, 128),
+                                          (2, 200, 2, 2, 64, 16)])
+def test_decode_attention_matches_xla_one_query_attention(b, s, k, g, hd, hv):
+  rng = np.random.default_rng(b * 100 + s)
+  q = _bf16(rng, (b, 1, k * g, hd), 2.0)
+  kc, vc = _bf16(rng, (b, s, k, hd), 2.0), _bf16(rng, (b, s, k, hv))
+  q_pos = jnp.asarray(rng.integers(0, s, (b, 1)), jnp.int32)
+  k_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  # Row 0: holes (-1 = never visible); the last row sees nothing at all.
+  k_pos = k_pos.at[0, ::3].set(-1).at[b - 1].set(-1)
+  got = jax.jit(cpu_attention.decode_attention)(q, kc, vc, q_pos, k_pos)
+  want = jax.jit(layers._one_query_attention, static_argnums=5)(  # pylint: disable=protected-access
+      q, kc, vc, q_pos, k_pos, None)
+  assert got.shape == want.shape == (b, 1, k * g * hv)
+  assert got.dtype == jnp.bfloat16
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  # bf16 output: each value within a bf16 ulp or two (summation order, exp),
+  # and no drift on average (a 1% bias in the probabilities fails this).
+  np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2)
+  assert np.abs(got - want).mean() < 2e-3 * np.abs(want).mean()
+
+
+def test_decode_attention_refuses_f32_and_unsupported_shapes():
+  pos = jnp.zeros((1, 1), jnp.int32)
+  x = jnp.zeros((1, 1, 2, 32), jnp.float32)
+  with pytest.raises(ValueError, match="bfloat16"):
+    cpu_attention.decode_attention(x, x, x, pos, pos)
+  assert not cpu_attention.supports(4, 2, 24)
+  assert not cpu_attention.supports(34, 2, 64)
+  assert cpu_attention.supports(9, 3, 64)
+  if cpu_attention.available():
+    x = jnp.zeros((1, 1, 2, 24), jnp.bfloat16)
+    with pytest.raises(ValueError, match="hd=24"):
+      cpu_attention.decode_attention(x, x, x, pos, pos)
 
 
 def test_matmul_rejects_wrong_width():
