@@ -11,8 +11,9 @@ granting the tile state, a C++ compiler and jaxlib's FFI headers) and
 never load a half-written file. `MINTJAX_CPU_AMX=0` turns the ops off; code
 that would use them then keeps XLA's own ops.
 
-Targets: `mintjax_amx_matmul` (`cpu_kernels.amx`) and
-`mintjax_decode_attention` (`cpu_kernels.attention`).
+Targets: `mintjax_amx_matmul` (`cpu_kernels.amx`),
+`mintjax_decode_attention` (`cpu_kernels.attention`) and
+`mintjax_swiglu[_deltas]` (`cpu_kernels.swiglu`).
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ import threading
 import jax
 
 _DIR = pathlib.Path(__file__).parent
-_SOURCES = ("amx_matmul.cc", "decode_attention.cc")
+_SOURCES = ("amx_matmul.cc", "decode_attention.cc", "swiglu.cc")
 _HEADERS = ("parallel.h",)
 TARGETS = {"mintjax_amx_matmul": "MintjaxAmxMatmul",
-           "mintjax_decode_attention": "MintjaxDecodeAttention"}
+           "mintjax_decode_attention": "MintjaxDecodeAttention",
+           "mintjax_swiglu": "MintjaxSwiGlu",
+           "mintjax_swiglu_deltas": "MintjaxSwiGluDeltas"}
 _lock = threading.Lock()
 _state: dict = {}
 log = logging.getLogger(__name__)
@@ -80,6 +83,7 @@ def build(force: bool = False) -> pathlib.Path:
   out = _cache_dir() / f"mintjax_cpu_kernels-{h.hexdigest()[:16]}.so"
   if out.exists() and not force:
     return out
+  log.info("building the native CPU kernels into %s (once)", out)
   out.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
     tmp_so = pathlib.Path(tmp) / out.name
@@ -120,8 +124,8 @@ def _try_enable() -> tuple[bool, str]:
     return False, "this CPU has no amx_bf16/amx_tile (see /proc/cpuinfo)"
   try:
     so = build()
-  except RuntimeError as e:
-    return False, str(e)
+  except (RuntimeError, OSError) as e:  # a failed compile, an unwritable cache
+    return False, f"{type(e).__name__}: {e}"
   lib = ctypes.CDLL(str(so))
   if lib.mintjax_amx_init() != 0:
     return False, "Linux refused AMX tile state (arch_prctl XTILEDATA)"

@@ -17,6 +17,7 @@ import pytest
 from cpu_kernels import amx
 from cpu_kernels import attention as cpu_attention
 from cpu_kernels import native
+from cpu_kernels import swiglu as cpu_swiglu
 from mintjax.adapters.spec import ALL_TARGETS, AdapterWeights
 from mintjax.config import ModelConfig
 from mintjax.model import layers
@@ -120,6 +121,31 @@ def test_decode_attention_refuses_f32_and_unsupported_shapes():
     x = jnp.zeros((1, 1, 2, 24), jnp.bfloat16)
     with pytest.raises(ValueError, match="hd=24"):
       cpu_attention.decode_attention(x, x, x, pos, pos)
+
+
+@needs_amx
+@pytest.mark.parametrize("m,f,deltas", [(16, 1536, True), (3, 40, False),
+                                        (512, 96, True), (1, 7, True)])
+def test_swiglu_matches_xla(m, f, deltas):
+  rng = np.random.default_rng(m + f)
+  y = jnp.asarray(rng.standard_normal((2, m, f, 2)) * 4, jnp.float32)
+  y = y.at[0, 0, 0, 0].set(jnp.nan).at[0, 0, 1, 0].set(-200.0)
+  dg = du = None
+  if deltas:
+    dg, du = _bf16(rng, (2, m, f)), _bf16(rng, (2, m, f))
+  got = np.asarray(jax.jit(cpu_swiglu.swiglu)(y, dg, du), np.float32)
+  gate, up = y[..., 0], y[..., 1]
+  if deltas:
+    gate, up = gate + dg, up + du
+  gate, up = gate.astype(jnp.bfloat16), up.astype(jnp.bfloat16)
+  want = np.asarray(jax.nn.silu(gate) * up, np.float32)
+  assert got.shape == want.shape == (2, m, f)
+  assert np.isnan(got[0, 0, 0]) and got[0, 0, 1] == 0.0
+  ok = ~np.isnan(want)
+  # One rounding instead of XLA's two: within a bf16 ulp or so.
+  np.testing.assert_allclose(got[ok], want[ok], rtol=1.6e-2, atol=1e-6)
+  if ok.sum() > 1000:  # no bias on average (a 1% error fails this)
+    assert np.abs(got[ok] - want[ok]).mean() < 4e-3 * np.abs(want[ok]).mean()
 
 
 def test_matmul_rejects_wrong_width():
