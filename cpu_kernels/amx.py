@@ -20,11 +20,12 @@ from __future__ import annotations
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cpu_kernels.native import available, why_unavailable  # re-exported
 
-__all__ = ["PackedKernel", "pack", "unpack", "matmul", "available",
-           "why_unavailable"]
+__all__ = ["PackedKernel", "pack", "pack_concat", "unpack", "matmul",
+           "lora_group", "available", "why_unavailable"]
 _TARGET = "mintjax_amx_matmul"
 
 
@@ -66,6 +67,16 @@ def pack(w_out_in) -> PackedKernel:
   return PackedKernel(w.reshape(nb, kc, 4, 16, 32), d_out, d_in)
 
 
+def pack_concat(weights) -> PackedKernel:
+  """Several [d_out_i, d_in] weights packed one after another, each padded
+  to a multiple of 64 rows (`lora_group`'s expand operand)."""
+  parts = [pack(w) for w in weights]
+  if len({p.d_in for p in parts}) != 1:
+    raise ValueError("pack_concat: the weights must share d_in")
+  packed = jnp.concatenate([p.packed for p in parts], axis=0)
+  return PackedKernel(packed, packed.shape[0] * 64, parts[0].d_in)
+
+
 def unpack(kernel: PackedKernel) -> jax.Array:
   """The [d_out, d_in] bf16 weight back (tests, debugging)."""
   nb, kc = kernel.packed.shape[:2]
@@ -92,3 +103,46 @@ def matmul(x, kernel: PackedKernel):
   out = jax.ShapeDtypeStruct((x2.shape[0], kernel.d_out), jnp.float32)
   y = jax.ffi.ffi_call(_TARGET, out)(x2, kernel.packed)
   return y.reshape(*lead, kernel.d_out)
+
+
+def lora_group(x, shrink: PackedKernel, expand: PackedKernel,
+               d_outs: tuple[int, ...], adapter_idx, scale_a, rank: int):
+  """The slot-dense LoRA deltas of one target group in one call.
+
+  Args:
+    x: [..., d_in] input (cast to bf16).
+    shrink: the group's [n * A * R, d_in] factors, packed.
+    expand: the n targets' [d_out_i, A * R] factors, `pack_concat`-ed.
+    d_outs: (d_out_1, ..., d_out_n), n <= 3.
+    adapter_idx: [...] int32 slot per row of x (1..A adapt; 0 and anything
+      outside select no column: a zero delta).
+    scale_a: [A] float32 scale of slots 1..A.
+    rank: R, the view's rank width.
+
+  Returns:
+    [..., sum(d_outs)] bf16: the targets' deltas side by side, as
+    `mintjax.adapters.slot_dense.SlotDenseLayer.deltas` computes them.
+  """
+  if not available():
+    raise RuntimeError(f"the AMX LoRA op is unavailable here: "
+                       f"{why_unavailable()}")
+  if not 1 <= len(d_outs) <= 3:
+    raise ValueError(f"lora_group takes 1 to 3 targets, got {len(d_outs)}")
+  if x.shape[-1] != shrink.d_in:
+    raise ValueError(f"lora_group: x has d_in {x.shape[-1]}, the shrink "
+                     f"{shrink.d_in}")
+  if shrink.d_out != len(d_outs) * scale_a.shape[0] * rank:
+    raise ValueError("lora_group: the shrink does not hold n * A * R rows")
+  lead = x.shape[:-1]
+  x2 = x.reshape(-1, shrink.d_in).astype(jnp.bfloat16)
+  k_pad = shrink.packed.shape[1] * 32 - shrink.d_in
+  if k_pad:
+    x2 = jnp.pad(x2, ((0, 0), (0, k_pad)))
+  idx = jnp.broadcast_to(adapter_idx, lead).reshape(-1).astype(jnp.int32)
+  widths = tuple(d_outs) + (0,) * (3 - len(d_outs))
+  out = jax.ShapeDtypeStruct((x2.shape[0], sum(d_outs)), jnp.bfloat16)
+  y = jax.ffi.ffi_call("mintjax_lora_group", out)(
+      x2, shrink.packed, expand.packed, idx, scale_a.astype(jnp.float32),
+      rank=np.int64(rank), d_out0=np.int64(widths[0]),
+      d_out1=np.int64(widths[1]), d_out2=np.int64(widths[2]))
+  return y.reshape(*lead, sum(d_outs))

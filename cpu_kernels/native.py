@@ -11,7 +11,7 @@ granting the tile state, a C++ compiler and jaxlib's FFI headers) and
 never load a half-written file. `MINTJAX_CPU_AMX=0` turns the ops off; code
 that would use them then keeps XLA's own ops.
 
-Targets: `mintjax_amx_matmul` (`cpu_kernels.amx`),
+Targets: `mintjax_amx_matmul` and `mintjax_lora_group` (`cpu_kernels.amx`),
 `mintjax_decode_attention` (`cpu_kernels.attention`) and
 `mintjax_swiglu[_deltas]` (`cpu_kernels.swiglu`).
 """
@@ -31,12 +31,14 @@ import threading
 import jax
 
 _DIR = pathlib.Path(__file__).parent
-_SOURCES = ("amx_matmul.cc", "decode_attention.cc", "swiglu.cc")
-_HEADERS = ("parallel.h",)
+_SOURCES = ("amx_matmul.cc", "decode_attention.cc", "swiglu.cc",
+            "lora_group.cc")
+_HEADERS = ("parallel.h", "amx_gemm.h")
 TARGETS = {"mintjax_amx_matmul": "MintjaxAmxMatmul",
            "mintjax_decode_attention": "MintjaxDecodeAttention",
            "mintjax_swiglu": "MintjaxSwiGlu",
-           "mintjax_swiglu_deltas": "MintjaxSwiGluDeltas"}
+           "mintjax_swiglu_deltas": "MintjaxSwiGluDeltas",
+           "mintjax_lora_group": "MintjaxLoraGroup"}
 _lock = threading.Lock()
 _state: dict = {}
 log = logging.getLogger(__name__)

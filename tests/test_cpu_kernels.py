@@ -18,7 +18,9 @@ from cpu_kernels import amx
 from cpu_kernels import attention as cpu_attention
 from cpu_kernels import native
 from cpu_kernels import swiglu as cpu_swiglu
-from mintjax.adapters.spec import ALL_TARGETS, AdapterWeights
+from mintjax.adapters import bank as bank_lib
+from mintjax.adapters import slot_dense
+from mintjax.adapters.spec import ALL_TARGETS, AdapterWeights, BankSpec
 from mintjax.config import ModelConfig
 from mintjax.model import layers
 from mintjax.model.base import random_base
@@ -146,6 +148,44 @@ def test_swiglu_matches_xla(m, f, deltas):
   np.testing.assert_allclose(got[ok], want[ok], rtol=1.6e-2, atol=1e-6)
   if ok.sum() > 1000:  # no bias on average (a 1% error fails this)
     assert np.abs(got[ok] - want[ok]).mean() < 4e-3 * np.abs(want[ok]).mean()
+
+
+@needs_amx
+@pytest.mark.parametrize("fused", [True, False], ids=["groups", "single"])
+def test_lora_group_matches_the_xla_slot_dense_view(fused):
+  """The packed view (one `amx.lora_group` call per group) against the XLA
+  view of the same bank in bf16: base rows (slot 0) and out-of-range slots
+  get exact zeros, adapted rows agree to a bf16 rounding, at decode (T=1)
+  and prefill (T=5) shapes."""
+  cfg = ModelConfig(architecture="llama", vocab_size=300, hidden_size=64,
+                    intermediate_size=96, num_layers=2, num_heads=4,
+                    num_kv_heads=2, head_dim=16)
+  spec = BankSpec(num_slots=5, targets=ALL_TARGETS, max_rank=8)
+  bank = bank_lib.bank_from_weights(cfg, spec, {
+      s: AdapterWeights.random(cfg, ALL_TARGETS, (3, 5, 8)[s % 3],
+                               alpha=8.0, seed=s, std=0.2)
+      for s in range(1, spec.num_slots)})
+  groups = slot_dense.groups_for(ALL_TARGETS, qkv=fused, gate_up=fused)
+  xla = slot_dense.slot_dense_view(bank, rank=8, groups=groups,
+                                   dtype="bfloat16")
+  packed = slot_dense.slot_dense_view(bank, rank=8, groups=groups,
+                                      dtype="bfloat16", packed=True)
+  rng = np.random.default_rng(3)
+  idx = jnp.asarray([0, 1, 2, 3, 4, 9, -1, 2], jnp.int32)
+  for t in (1, 5):
+    for l in range(cfg.num_layers):
+      for group in groups:
+        d_in = xla.layer(l).shrink["+".join(group)].shape[1]
+        x = _bf16(rng, (8, t, d_in))
+        want = xla.layer(l).deltas(x, group, idx)
+        got = packed.layer(l).deltas(x, group, idx)
+        for name, g, w in zip(group, got, want):
+          g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+          assert g.shape == w.shape, name
+          np.testing.assert_array_equal(g[[0, 5, 6]], 0)
+          assert np.abs(g[1]).max() > 0
+          np.testing.assert_allclose(g, w, rtol=1e-2, atol=1e-2 *
+                                     np.abs(w).max())
 
 
 def test_matmul_rejects_wrong_width():

@@ -32,9 +32,10 @@ slot's columns contribute exact zeros whatever their values; the null slot 0
 is left out, so base rows get a zero delta. Summation order differs from
 the gather's, so results agree to float rounding, not bit for bit.
 
-With `packed=True` (the Engine's AMX layout, `cpu_kernels.amx`) shrink and
-expand are stored as AMX `PackedKernel`s of the same [out, in] matrices and
-the two GEMMs run through `amx.matmul`.
+With `packed=True` (the Engine's AMX layout, `cpu_kernels.amx`) a group's
+shrink is an AMX `PackedKernel` and its targets' expands one packed operand,
+and the whole group (shrink, mask, scale, expands, roundings) runs as one
+native call, `amx.lora_group`.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import functools
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cpu_kernels import amx
 from mintjax.adapters.bank import AdapterBank
@@ -63,15 +65,23 @@ class SlotDenseLayer:
 
   Attributes:
     shrink: {group key 'q+k+v': [n * A * R, d_in]}.
-    expand: {target: [d_out, A * R]}.
+    expand: {target: [d_out, A * R]} (values None in the packed view).
     scale: [A] float32 scale of slots 1 .. A.
     groups: the target groups, each sharing one input (static).
+    packed_expand: the packed view's expands, {group key: the group's
+      targets' [d_out, A * R] `amx.pack_concat`-ed} (None otherwise); its
+      shrinks are `amx.PackedKernel`s and a group runs as one
+      `amx.lora_group` call.
+    group_widths: per group, its targets' d_out (static; packed view).
   """
 
   shrink: dict[str, jax.Array]
-  expand: dict[str, jax.Array]
+  expand: dict[str, jax.Array | None]
   scale: jax.Array
   groups: tuple[tuple[str, ...], ...] = flax.struct.field(pytree_node=False)
+  packed_expand: dict | None = None
+  group_widths: tuple[tuple[int, ...], ...] = flax.struct.field(
+      pytree_node=False, default=())
 
   @property
   def targets(self) -> tuple[str, ...]:
@@ -89,10 +99,19 @@ class SlotDenseLayer:
     """
     num_adapters = self.scale.shape[0]
     out = {}
-    for group in self.groups:
+    for gi, group in enumerate(self.groups):
       if not any(n in names for n in group):
         continue
       w = self.shrink[_key(group)]
+      if self.packed_expand is not None:  # one native call per group
+        widths = self.group_widths[gi]
+        y = amx.lora_group(x_btd, w, self.packed_expand[_key(group)], widths,
+                           adapter_idx_b[:, None], self.scale,
+                           w.shape[0] // (len(group) * num_adapters))
+        offsets = np.cumsum((0,) + widths)
+        for i, name in enumerate(group):
+          out[name] = y[..., offsets[i]:offsets[i + 1]].astype(x_btd.dtype)
+        continue
       width = w.shape[0] // len(group)  # A * R
       rank = width // num_adapters
       h_btk = _matmul(x_btd, w)
@@ -108,9 +127,7 @@ class SlotDenseLayer:
 
 
 def _matmul(x_btk, w):
-  """x @ w.T in f32 for an [out, in] array or an AMX `PackedKernel`."""
-  if isinstance(w, amx.PackedKernel):
-    return amx.matmul(x_btk, w)
+  """x @ w.T in f32 for an [out, in] array."""
   return jnp.einsum("btk,ok->bto", x_btk, w.astype(x_btk.dtype),
                     preferred_element_type=jnp.float32)
 
@@ -196,20 +213,27 @@ def slot_dense_view(bank: AdapterBank, *, rank: int,
   for `cpu_kernels.amx.matmul` when `packed` (bf16)."""
   dt = jnp.dtype(dtype)
   store = amx.pack if packed else (lambda w: w)
+  widths = tuple(tuple(bank.lora_b[t].shape[-1] for t in g) for g in groups)
   a0 = next(iter(bank.lora_a.values()))
   num_adapters, num_layers = a0.shape[0] - 1, a0.shape[1]
   layers = []
   for l in range(num_layers):
-    shrink, expand = {}, {}
+    shrink, expand, packed_expand = {}, {}, {}
     for group in groups:
       rows = []
       for t in group:
         a_sdr = bank.lora_a[t][1:, l, :, :rank]
         rows.append(a_sdr.transpose(0, 2, 1).reshape(-1, a_sdr.shape[1]))
         b_sro = bank.lora_b[t][1:, l, :rank, :]
-        expand[t] = store(b_sro.reshape(num_adapters * rank, -1).T.astype(dt))
+        expand[t] = b_sro.reshape(num_adapters * rank, -1).T.astype(dt)
       shrink[_key(group)] = store(jnp.concatenate(rows, axis=0).astype(dt))
-    layers.append(SlotDenseLayer(shrink, expand, bank.scale[1:], groups))
+      if packed:
+        packed_expand[_key(group)] = amx.pack_concat([expand[t] for t in group])
+    if packed:
+      layers.append(SlotDenseLayer(shrink, dict.fromkeys(expand), bank.scale[1:],
+                                   groups, packed_expand, widths))
+    else:
+      layers.append(SlotDenseLayer(shrink, expand, bank.scale[1:], groups))
   return SlotDenseBank(tuple(layers), bank.scale, bank.rank)
 
 
