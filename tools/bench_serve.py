@@ -91,7 +91,8 @@ def bench_mintjax(base, src, prompts, names, *, new_tokens: int,
     runs["mixed"].append(_timed(engine, mixed))
     runs["base"].append(_timed(engine, based))
   out = dict(warm_s=warm_s,
-             compiles=engine.stats()["backend_compiles_since_warmup"])
+             compiles=engine.stats()["backend_compiles_since_warmup"],
+             matmul=engine.matmul)
   for k, v in runs.items():
     best = min(v, key=lambda r: r["decode_seconds"] / r["decode_tokens"])
     # Every row is active for every step, so steps = tokens / batch.
@@ -289,7 +290,8 @@ def print_report(mj, pr, *, floor, cfg, batch, prompt_len, new_tokens,
       rows.append((f"vLLM-CPU {ver}, {_SHORT[dtype]}", tps(key, "base"),
                    tps(key + "_nolora", "base"), tps(key, "mixed")))
   for dtype, m in mj.items():
-    rows.append((f"mintjax, {_SHORT[dtype]}", m["base"]["tok_s"], None,
+    ops = " (native AMX ops)" if m.get("matmul") == "amx" else ""
+    rows.append((f"mintjax, {_SHORT[dtype]}{ops}", m["base"]["tok_s"], None,
                  m["mixed"]["tok_s"]))
   for name, b, b_off, mixed in rows:
     ratio = "–" if b is None or mixed is None else f"{mixed / b:.2f}"

@@ -210,7 +210,7 @@ def slot_dense_view(bank: AdapterBank, *, rank: int,
                     dtype: str, packed: bool = False) -> SlotDenseBank:
   """The view of `bank` at rank width `rank` (<= the bank's max_rank; exact
   for slots whose true rank is <= rank), factors cast to `dtype`; packed
-  for `cpu_kernels.amx.matmul` when `packed` (bf16)."""
+  for `cpu_kernels.amx.lora_group` when `packed` (bf16)."""
   dt = jnp.dtype(dtype)
   store = amx.pack if packed else (lambda w: w)
   widths = tuple(tuple(bank.lora_b[t].shape[-1] for t in g) for g in groups)

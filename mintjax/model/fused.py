@@ -183,7 +183,8 @@ def unstack_layers(params: dict, config: ModelConfig, *,
   def layer(i):
     out = {}
     for name, x in stacked.items():
-      if name in transpose and isinstance(x, (jax.Array, np.ndarray)):
+      if (name in transpose and isinstance(x, (jax.Array, np.ndarray))
+          and x.ndim == 3):  # [L, d_in, d_out]; expert stacks stay as they are
         out[name] = kernel(jnp.asarray(x[i]).T)
       else:
         out[name] = jax.tree.map(lambda a: a[i], x)
