@@ -42,7 +42,8 @@ ffi::Error AmxMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x,
   mintjax::GemmProblem p{static_cast<const uint16_t*>(x.untyped_data()),
                          static_cast<const uint16_t*>(w.untyped_data()),
                          static_cast<float*>(y->untyped_data()),
-                         xd[0], xd[1], yd[1], wd[0], xd[1], yd[1]};
+                         xd[0], xd[1], yd[1], wd[0], xd[1], yd[1],
+                         nullptr, nullptr};
   if (yd[0] != p.m || p.k != wd[1] * 32 || p.n > p.num_blocks * 64 ||
       p.n <= (p.num_blocks - 1) * 64)
     return ffi::Error::InvalidArgument(

@@ -30,7 +30,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-inline uint16_t F32ToBf16(float f) {
+inline uint16_t F32ToBf16(float f) {  // nearest even, as XLA's convert
   uint32_t u;
   std::memcpy(&u, &f, 4);
   if ((u & 0x7fffffffu) > 0x7f800000u)
@@ -84,13 +84,32 @@ ffi::Error LoraGroup(ffi::ThreadPool pool, ffi::AnyBuffer x,
 
   const auto* idx = static_cast<const int32_t*>(adapter_idx.untyped_data());
   const auto* sc = static_cast<const float*>(scale.untyped_data());
+  // Which work a 16-row block needs: a prompt's rows share one slot, so at
+  // prefill most shrink columns and expand K-chunks belong to no row of the
+  // block (decode rows usually span every slot: nothing is skipped).
+  const int64_t mblocks = (m + 15) / 16;
+  const int64_t shrink_blocks = sd[0], kc_e = ke / 32;
+  std::vector<uint8_t> shrink_live(mblocks * shrink_blocks, 0);
+  std::vector<uint8_t> expand_live(mblocks * kc_e, 0);
+  for (int64_t r = 0; r < m; ++r) {
+    const int64_t a = static_cast<int64_t>(idx[r]) - 1;
+    if (a < 0 || a >= adapters) continue;
+    const int64_t mb = r / 16;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t c0 = i * width + a * rank, c1 = c0 + rank - 1;
+      for (int64_t nb = c0 / 64; nb <= c1 / 64; ++nb)
+        shrink_live[mb * shrink_blocks + nb] = 1;
+    }
+    for (int64_t kc = (a * rank) / 32; kc <= ((a + 1) * rank - 1) / 32; ++kc)
+      expand_live[mb * kc_e + kc] = 1;
+  }
   // Scratch the GEMMs overwrite entirely: left uninitialised (a prefill's
   // would be megabytes of memset per call).
   std::unique_ptr<float[]> h(new float[m * h_cols]);
   const mintjax::GemmProblem shrink_p{
       static_cast<const uint16_t*>(x.untyped_data()),
       static_cast<const uint16_t*>(shrink.untyped_data()), h.get(), m, kx,
-      h_cols, sd[0], kx, h_cols};
+      h_cols, sd[0], kx, h_cols, shrink_live.data(), nullptr};
   mintjax::ParallelFor(pool, shrink_p.num_blocks, [&](int64_t b0, int64_t b1) {
     mintjax::GemmBlocks(shrink_p, b0, b1);
   });
@@ -105,32 +124,19 @@ ffi::Error LoraGroup(ffi::ThreadPool pool, ffi::AnyBuffer x,
         hb[(i * m + r) * ke + c] = F32ToBf16(h[r * h_cols + i * width + c] * sc[a]);
   }
 
-  std::unique_ptr<float[]> y(new float[m * total_blocks * 64]);
   auto* o = static_cast<uint16_t*>(out->untyped_data());
   const auto* ew = static_cast<const uint16_t*>(expand.untyped_data());
-  const int64_t y_cols = total_blocks * 64;
   mintjax::ParallelFor(pool, total_blocks, [&](int64_t b0, int64_t b1) {
     for (int64_t i = 0; i < n; ++i) {
       const int64_t nb = (d_outs[i] + 63) / 64;
       const int64_t lo = std::max(b0, block0[i]);
       const int64_t hi = std::min(b1, block0[i] + nb);
       if (lo >= hi) continue;
-      const mintjax::GemmProblem p{
+      mintjax::GemmProblem p{
           hb.data() + i * m * ke, ew + block0[i] * (ke / 32) * 2048,
-          y.get() + block0[i] * 64, m, ke, d_outs[i], nb, ke, y_cols};
+          nullptr, m, ke, d_outs[i], nb, ke, total_out,
+          nullptr, expand_live.data(), o + out0[i]};
       mintjax::GemmBlocks(p, lo - block0[i], hi - block0[i]);
-      const int64_t c0 = (lo - block0[i]) * 64;
-      const int64_t c1 = std::min(d_outs[i], (hi - block0[i]) * 64);
-      for (int64_t r = 0; r < m; ++r) {
-        const float* src = &y[r * y_cols + block0[i] * 64];
-        uint16_t* dst = o + r * total_out + out0[i];
-        for (int64_t c = c0; c < c1; c += 16) {
-          const int64_t left = c1 - c;
-          const __mmask16 mask = left >= 16 ? 0xffff : (1u << left) - 1u;
-          const __m256bh v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, src + c));
-          _mm256_mask_storeu_epi16(dst + c, mask, reinterpret_cast<__m256i>(v));
-        }
-      }
     }
   });
   return ffi::Error::Success();

@@ -151,16 +151,20 @@ def test_swiglu_matches_xla(m, f, deltas):
 
 
 @needs_amx
-@pytest.mark.parametrize("fused", [True, False], ids=["groups", "single"])
-def test_lora_group_matches_the_xla_slot_dense_view(fused):
+@pytest.mark.parametrize("fused,num_slots", [(True, 5), (False, 5),
+                                             (True, 17)],
+                         ids=["groups", "single", "16-adapters"])
+def test_lora_group_matches_the_xla_slot_dense_view(fused, num_slots):
   """The packed view (one `amx.lora_group` call per group) against the XLA
   view of the same bank in bf16: base rows (slot 0) and out-of-range slots
   get exact zeros, adapted rows agree to a bf16 rounding, at decode (T=1)
-  and prefill (T=5) shapes."""
+  and prefill (T=5, T=16) shapes. With 16 adapters and T=16 every 16-row
+  block holds one slot, so the op's skipping of other slots' shrink
+  columns and expand chunks is exercised."""
   cfg = ModelConfig(architecture="llama", vocab_size=300, hidden_size=64,
                     intermediate_size=96, num_layers=2, num_heads=4,
                     num_kv_heads=2, head_dim=16)
-  spec = BankSpec(num_slots=5, targets=ALL_TARGETS, max_rank=8)
+  spec = BankSpec(num_slots=num_slots, targets=ALL_TARGETS, max_rank=8)
   bank = bank_lib.bank_from_weights(cfg, spec, {
       s: AdapterWeights.random(cfg, ALL_TARGETS, (3, 5, 8)[s % 3],
                                alpha=8.0, seed=s, std=0.2)
@@ -171,8 +175,9 @@ def test_lora_group_matches_the_xla_slot_dense_view(fused):
   packed = slot_dense.slot_dense_view(bank, rank=8, groups=groups,
                                       dtype="bfloat16", packed=True)
   rng = np.random.default_rng(3)
-  idx = jnp.asarray([0, 1, 2, 3, 4, 9, -1, 2], jnp.int32)
-  for t in (1, 5):
+  mid = (6, 11) if num_slots > 12 else (2, 3)  # slots in every K-chunk
+  idx = jnp.asarray([0, 1, *mid, 4, 99, -1, num_slots - 1], jnp.int32)
+  for t in (1, 5, 16):
     for l in range(cfg.num_layers):
       for group in groups:
         d_in = xla.layer(l).shrink["+".join(group)].shape[1]
