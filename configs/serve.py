@@ -39,8 +39,13 @@ ENGINE_HELP = {
                       "use",
     "engine.adapter_dtype": "dtype of the device adapter bank",
     "engine.dtype": "base weight/activation/KV dtype: float32 (exact) or "
-                    "bfloat16 (f32 accumulation; faster on CPU with the "
-                    "XLA flags in docs/BENCHMARKS.md)",
+                    "bfloat16 (f32 accumulation; the fast CPU path, "
+                    "docs/BENCHMARKS.md)",
+    "engine.layer_layout": "auto, stacked or per_layer (auto: per_layer for "
+                           "bf16 on one CPU device, else stacked)",
+    "engine.cpu_matmul": "auto, amx or xla: the per-layer bf16 layout's "
+                         "matmuls, attention, SwiGLU and LoRA as native AMX "
+                         "ops (auto: where the host has AMX and g++)",
     "engine.lora_impl": "gather-LoRA implementation ('auto' picks per "
                         "backend: gather, pallas_sgmv, ...)",
     "engine.lookahead": "queued requests considered for admission/prefetch",
@@ -71,6 +76,7 @@ def engine_fields(c: ml_collections.ConfigDict) -> None:
       steps_per_call=8, prefill_batch=4, min_bucket=16,
       max_rank=0, targets="",  # sized from the adapters to serve
       adapter_dtype="float32", dtype="float32",
+      layer_layout="auto", cpu_matmul="auto",
       lora_impl="auto", lookahead=64))
   c.mesh = ml_collections.ConfigDict(dict(use=False, data=1, fsdp=-1,
                                           tensor=1))

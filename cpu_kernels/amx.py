@@ -1,18 +1,19 @@
-"""bf16 matmuls on Intel AMX for XLA:CPU: the pre-packed kernel layout, its
-FFI op, and the build that makes the op available.
+"""bf16 matmuls on Intel AMX for XLA:CPU: the pre-packed weight layout and
+the ops that read it.
 
 Owns `PackedKernel` (a [d_out, d_in] weight pre-packed into AMX tiles),
-`pack`, `matmul` (x [..., d_in] bf16 @ W^T -> [..., d_out] f32) and
-`available()` (whether this process can run the op; `cpu_kernels.native`
-builds and registers it). The C++ source is `amx_matmul.cc` beside this
-file, the XLA FFI target `mintjax_amx_matmul` on the CPU platform.
+`pack` / `pack_concat` / `unpack`, `matmul` (x [..., d_in] @ W^T ->
+[..., d_out] f32; FFI target `mintjax_amx_matmul`, amx_matmul.cc) and
+`lora_group` (a slot-dense LoRA target group in one call;
+`mintjax_lora_group`, lora_group.cc). `available()` says whether this
+process can run them; `cpu_kernels.native` builds and registers them.
 
-Why it exists: on this project's 2-core AMX host XLA:CPU runs the M = 16
-decode GEMMs of a bf16 model at ~7 GB/s of weight streaming; this op streams
-pre-packed weights at ~23 GB/s (docs/BENCHMARKS.md, issue 18). It is a
-serving op (no VJP) and only the CPU backend has it; the Engine uses it for
-the per-layer bf16 CPU layout (`EngineConfig.cpu_matmul`), everything else
-keeps XLA's dots. `MINTJAX_CPU_AMX=0` turns it off.
+Why: on this project's 2-core AMX host XLA:CPU runs the M = 16 decode GEMMs
+of a bf16 model at ~7 GB/s of weight streaming; these ops stream the
+pre-packed weights at ~20-23 GB/s (docs/BENCHMARKS.md, issue 18). Serving
+ops (no VJP), CPU only; the Engine uses them for the per-layer bf16 CPU
+layout (`EngineConfig.cpu_matmul`), everything else keeps XLA's dots.
+`MINTJAX_CPU_AMX=0` turns them off.
 """
 
 from __future__ import annotations

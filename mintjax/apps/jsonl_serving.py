@@ -35,7 +35,9 @@ def _engine_config(e) -> EngineConfig:
       min_bucket=e.min_bucket, max_rank=e.max_rank or None,
       targets=tuple(t.strip() for t in targets if t.strip()) or None,
       adapter_dtype=e.adapter_dtype, lora_impl=e.lora_impl,
-      lookahead=e.lookahead, dtype=e.get("dtype", "float32"))
+      lookahead=e.lookahead, dtype=e.get("dtype", "float32"),
+      layer_layout=e.get("layer_layout", "auto"),
+      cpu_matmul=e.get("cpu_matmul", "auto"))
 
 
 def engine_from_config(config) -> Engine:
