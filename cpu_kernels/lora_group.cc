@@ -24,20 +24,15 @@
 
 #include "amx_gemm.h"
 #include "parallel.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-inline uint16_t F32ToBf16(float f) {  // nearest even, as XLA's convert
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u)
-    return static_cast<uint16_t>((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
+using mintjax::F32ToBf16;
+
 
 ffi::Error LoraGroup(ffi::ThreadPool pool, ffi::AnyBuffer x,
                      ffi::AnyBuffer shrink, ffi::AnyBuffer expand,

@@ -33,7 +33,7 @@ import jax
 _DIR = pathlib.Path(__file__).parent
 _SOURCES = ("amx_matmul.cc", "decode_attention.cc", "swiglu.cc",
             "lora_group.cc")
-_HEADERS = ("parallel.h", "amx_gemm.h")
+_HEADERS = ("parallel.h", "amx_gemm.h", "simd.h")
 TARGETS = {"mintjax_amx_matmul": "MintjaxAmxMatmul",
            "mintjax_decode_attention": "MintjaxDecodeAttention",
            "mintjax_swiglu": "MintjaxSwiGlu",
