@@ -258,3 +258,36 @@ def test_engine_amx_layout_matches_xla_dots(head_dim, num_slots):
     k = min(n + 1, len(a.tokens))
     np.testing.assert_allclose(a.logprobs[:k], x.logprobs[:k], atol=0.05)
   assert same >= len(reqs) - 1
+
+
+@needs_amx
+def test_native_path_gives_base_rows_the_exact_base_output():
+  """Slot 0 immunity through the native ops (AMX matmuls, native attention,
+  SwiGLU, LoRA groups): with every adapter slot in use, base rows get bit
+  for bit the tokens and log-probabilities of an engine with no adapters."""
+  cfg = ModelConfig(architecture="llama", vocab_size=300, hidden_size=64,
+                    intermediate_size=96, num_layers=2, num_heads=4,
+                    num_kv_heads=2, head_dim=32)
+  base = random_base(cfg, seed=1, std=0.3)
+  src = InMemoryAdapters()
+  for i in range(3):
+    src.publish(f"u{i}", AdapterWeights.random(cfg, ALL_TARGETS, 2 + i,
+                                               alpha=8, seed=20 + i, std=0.3),
+                base.fingerprint)
+  ecfg = EngineConfig(num_slots=3, max_batch=6, max_len=32, steps_per_call=4,
+                      prefill_batch=3, min_bucket=16, max_rank=4,
+                      dtype="bfloat16", layer_layout="per_layer",
+                      cpu_matmul="amx")
+  rng = np.random.default_rng(4)
+  mixed = [dict(prompt=[int(t) for t in rng.integers(3, 290, 5 + 3 * i)],
+                adapter=a, max_new_tokens=8, ignore_eos=True)
+           for i, a in enumerate(["u0", None, "u1", None, "u2", None])]
+  out = Engine(base, src, ecfg).generate(mixed)
+  assert {r.revision for r in out if r.revision} == {"u0@1", "u1@1", "u2@1"}
+  plain_engine = Engine(base, None, ecfg)
+  assert plain_engine.matmul == "amx"
+  plain = plain_engine.generate([dict(r, adapter=None) for r in mixed])
+  for i in (1, 3, 5):
+    assert out[i].tokens == plain[i].tokens
+    assert out[i].logprobs == plain[i].logprobs
+  assert any(out[i].tokens != plain[i].tokens for i in (0, 2, 4))
