@@ -85,6 +85,13 @@ def unpack(kernel: PackedKernel) -> jax.Array:
   return w.reshape(nb * 64, kc * 32)[:kernel.d_out, :kernel.d_in]
 
 
+def _rows(x, kernel: PackedKernel):
+  """x [..., d_in] as the op's bf16 rows [M, 32 KC], zero-padded in d_in."""
+  x2 = x.reshape(-1, kernel.d_in).astype(jnp.bfloat16)
+  k_pad = kernel.packed.shape[1] * 32 - kernel.d_in
+  return jnp.pad(x2, ((0, 0), (0, k_pad))) if k_pad else x2
+
+
 def matmul(x, kernel: PackedKernel):
   """x [..., d_in] @ W^T -> [..., d_out] float32 (bf16 products, f32 sums).
 
@@ -97,10 +104,7 @@ def matmul(x, kernel: PackedKernel):
     raise RuntimeError(f"the AMX matmul is unavailable here: "
                        f"{why_unavailable()}")
   lead = x.shape[:-1]
-  x2 = x.reshape(-1, kernel.d_in).astype(jnp.bfloat16)
-  k_pad = kernel.packed.shape[1] * 32 - kernel.d_in
-  if k_pad:
-    x2 = jnp.pad(x2, ((0, 0), (0, k_pad)))
+  x2 = _rows(x, kernel)
   out = jax.ShapeDtypeStruct((x2.shape[0], kernel.d_out), jnp.float32)
   y = jax.ffi.ffi_call(_TARGET, out)(x2, kernel.packed)
   return y.reshape(*lead, kernel.d_out)
@@ -115,8 +119,9 @@ def lora_group(x, shrink: PackedKernel, expand: PackedKernel,
     shrink: the group's [n * A * R, d_in] factors, packed.
     expand: the n targets' [d_out_i, A * R] factors, `pack_concat`-ed.
     d_outs: (d_out_1, ..., d_out_n), n <= 3.
-    adapter_idx: [...] int32 slot per row of x (1..A adapt; 0 and anything
-      outside select no column: a zero delta).
+    adapter_idx: int32 slots, broadcastable to x's leading dims (e.g.
+      [B, 1] for x [B, T, d_in]); 1..A adapt, 0 and anything outside select
+      no column (a zero delta).
     scale_a: [A] float32 scale of slots 1..A.
     rank: R, the view's rank width.
 
@@ -135,10 +140,7 @@ def lora_group(x, shrink: PackedKernel, expand: PackedKernel,
   if shrink.d_out != len(d_outs) * scale_a.shape[0] * rank:
     raise ValueError("lora_group: the shrink does not hold n * A * R rows")
   lead = x.shape[:-1]
-  x2 = x.reshape(-1, shrink.d_in).astype(jnp.bfloat16)
-  k_pad = shrink.packed.shape[1] * 32 - shrink.d_in
-  if k_pad:
-    x2 = jnp.pad(x2, ((0, 0), (0, k_pad)))
+  x2 = _rows(x, shrink)
   idx = jnp.broadcast_to(adapter_idx, lead).reshape(-1).astype(jnp.int32)
   widths = tuple(d_outs) + (0,) * (3 - len(d_outs))
   out = jax.ShapeDtypeStruct((x2.shape[0], sum(d_outs)), jnp.bfloat16)

@@ -86,9 +86,11 @@ ffi::Error LoraGroup(ffi::ThreadPool pool, ffi::AnyBuffer x,
   const int64_t shrink_blocks = sd[0], kc_e = ke / 32;
   std::vector<uint8_t> shrink_live(mblocks * shrink_blocks, 0);
   std::vector<uint8_t> expand_live(mblocks * kc_e, 0);
+  std::vector<int64_t> slot(m, -1);  // the row's adapter 0..A-1, -1: none
   for (int64_t r = 0; r < m; ++r) {
     const int64_t a = static_cast<int64_t>(idx[r]) - 1;
     if (a < 0 || a >= adapters) continue;
+    slot[r] = a;
     const int64_t mb = r / 16;
     for (int64_t i = 0; i < n; ++i) {
       const int64_t c0 = i * width + a * rank, c1 = c0 + rank - 1;
@@ -112,8 +114,8 @@ ffi::Error LoraGroup(ffi::ThreadPool pool, ffi::AnyBuffer x,
   // Each row keeps only its slot's R columns of every target's h.
   std::vector<uint16_t> hb(n * m * ke, 0);
   for (int64_t r = 0; r < m; ++r) {
-    const int64_t a = static_cast<int64_t>(idx[r]) - 1;
-    if (a < 0 || a >= adapters) continue;
+    const int64_t a = slot[r];
+    if (a < 0) continue;
     for (int64_t i = 0; i < n; ++i)
       for (int64_t c = a * rank; c < (a + 1) * rank; ++c)
         hb[(i * m + r) * ke + c] = F32ToBf16(h[r * h_cols + i * width + c] * sc[a]);

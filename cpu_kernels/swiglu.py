@@ -22,17 +22,19 @@ def swiglu(y_btf2, d_gate_btf=None, d_up_btf=None):
 
   Args:
     y_btf2: [B, T, F, 2] float32, gate and up interleaved (`fused` layout).
-    d_gate_btf, d_up_btf: optional LoRA deltas [B, T, F] (both or neither),
-      added in f32 before gate and up are rounded to bf16.
+    d_gate_btf, d_up_btf: optional LoRA deltas [B, T, F] (None: no delta
+      for that half), added in f32 before gate and up are rounded to bf16.
   """
   if not available():
     raise RuntimeError(f"swiglu is unavailable here: {why_unavailable()}")
   if y_btf2.dtype != jnp.float32 or y_btf2.shape[-1] != 2:
     raise ValueError(f"swiglu takes f32 [..., F, 2], got {y_btf2.dtype} "
                      f"{y_btf2.shape}")
-  if (d_gate_btf is None) != (d_up_btf is None):
-    raise ValueError("swiglu takes both LoRA deltas or neither")
   lead, f = y_btf2.shape[:-2], y_btf2.shape[-2]
+  if (d_gate_btf is None) != (d_up_btf is None):  # one target adapted
+    zero = jnp.zeros(y_btf2.shape[:-1], jnp.bfloat16)
+    d_gate_btf = zero if d_gate_btf is None else d_gate_btf
+    d_up_btf = zero if d_up_btf is None else d_up_btf
   y = y_btf2.reshape(-1, f, 2)
   out = jax.ShapeDtypeStruct((y.shape[0], f), jnp.bfloat16)
   if d_gate_btf is None:

@@ -105,9 +105,9 @@ def test_decode_attention_matches_xla_one_query_attention(b, s, k, g, hd, hv):
   assert got.shape == want.shape == (b, 1, k * g * hv)
   assert got.dtype == jnp.bfloat16
   got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-  # bf16 output: each value within a bf16 ulp or two (summation order, exp),
+  # bf16 output: each value within about a bf16 ulp (summation order, exp),
   # and no drift on average (a 1% bias in the probabilities fails this).
-  np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2)
+  np.testing.assert_allclose(got, want, rtol=8e-3, atol=4e-3)
   assert np.abs(got - want).mean() < 2e-3 * np.abs(want).mean()
 
 
@@ -126,25 +126,28 @@ def test_decode_attention_refuses_f32_and_unsupported_shapes():
 
 
 @needs_amx
-@pytest.mark.parametrize("m,f,deltas", [(16, 1536, True), (3, 40, False),
-                                        (512, 96, True), (1, 7, True)])
+@pytest.mark.parametrize("m,f,deltas", [(16, 1536, "both"), (3, 40, None),
+                                        (512, 96, "both"), (1, 7, "both"),
+                                        (20, 96, "gate")])
 def test_swiglu_matches_xla(m, f, deltas):
   rng = np.random.default_rng(m + f)
   y = jnp.asarray(rng.standard_normal((2, m, f, 2)) * 4, jnp.float32)
   y = y.at[0, 0, 0, 0].set(jnp.nan).at[0, 0, 1, 0].set(-200.0)
-  dg = du = None
-  if deltas:
-    dg, du = _bf16(rng, (2, m, f)), _bf16(rng, (2, m, f))
+  dg = _bf16(rng, (2, m, f)) if deltas else None
+  du = _bf16(rng, (2, m, f)) if deltas == "both" else None
   got = np.asarray(jax.jit(cpu_swiglu.swiglu)(y, dg, du), np.float32)
   gate, up = y[..., 0], y[..., 1]
-  if deltas:
-    gate, up = gate + dg, up + du
+  if dg is not None:
+    gate = gate + dg
+  if du is not None:
+    up = up + du
   gate, up = gate.astype(jnp.bfloat16), up.astype(jnp.bfloat16)
   want = np.asarray(jax.nn.silu(gate) * up, np.float32)
   assert got.shape == want.shape == (2, m, f)
   assert np.isnan(got[0, 0, 0]) and got[0, 0, 1] == 0.0
   ok = ~np.isnan(want)
-  # One rounding instead of XLA's two: within a bf16 ulp or so.
+  # One rounding instead of XLA's two (silu, then the product): within two
+  # bf16 ulps (2^-6 relative at worst, seen at 0.0156).
   np.testing.assert_allclose(got[ok], want[ok], rtol=1.6e-2, atol=1e-6)
   if ok.sum() > 1000:  # no bias on average (a 1% error fails this)
     assert np.abs(got[ok] - want[ok]).mean() < 4e-3 * np.abs(want[ok]).mean()
@@ -189,7 +192,7 @@ def test_lora_group_matches_the_xla_slot_dense_view(fused, num_slots):
           assert g.shape == w.shape, name
           np.testing.assert_array_equal(g[[0, 5, 6]], 0)
           assert np.abs(g[1]).max() > 0
-          np.testing.assert_allclose(g, w, rtol=1e-2, atol=1e-2 *
+          np.testing.assert_allclose(g, w, rtol=8e-3, atol=2e-3 *
                                      np.abs(w).max())
 
 

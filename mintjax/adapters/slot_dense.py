@@ -103,17 +103,16 @@ class SlotDenseLayer:
       if not any(n in names for n in group):
         continue
       w = self.shrink[_key(group)]
+      width = w.shape[0] // len(group)  # A * R
+      rank = width // num_adapters
       if self.packed_expand is not None:  # one native call per group
         widths = self.group_widths[gi]
         y = amx.lora_group(x_btd, w, self.packed_expand[_key(group)], widths,
-                           adapter_idx_b[:, None], self.scale,
-                           w.shape[0] // (len(group) * num_adapters))
+                           adapter_idx_b[:, None], self.scale, rank)
         offsets = np.cumsum((0,) + widths)
         for i, name in enumerate(group):
-          out[name] = y[..., offsets[i]:offsets[i + 1]].astype(x_btd.dtype)
+          out[name] = y[..., offsets[i]:offsets[i + 1]]
         continue
-      width = w.shape[0] // len(group)  # A * R
-      rank = width // num_adapters
       h_btk = _matmul(x_btd, w)
       own_bk, scale_bk = _row_mask(adapter_idx_b, self.scale, rank)
       for i, name in enumerate(group):

@@ -286,9 +286,6 @@ def gate_up(h_btd, lp: dict, lb, adapter_idx_b, *, lora_impl: str):
       and h_btd.dtype == jnp.bfloat16):
     # The per-layer AMX layout: the native SwiGLU (XLA:CPU's elementwise
     # silu ran at ~2 ns an element here; cpu_kernels/swiglu.cc).
-    if (d_gate is None) != (d_up is None):
-      zero = jnp.zeros(y.shape[:-1], jnp.bfloat16)
-      d_gate, d_up = (zero if d is None else d for d in (d_gate, d_up))
     return cpu_swiglu.swiglu(y, d_gate, d_up)
   gate, up = y[..., 0], y[..., 1]
   if d_gate is not None:
